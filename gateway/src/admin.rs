@@ -1,0 +1,137 @@
+//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz`, `/ready`, `/peers` and
+//! `/services` (JSON). Plain HTTP/1.1 on a local address; it carries no secrets.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use causeway_overlay::Mesh;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Concurrent admin connections; scrapes and operators need few.
+const MAX_CONNECTIONS: usize = 64;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub mesh: Mesh,
+    pub metrics: PrometheusHandle,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub struct Admin {
+    listener: TcpListener,
+    state: AdminState,
+}
+
+impl Admin {
+    pub async fn bind(addr: SocketAddr, state: AdminState) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub async fn run(self, stop: CancellationToken) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                _ = stop.cancelled() => return,
+            };
+            let (tcp, _) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+fn respond(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = ctype.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    const JSON: &str = "application/json";
+    match req.uri().path() {
+        "/metrics" => {
+            state.metrics.run_upkeep();
+            respond(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render())
+        }
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
+        "/ready" => {
+            if state.mesh.is_draining() {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else if state.ready.load(Ordering::Relaxed) {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
+            }
+        }
+        "/peers" => respond(StatusCode::OK, JSON, pretty(&state.mesh.peers_json())),
+        "/services" => respond(StatusCode::OK, JSON, pretty(&state.mesh.services_json())),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz, /ready, /peers, /services\n",
+        ),
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// A minimal HTTP/1.1 GET for `causeway status` and tests: returns status and body.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let fut = async {
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok::<_, anyhow::Error>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), fut).await?
+}

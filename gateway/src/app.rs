@@ -1,0 +1,170 @@
+//! The composition root: from a validated [`Config`] to a running gateway, returning the addresses
+//! actually bound so tests can ask for port 0.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use causeway_overlay::metrics::Metrics;
+use causeway_overlay::{Credentials, Mesh, MeshConfig, TrustBundle};
+use causeway_protocol::ServiceName;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{Admin, AdminState};
+use crate::config::{Config, ConfigError};
+use crate::listeners::ImportListener;
+
+/// Reads the TLS files a configuration names and checks that our own identity is in its trust domain.
+/// Errors carry the key path of the offending file.
+pub fn load_tls(cfg: &Config) -> Result<(Credentials, TrustBundle), Vec<ConfigError>> {
+    let err = |path: &str, reason: String| {
+        vec![ConfigError {
+            path: path.into(),
+            reason,
+        }]
+    };
+    let read = |path: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| err(path, format!("cannot read {}: {e}", p.display())))
+    };
+    let cert = read("tls.cert", &cfg.tls.cert)?;
+    let key = read("tls.key", &cfg.tls.key)?;
+    let bundle = read("tls.bundle", &cfg.tls.bundle)?;
+    let creds = crate::certs::credentials_from_pem(&cert, &key).map_err(|e| err("tls.cert", format!("{e:#}")))?;
+    let id = creds.identity().map_err(|e| err("tls.cert", e.to_string()))?;
+    if id.trust_domain() != cfg.trust_domain {
+        return Err(err(
+            "tls.cert",
+            format!("certificate identity {id} is not in trust_domain {}", cfg.trust_domain),
+        ));
+    }
+    let bundle = crate::certs::bundle_from_pem(&bundle).map_err(|e| err("tls.bundle", format!("{e:#}")))?;
+    Ok((creds, bundle))
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub mesh: Mesh,
+    pub overlay_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub import_addrs: Vec<(ServiceName, SocketAddr)>,
+    pub metrics: PrometheusHandle,
+    stop_listeners: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Gateway {
+    /// Binds every socket and starts every component. Returns once all are bound.
+    pub async fn start(cfg: &Config, creds: Credentials, bundle: TrustBundle) -> anyhow::Result<Self> {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let metrics = Metrics::new(Arc::new(recorder));
+        let mesh = Mesh::bind(MeshConfig {
+            zone: cfg.zone.clone(),
+            gateway: cfg.gateway.clone(),
+            listen: cfg.overlay,
+            credentials: creds,
+            bundle,
+            peers: cfg.peers.clone(),
+            exports: cfg.exports.clone(),
+            preferences: cfg.preferences.clone(),
+            timing: cfg.timing,
+            metrics,
+        })
+        .context("listen.overlay")?;
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let ready = Arc::new(AtomicBool::new(false));
+
+        let mut import_addrs = Vec::new();
+        for (i, imp) in cfg.imports.iter().enumerate() {
+            let l = ImportListener::bind(imp.listen, imp.service.clone())
+                .await
+                .with_context(|| format!("imports[{i}].listen: cannot bind {}", imp.listen))?;
+            import_addrs.push((imp.service.clone(), l.local_addr()));
+            tasks.spawn(l.run(mesh.clone(), stop.clone()));
+        }
+        let admin_addr = match cfg.admin {
+            Some(addr) => {
+                let state = AdminState {
+                    mesh: mesh.clone(),
+                    metrics: handle.clone(),
+                    ready: ready.clone(),
+                };
+                let admin = Admin::bind(addr, state)
+                    .await
+                    .with_context(|| format!("listen.admin: cannot bind {addr}"))?;
+                let bound = admin.local_addr();
+                // The admin server outlives the listeners so a drain can be observed (`/ready` is 503).
+                tokio::spawn(admin.run(mesh_stopped(&mesh)));
+                Some(bound)
+            }
+            None => None,
+        };
+        let overlay_addr = mesh.local_addr();
+        tasks.spawn(mesh.clone().run());
+        tasks.close();
+        ready.store(true, Ordering::Relaxed);
+        tracing::info!(
+            zone = %cfg.zone, gateway = %cfg.gateway, identity = %mesh.identity(), overlay = %overlay_addr,
+            admin = ?admin_addr, imports = ?import_addrs, "gateway.started"
+        );
+        Ok(Self {
+            mesh,
+            overlay_addr,
+            admin_addr,
+            import_addrs,
+            metrics: handle,
+            stop_listeners: stop,
+            tasks,
+        })
+    }
+
+    /// The local listener of an imported service.
+    pub fn import_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.import_addrs
+            .iter()
+            .find(|(s, _)| s.as_str() == service)
+            .map(|(_, a)| *a)
+    }
+
+    /// Prometheus text of this gateway's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.run_upkeep();
+        self.metrics.render()
+    }
+
+    /// Graceful stop: listeners close, peers are told (goodbye), open flows get until `deadline`.
+    pub async fn drain(self, deadline: Duration) -> usize {
+        self.stop_listeners.cancel();
+        let cut = self.mesh.drain(deadline).await;
+        self.finish().await;
+        cut
+    }
+
+    /// Immediate stop: every connection closed now.
+    pub async fn shutdown(self) {
+        self.stop_listeners.cancel();
+        self.mesh.shutdown();
+        self.finish().await;
+    }
+
+    async fn finish(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.mesh.wait_closed()).await;
+    }
+}
+
+/// A token cancelled when the mesh has shut down (the admin server stops with it).
+fn mesh_stopped(mesh: &Mesh) -> CancellationToken {
+    let t = CancellationToken::new();
+    let (mesh, child) = (mesh.clone(), t.clone());
+    tokio::spawn(async move {
+        mesh.stopped().await;
+        child.cancel();
+    });
+    t
+}

@@ -1,0 +1,547 @@
+//! Gateway configuration: YAML in, validated types out.
+//!
+//! Two stages, so that one run reports every mistake: serde reads the file into raw types
+//! (`deny_unknown_fields`; names, addresses and durations stay strings), then [`validate`] parses
+//! each field and collects every error with its key path (`peers[1].id: ...`). Structural errors
+//! (an unknown key, a list where a map belongs) stop serde at the first one, also with its path.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use causeway_overlay::transport::Timers;
+use causeway_overlay::{Export, PeerSpec, Timing};
+use causeway_protocol::control::Protocol;
+use causeway_protocol::limits::{MAX_LABELS, MAX_LABEL_LEN};
+use causeway_protocol::{GatewayId, Identity, ServiceName, TrustDomain, ZoneName};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub zone: String,
+    pub gateway: String,
+    pub trust_domain: String,
+    pub tls: RawTls,
+    pub listen: RawListen,
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+    #[serde(default)]
+    pub exports: Vec<RawExport>,
+    #[serde(default)]
+    pub imports: Vec<RawImport>,
+    #[serde(default)]
+    pub timing: RawTiming,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8).
+    pub key: PathBuf,
+    /// PEM CA certificates trusted for peers.
+    pub bundle: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub overlay: String,
+    #[serde(default)]
+    pub admin: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub id: String,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExport {
+    pub name: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    pub port: u16,
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImport {
+    pub service: String,
+    pub listen: String,
+    #[serde(default)]
+    pub prefer_zones: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawTiming {
+    pub ping_interval: Option<String>,
+    pub peer_timeout: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub flow_connect_timeout: Option<String>,
+    pub backend_connect_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub backoff_min: Option<String>,
+    pub backoff_max: Option<String>,
+    pub health_interval: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub keep_alive: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `text` (default) or `json`.
+    pub format: Option<String>,
+    /// A tracing filter, e.g. `info` or `info,causeway::access=warn`. `RUST_LOG` overrides it.
+    pub level: Option<String>,
+}
+
+/// One configuration error: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.path, self.reason)
+        }
+    }
+}
+
+/// All errors of one configuration file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}: {} error(s)", self.file, self.errors.len())?;
+        for e in &self.errors {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Import {
+    pub service: ServiceName,
+    pub listen: SocketAddr,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub zone: ZoneName,
+    pub gateway: GatewayId,
+    pub trust_domain: TrustDomain,
+    pub tls: TlsPaths,
+    pub overlay: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub peers: Vec<PeerSpec>,
+    pub exports: Vec<Export>,
+    pub imports: Vec<Import>,
+    pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
+    pub timing: Timing,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// Reads and validates a file. Relative TLS paths are resolved against the file's directory.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    let fail = |path: &str, reason: String| ConfigErrors {
+        file: file.clone(),
+        errors: vec![ConfigError {
+            path: path.into(),
+            reason,
+        }],
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail("", format!("cannot read: {e}")))?;
+    let mut cfg = parse(&text).map_err(|errors| ConfigErrors {
+        file: file.clone(),
+        errors,
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.bundle] {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(cfg)
+}
+
+/// Parses and validates YAML text.
+pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = e.into_inner().to_string();
+        vec![ConfigError { path, reason: inner }]
+    })?;
+    validate(&raw)
+}
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, reason: impl fmt::Display) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            reason: reason.to_string(),
+        });
+    }
+
+    fn parse<T, E: fmt::Display>(&mut self, path: impl Into<String>, r: Result<T, E>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.push(path, e);
+                None
+            }
+        }
+    }
+}
+
+fn addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an IP:port address"))
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"))
+}
+
+pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
+    let mut e = Errors(Vec::new());
+    let zone = e.parse("zone", ZoneName::new(&raw.zone));
+    let gateway = e.parse("gateway", GatewayId::new(&raw.gateway));
+    let trust_domain = e.parse("trust_domain", TrustDomain::new(&raw.trust_domain));
+    for (k, p) in [
+        ("tls.cert", &raw.tls.cert),
+        ("tls.key", &raw.tls.key),
+        ("tls.bundle", &raw.tls.bundle),
+    ] {
+        if p.as_os_str().is_empty() {
+            e.push(k, "must name a file");
+        }
+    }
+    let overlay = e.parse("listen.overlay", addr(&raw.listen.overlay));
+    let admin = raw
+        .listen
+        .admin
+        .as_deref()
+        .and_then(|a| e.parse("listen.admin", addr(a)));
+
+    let mut peers = Vec::new();
+    let mut seen_peers = HashSet::new();
+    for (i, p) in raw.peers.iter().enumerate() {
+        let id = e.parse(format!("peers[{i}].id"), Identity::parse(&p.id));
+        let address = p
+            .address
+            .as_deref()
+            .and_then(|a| e.parse(format!("peers[{i}].address"), addr(a)));
+        let pzone = p
+            .zone
+            .as_deref()
+            .and_then(|z| e.parse(format!("peers[{i}].zone"), ZoneName::new(z)));
+        if let Some(id) = id {
+            if !seen_peers.insert(id.clone()) {
+                e.push(format!("peers[{i}].id"), format!("{id} is listed twice"));
+            }
+            if let Some(td) = trust_domain.as_ref().filter(|td| **td != id.trust_domain()) {
+                e.push(
+                    format!("peers[{i}].id"),
+                    format!("trust domain {} differs from trust_domain {td}", id.trust_domain()),
+                );
+            }
+            peers.push(PeerSpec {
+                id,
+                address,
+                zone: pzone,
+            });
+        }
+    }
+
+    let mut exports = Vec::new();
+    let mut seen_exports = HashSet::new();
+    for (i, x) in raw.exports.iter().enumerate() {
+        let path = |k: &str| format!("exports[{i}].{k}");
+        let name = e.parse(path("name"), ServiceName::new(&x.name));
+        let protocol = match x.protocol.as_str() {
+            "tcp" => Some(Protocol::Tcp),
+            other => {
+                e.push(path("protocol"), format!("{other:?} is not supported (supported: tcp)"));
+                None
+            }
+        };
+        if x.port == 0 {
+            e.push(path("port"), "must be 1-65535");
+        }
+        if x.endpoints.is_empty() {
+            e.push(path("endpoints"), "must list at least one endpoint");
+        }
+        let endpoints: Vec<_> = x
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(j, a)| e.parse(format!("exports[{i}].endpoints[{j}]"), addr(a)))
+            .collect();
+        if x.labels.len() > MAX_LABELS {
+            e.push(path("labels"), format!("at most {MAX_LABELS} labels"));
+        }
+        for (k, v) in &x.labels {
+            if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+                e.push(
+                    format!("exports[{i}].labels.{k}"),
+                    format!("keys must be 1-{MAX_LABEL_LEN} bytes, values at most {MAX_LABEL_LEN}"),
+                );
+            }
+        }
+        if let (Some(name), Some(protocol)) = (name, protocol) {
+            if !seen_exports.insert(name.clone()) {
+                e.push(path("name"), format!("{name} is exported twice"));
+            }
+            let labels = x.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            exports.push(Export {
+                name,
+                protocol,
+                port: x.port,
+                endpoints,
+                labels,
+            });
+        }
+    }
+
+    let mut imports = Vec::new();
+    let mut preferences = HashMap::new();
+    let mut seen_listen = HashSet::new();
+    for (i, x) in raw.imports.iter().enumerate() {
+        let service = e.parse(format!("imports[{i}].service"), ServiceName::new(&x.service));
+        let listen = e.parse(format!("imports[{i}].listen"), addr(&x.listen));
+        let prefs: Vec<_> = x
+            .prefer_zones
+            .iter()
+            .enumerate()
+            .filter_map(|(j, z)| e.parse(format!("imports[{i}].prefer_zones[{j}]"), ZoneName::new(z)))
+            .collect();
+        if let Some(l) = listen {
+            if l.port() != 0 && (!seen_listen.insert(l) || Some(l) == admin) {
+                e.push(
+                    format!("imports[{i}].listen"),
+                    format!("{l} is already used by another listener"),
+                );
+            }
+        }
+        if let (Some(service), Some(listen)) = (service, listen) {
+            if !prefs.is_empty() {
+                preferences.insert(service.clone(), prefs);
+            }
+            imports.push(Import { service, listen });
+        }
+    }
+
+    let mut timing = Timing::default();
+    {
+        let t = &raw.timing;
+        let mut set = |key: &str, v: &Option<String>, slot: &mut Duration| {
+            if let Some(s) = v {
+                if let Some(d) = e.parse(format!("timing.{key}"), duration(s)) {
+                    if d.is_zero() {
+                        e.push(format!("timing.{key}"), "must be greater than zero");
+                    } else {
+                        *slot = d;
+                    }
+                }
+            }
+        };
+        set("ping_interval", &t.ping_interval, &mut timing.ping_interval);
+        set("peer_timeout", &t.peer_timeout, &mut timing.peer_timeout);
+        set("handshake_timeout", &t.handshake_timeout, &mut timing.handshake_timeout);
+        set(
+            "flow_connect_timeout",
+            &t.flow_connect_timeout,
+            &mut timing.flow_connect_timeout,
+        );
+        set(
+            "backend_connect_timeout",
+            &t.backend_connect_timeout,
+            &mut timing.backend_connect_timeout,
+        );
+        set("header_timeout", &t.header_timeout, &mut timing.header_timeout);
+        set("backoff_min", &t.backoff_min, &mut timing.backoff_min);
+        set("backoff_max", &t.backoff_max, &mut timing.backoff_max);
+        set("health_interval", &t.health_interval, &mut timing.health_interval);
+        set("drain_timeout", &t.drain_timeout, &mut timing.drain_timeout);
+        let mut tr: Timers = timing.transport;
+        set("keep_alive", &t.keep_alive, &mut tr.keep_alive);
+        set("idle_timeout", &t.idle_timeout, &mut tr.idle_timeout);
+        timing.transport = tr;
+    }
+    if timing.peer_timeout <= timing.ping_interval {
+        e.push(
+            "timing.peer_timeout",
+            "must be longer than timing.ping_interval (a peer is declared down after missing pings)",
+        );
+    }
+    if timing.backoff_max < timing.backoff_min {
+        e.push("timing.backoff_max", "must not be shorter than timing.backoff_min");
+    }
+    if timing.transport.idle_timeout <= timing.transport.keep_alive {
+        e.push("timing.idle_timeout", "must be longer than timing.keep_alive");
+    }
+
+    let log_format = match raw.log.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            e.push("log.format", format!("{other:?} is not one of text, json"));
+            LogFormat::Text
+        }
+    };
+    let log_level = raw.log.level.clone().unwrap_or_else(|| "info".into());
+    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        e.push("log.level", format!("{log_level:?} is not a valid filter: {err}"));
+    }
+
+    if !e.0.is_empty() {
+        return Err(e.0);
+    }
+    // Every field parsed (no errors were pushed), so the options below are all Some.
+    match (zone, gateway, trust_domain, overlay) {
+        (Some(zone), Some(gateway), Some(trust_domain), Some(overlay)) => Ok(Config {
+            zone,
+            gateway,
+            trust_domain,
+            tls: TlsPaths {
+                cert: raw.tls.cert.clone(),
+                key: raw.tls.key.clone(),
+                bundle: raw.tls.bundle.clone(),
+            },
+            overlay,
+            admin,
+            peers,
+            exports,
+            imports,
+            preferences,
+            timing,
+            log_format,
+            log_level,
+        }),
+        _ => Err(vec![ConfigError {
+            path: String::new(),
+            reason: "incomplete configuration".into(),
+        }]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+zone: eu-west
+gateway: gw-1
+trust_domain: prod.example
+tls: { cert: gw.crt, key: gw.key, bundle: ca.crt }
+listen: { overlay: "0.0.0.0:4433", admin: "127.0.0.1:9901" }
+peers:
+  - { id: "spiffe://prod.example/zone/us-east/gw-1", address: "10.0.0.2:4433", zone: us-east }
+exports:
+  - { name: orders.shop, port: 8080, endpoints: ["127.0.0.1:18080"], labels: { version: v1 } }
+imports:
+  - { service: catalog.shop, listen: "127.0.0.1:15001", prefer_zones: [us-east] }
+timing: { ping_interval: 100ms, peer_timeout: 500ms }
+"#;
+
+    #[test]
+    fn parses_a_good_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.zone.as_str(), "eu-west");
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.exports[0].labels, vec![("version".to_string(), "v1".to_string())]);
+        assert_eq!(c.timing.peer_timeout, Duration::from_millis(500));
+        assert_eq!(c.preferences.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let bad = GOOD.replace("zone: us-east }", "zone: us-east, wieght: 3 }");
+        let errs = parse(&bad).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].path, "peers[0]");
+        assert!(errs[0].reason.contains("unknown field `wieght`"), "{}", errs[0].reason);
+    }
+
+    #[test]
+    fn reports_every_semantic_error_with_its_path() {
+        let bad = GOOD
+            .replace("zone: eu-west", "zone: EU")
+            .replace("\"10.0.0.2:4433\"", "\"nowhere\"")
+            .replace("127.0.0.1:18080", "localhost")
+            .replace("ping_interval: 100ms", "ping_interval: soon");
+        let errs = parse(&bad).unwrap_err();
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "zone",
+                "peers[0].address",
+                "exports[0].endpoints[0]",
+                "timing.ping_interval"
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_inconsistent_timers() {
+        let bad = GOOD.replace("peer_timeout: 500ms", "peer_timeout: 50ms");
+        let errs = parse(&bad).unwrap_err();
+        assert_eq!(errs[0].path, "timing.peer_timeout");
+    }
+}

@@ -1,0 +1,282 @@
+//! `causeway`: parses the command line and hands over to the library. Exit codes: 0 success,
+//! 1 runtime failure, 2 invalid configuration or usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use causeway::config::{self, LogFormat};
+use causeway::{app, certs, telemetry};
+use causeway_protocol::{Identity, TrustDomain};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "causeway",
+    version,
+    about = "Zone gateways joined by an encrypted QUIC/HTTP3 overlay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a zone gateway.
+    Gateway {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Runtime worker threads (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a configuration file (and the TLS files it names); exit 2 on any error.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Make a CA or issue SPIFFE certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Three zones on loopback in one process: cross-zone traffic, then a failover. Exits by itself.
+    Demo {
+        /// Flows per phase.
+        #[arg(long, default_value_t = 200)]
+        flows: usize,
+        /// Bytes each flow sends (and gets echoed back).
+        #[arg(long, default_value_t = 64 * 1024)]
+        bytes: usize,
+    },
+    /// Show a running gateway's peers and services (from its admin API).
+    Status {
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a CA (ECDSA P-256): DIR/ca.crt and DIR/ca.key.
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+    },
+    /// Issue a certificate for a SPIFFE ID: DIR/cert.pem (chain), DIR/key.pem, DIR/ca.crt.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => check(&config),
+        Cmd::Gateway { config, workers } => gateway(&config, workers),
+        Cmd::Certs { cmd } => certs_cmd(cmd),
+        Cmd::Demo { flows, bytes } => {
+            telemetry::init(LogFormat::Text, "warn");
+            match runtime(None).and_then(|rt| rt.block_on(causeway::demo::run(flows, bytes))) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("demo failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status { admin } => match runtime(Some(1)).and_then(|rt| rt.block_on(status(admin))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    Ok(b.enable_all().build()?)
+}
+
+/// Loads and validates a config and its TLS files, printing every error.
+fn load(
+    path: &std::path::Path,
+) -> Result<
+    (
+        config::Config,
+        causeway_overlay::Credentials,
+        causeway_overlay::TrustBundle,
+    ),
+    ExitCode,
+> {
+    let cfg = config::load(path).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(2)
+    })?;
+    let (creds, bundle) = app::load_tls(&cfg).map_err(|errors| {
+        eprint!(
+            "{}",
+            config::ConfigErrors {
+                file: path.display().to_string(),
+                errors
+            }
+        );
+        ExitCode::from(2)
+    })?;
+    Ok((cfg, creds, bundle))
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match load(path) {
+        Ok((cfg, creds, _)) => {
+            let id = creds.identity().map(|i| i.to_string()).unwrap_or_default();
+            println!(
+                "{}: ok (zone {}, gateway {}, identity {id}, {} peers, {} exports, {} imports)",
+                path.display(),
+                cfg.zone,
+                cfg.gateway,
+                cfg.peers.len(),
+                cfg.exports.len(),
+                cfg.imports.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn gateway(path: &std::path::Path, workers: Option<usize>) -> ExitCode {
+    let (cfg, creds, bundle) = match load(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    telemetry::init(cfg.log_format, &cfg.log_level);
+    tracing::info!(config = ?cfg, "config.effective");
+    let rt = match runtime(workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let gw = match app::Gateway::start(&cfg, creds, bundle).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "gateway.start.failed");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!(deadline = ?cfg.timing.drain_timeout, "gateway.draining");
+        let cut = gw.drain(cfg.timing.drain_timeout).await;
+        tracing::info!(flows_cut = cut, "gateway.stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can only be killed; run until then.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn certs_cmd(cmd: CertsCmd) -> ExitCode {
+    let days = |d: u64| Duration::from_secs(d.saturating_mul(86_400));
+    let res = match cmd {
+        CertsCmd::Init {
+            trust_domain,
+            out,
+            days: d,
+        } => match TrustDomain::new(&trust_domain) {
+            Ok(td) => certs::init_dir(&td, &out, days(d)).map(|_| println!("CA for {td} written to {}", out.display())),
+            Err(e) => {
+                eprintln!("--trust-domain: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        CertsCmd::Issue { ca, id, out, days: d } => match Identity::parse(&id) {
+            Ok(id) => certs::issue_dir(&ca, &id, &out, days(d))
+                .map(|_| println!("certificate for {id} written to {}", out.display())),
+            Err(e) => {
+                eprintln!("--id: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("certs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn status(admin: std::net::SocketAddr) -> anyhow::Result<()> {
+    let (_, peers) = causeway::admin::get(admin, "/peers").await?;
+    let (_, services) = causeway::admin::get(admin, "/services").await?;
+    let peers: serde_json::Value = serde_json::from_str(&peers)?;
+    let services: serde_json::Value = serde_json::from_str(&services)?;
+    println!(
+        "gateway {} in zone {} ({})",
+        peers["gateway"], peers["zone"], peers["identity"]
+    );
+    println!("\n{:<48} {:<12} {:<10} {:>9}", "PEER", "ZONE", "STATE", "RTT ms");
+    for p in peers["peers"].as_array().into_iter().flatten() {
+        let rtt = p["rtt_ms"]
+            .as_f64()
+            .map(|r| format!("{r:.2}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<48} {:<12} {:<10} {:>9}",
+            p["id"].as_str().unwrap_or(""),
+            p["zone"].as_str().unwrap_or("-"),
+            p["state"].as_str().unwrap_or(""),
+            rtt
+        );
+    }
+    println!("\n{:<32} {}", "SERVICE", "ROUTE ORDER");
+    for s in services["services"].as_array().into_iter().flatten() {
+        let order: Vec<&str> = s["route_order"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect();
+        println!(
+            "{:<32} {}",
+            s["name"].as_str().unwrap_or(""),
+            if order.is_empty() {
+                "(unavailable)".into()
+            } else {
+                order.join(" > ")
+            }
+        );
+    }
+    Ok(())
+}

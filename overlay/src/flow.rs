@@ -1,0 +1,504 @@
+//! Service flows. Outbound: a local client's TCP connection goes to the best zone that offers the
+//! service, as an HTTP/3 CONNECT to that zone's gateway (RFC 9114 §4.4), trying the next candidate
+//! when one refuses or fails before the flow is established. Inbound: a peer's CONNECT is served by
+//! connecting to a healthy local endpoint of an exported service.
+//!
+//! Every flow ends in exactly one access-log event (written when its [`FlowLog`] drops) and one
+//! outcome in the metrics.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use causeway_protocol::flow::{FlowError, ERROR, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT};
+use causeway_protocol::trace::TraceParent;
+use causeway_protocol::{ErrorCode, Identity, ServiceName, ZoneName};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::mesh::Mesh;
+use crate::metrics::{
+    FAILOVERS, FLOWS_ACTIVE, FLOWS_CLOSED, FLOWS_FAILED, FLOWS_OPENED, FLOW_BYTES, FLOW_CONNECT, FLOW_DURATION,
+    INBOUND_FLOWS,
+};
+use crate::relay::{self, Counters, Outcome};
+use crate::routes::Target;
+
+/// Who opened a flow.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub identity: Identity,
+    pub addr: SocketAddr,
+}
+
+/// Candidates tried per flow before giving up: enough to pass one dead and one refusing zone.
+const MAX_ATTEMPTS: usize = 3;
+
+/// The access-log event of one flow, written exactly once, when it drops.
+struct FlowLog {
+    direction: &'static str,
+    service: String,
+    source_identity: String,
+    source: String,
+    zone: String,
+    peer: String,
+    trace: TraceParent,
+    start: Instant,
+    outcome: &'static str,
+    error: &'static str,
+    up: u64,
+    down: u64,
+    attempts: u32,
+}
+
+impl Drop for FlowLog {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "causeway::access",
+            direction = self.direction,
+            service = %self.service,
+            source_identity = %self.source_identity,
+            source = %self.source,
+            zone = %self.zone,
+            peer = %self.peer,
+            traceparent = %self.trace,
+            outcome = self.outcome,
+            error = self.error,
+            bytes_up = self.up,
+            bytes_down = self.down,
+            attempts = self.attempts,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            "flow"
+        );
+    }
+}
+
+fn new_trace() -> TraceParent {
+    let mut rng = rand::rng();
+    TraceParent {
+        trace_id: rng.random::<u128>() | 1,
+        span_id: rng.random::<u64>() | 1,
+        sampled: true,
+    }
+}
+
+/// Decrements the active-flow count when the flow ends, however it ends.
+struct Active<'a>(&'a Mesh, metrics::Gauge);
+
+impl<'a> Active<'a> {
+    fn new(mesh: &'a Mesh, gauge: metrics::Gauge) -> Self {
+        mesh.0.active_flows.fetch_add(1, Ordering::Relaxed);
+        gauge.increment(1.0);
+        Self(mesh, gauge)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0 .0.active_flows.fetch_sub(1, Ordering::Relaxed);
+        self.1.decrement(1.0);
+    }
+}
+
+/// Why one attempt did not establish a flow.
+enum AttemptError {
+    Refused(FlowError),
+    Unreachable(&'static str),
+}
+
+impl Mesh {
+    /// Serves one TCP client of this gateway that wants `service`, until the flow ends.
+    pub async fn serve_client(&self, tcp: TcpStream, service: ServiceName, source: Source) {
+        let Some(_guard) = self.flow_guard() else {
+            self.0
+                .metrics
+                .counter(FLOWS_FAILED, &[("service", service.as_str()), ("reason", "draining")])
+                .increment(1);
+            relay::abort(tcp);
+            return;
+        };
+        let _ = tcp.set_nodelay(true);
+        let start = Instant::now();
+        let mut log = FlowLog {
+            direction: "outbound",
+            service: service.to_string(),
+            source_identity: source.identity.to_string(),
+            source: source.addr.to_string(),
+            zone: String::new(),
+            peer: String::new(),
+            trace: new_trace(),
+            start,
+            outcome: "failed",
+            error: "",
+            up: 0,
+            down: 0,
+            attempts: 0,
+        };
+        let candidates = self.routes().candidates(&service);
+        if candidates.is_empty() {
+            let reason = if self.routes().knows(&service) {
+                "no_healthy_zone"
+            } else {
+                "unknown_service"
+            };
+            log.error = reason;
+            self.0
+                .metrics
+                .counter(FLOWS_FAILED, &[("service", service.as_str()), ("reason", reason)])
+                .increment(1);
+            relay::abort(tcp);
+            return;
+        }
+        for target in candidates.into_iter().take(MAX_ATTEMPTS) {
+            log.attempts += 1;
+            match target {
+                Target::Local => match self.connect_local(&service).await {
+                    Ok((backend, addr)) => {
+                        log.zone = self.0.zone.to_string();
+                        log.peer = addr.to_string();
+                        self.relay_local(tcp, backend, &service, start, &mut log).await;
+                        return;
+                    }
+                    Err(e) => self.failover(&service, e.as_str()),
+                },
+                Target::Peer(id) => match self.open_remote(&service, &id, &source, &log.trace).await {
+                    Ok((tx, rx, zone)) => {
+                        log.zone = zone.to_string();
+                        log.peer = id.to_string();
+                        self.relay_remote(tcp, tx, rx, &service, &zone, start, &mut log).await;
+                        return;
+                    }
+                    Err(AttemptError::Refused(e)) => self.failover(&service, e.as_str()),
+                    Err(AttemptError::Unreachable(why)) => self.failover(&service, why),
+                },
+            }
+        }
+        log.error = "all_zones_failed";
+        self.0
+            .metrics
+            .counter(
+                FLOWS_FAILED,
+                &[("service", service.as_str()), ("reason", "all_zones_failed")],
+            )
+            .increment(1);
+        relay::abort(tcp);
+    }
+
+    /// A token that keeps a drain waiting while the flow runs; `None` once draining started.
+    fn flow_guard(&self) -> Option<tokio_util::task::task_tracker::TaskTrackerToken> {
+        if self.is_draining() {
+            return None;
+        }
+        Some(self.0.flows.token())
+    }
+
+    fn failover(&self, service: &ServiceName, reason: &str) {
+        self.0
+            .metrics
+            .counter(FAILOVERS, &[("service", service.as_str()), ("reason", reason)])
+            .increment(1);
+    }
+
+    async fn open_remote(
+        &self,
+        service: &ServiceName,
+        peer: &Identity,
+        source: &Source,
+        trace: &TraceParent,
+    ) -> Result<(relay::ClientSend, relay::ClientRecv, ZoneName), AttemptError> {
+        let (mut requests, zone, port) = {
+            let routes = self.routes();
+            let entry = routes.peer(peer).ok_or(AttemptError::Unreachable("peer_down"))?;
+            let zone = entry.zone.clone().ok_or(AttemptError::Unreachable("peer_down"))?;
+            let port = entry.services.get(service).map(|a| a.port).unwrap_or(0);
+            drop(routes);
+            let conns = self.conns();
+            let req = conns
+                .get(peer)
+                .and_then(|c| c.requests.clone())
+                .ok_or(AttemptError::Unreachable("peer_down"))?;
+            (req, zone, port)
+        };
+        let req = http::Request::connect(format!("{service}:{port}"))
+            .header(SOURCE_IDENTITY, source.identity.as_str())
+            .header(SOURCE_ZONE, self.0.zone.as_str())
+            .header(TRACEPARENT, trace.to_string())
+            .body(())
+            .map_err(|_| AttemptError::Refused(FlowError::BadRequest))?;
+        let attempt = async {
+            let mut stream = requests
+                .send_request(req)
+                .await
+                .map_err(|_| AttemptError::Unreachable("stream_error"))?;
+            let resp = stream
+                .recv_response()
+                .await
+                .map_err(|_| AttemptError::Unreachable("stream_error"))?;
+            if resp.status() != http::StatusCode::OK {
+                let reason = resp
+                    .headers()
+                    .get(ERROR)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(FlowError::parse)
+                    .unwrap_or(FlowError::BackendRefused);
+                return Err(AttemptError::Refused(reason));
+            }
+            Ok(stream.split())
+        };
+        match tokio::time::timeout(self.0.timing.flow_connect_timeout, attempt).await {
+            Ok(Ok((tx, rx))) => Ok((tx, rx, zone)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AttemptError::Unreachable("connect_timeout")),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_remote(
+        &self,
+        tcp: TcpStream,
+        mut tx: relay::ClientSend,
+        mut rx: relay::ClientRecv,
+        service: &ServiceName,
+        zone: &ZoneName,
+        start: Instant,
+        log: &mut FlowLog,
+    ) {
+        let labels = [("service", service.as_str()), ("zone", zone.as_str())];
+        let m = &self.0.metrics;
+        m.counter(FLOWS_OPENED, &labels).increment(1);
+        m.histogram(FLOW_CONNECT, &labels).record(start.elapsed().as_secs_f64());
+        let _active = Active::new(self, m.gauge(FLOWS_ACTIVE, &labels));
+        let counters = self.counters(service, zone.as_str());
+        let (outcome, up, down) = relay::relay(tcp, &mut tx, &mut rx, &counters, ErrorCode::FLOW_CLIENT_RESET).await;
+        self.finish_flow(service, zone.as_str(), outcome, up, down, start, log);
+    }
+
+    async fn relay_local(
+        &self,
+        tcp: TcpStream,
+        backend: TcpStream,
+        service: &ServiceName,
+        start: Instant,
+        log: &mut FlowLog,
+    ) {
+        let zone = self.0.zone.clone();
+        let labels = [("service", service.as_str()), ("zone", zone.as_str())];
+        let m = &self.0.metrics;
+        m.counter(FLOWS_OPENED, &labels).increment(1);
+        m.histogram(FLOW_CONNECT, &labels).record(start.elapsed().as_secs_f64());
+        let _active = Active::new(self, m.gauge(FLOWS_ACTIVE, &labels));
+        let (mut a, mut b) = (tcp, backend);
+        let (outcome, up, down) = match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+            Ok((up, down)) => (Outcome::Complete, up, down),
+            Err(_) => {
+                relay::abort(a);
+                relay::abort(b);
+                (Outcome::TcpReset, 0, 0)
+            }
+        };
+        let counters = self.counters(service, zone.as_str());
+        counters.up.increment(up);
+        counters.down.increment(down);
+        self.finish_flow(service, zone.as_str(), outcome, up, down, start, log);
+    }
+
+    fn counters(&self, service: &ServiceName, zone: &str) -> Counters {
+        let m = &self.0.metrics;
+        Counters {
+            up: m.counter(
+                FLOW_BYTES,
+                &[("service", service.as_str()), ("zone", zone), ("direction", "up")],
+            ),
+            down: m.counter(
+                FLOW_BYTES,
+                &[("service", service.as_str()), ("zone", zone), ("direction", "down")],
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_flow(
+        &self,
+        service: &ServiceName,
+        zone: &str,
+        outcome: Outcome,
+        up: u64,
+        down: u64,
+        start: Instant,
+        log: &mut FlowLog,
+    ) {
+        let m = &self.0.metrics;
+        m.counter(
+            FLOWS_CLOSED,
+            &[
+                ("service", service.as_str()),
+                ("zone", zone),
+                ("outcome", outcome.as_str()),
+            ],
+        )
+        .increment(1);
+        m.histogram(FLOW_DURATION, &[("service", service.as_str()), ("zone", zone)])
+            .record(start.elapsed().as_secs_f64());
+        log.outcome = outcome.as_str();
+        log.up = up;
+        log.down = down;
+    }
+
+    /// Connects to a healthy endpoint of an exported service, round robin, trying each once.
+    pub(crate) async fn connect_local(&self, service: &ServiceName) -> Result<(TcpStream, SocketAddr), FlowError> {
+        let svc = self.0.exports.get(service).ok_or(FlowError::UnknownService)?;
+        let n = svc.export.endpoints.len();
+        let first = svc.next.fetch_add(1, Ordering::Relaxed);
+        let mut err = FlowError::NoHealthyEndpoint;
+        for i in 0..n {
+            let idx = (first + i) % n;
+            if !svc.healthy[idx].load(Ordering::Relaxed) {
+                continue;
+            }
+            let addr = svc.export.endpoints[idx];
+            match tokio::time::timeout(self.0.timing.backend_connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok((s, addr));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(service = %service, endpoint = %addr, error = %e, "endpoint.connect.failed");
+                    err = FlowError::BackendRefused;
+                    // Passive health: a refused endpoint is out until the next active check passes.
+                    if svc.healthy[idx].swap(false, Ordering::Relaxed) {
+                        self.republish();
+                    }
+                }
+                Err(_) => err = FlowError::BackendTimeout,
+            }
+        }
+        Err(err)
+    }
+}
+
+/// Serves a peer's CONNECT for one of our exported services.
+pub(crate) async fn serve_inbound(
+    mesh: Mesh,
+    req: http::Request<()>,
+    mut stream: h3::server::RequestStream<crate::h3q::BidiStream, Bytes>,
+    peer: Identity,
+) {
+    let start = Instant::now();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let source_zone = header(SOURCE_ZONE);
+    let trace = TraceParent::parse(&header(TRACEPARENT)).unwrap_or_else(new_trace);
+    let authority = req.uri().authority().cloned();
+    let service = authority.as_ref().and_then(|a| ServiceName::new(a.host()).ok());
+    let mut log = FlowLog {
+        direction: "inbound",
+        service: service.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        source_identity: header(SOURCE_IDENTITY),
+        source: peer.to_string(),
+        zone: mesh.0.zone.to_string(),
+        peer: String::new(),
+        trace,
+        start,
+        outcome: "refused",
+        error: "",
+        up: 0,
+        down: 0,
+        attempts: 1,
+    };
+    let guard = mesh.flow_guard();
+    let target = match (req.method() == http::Method::CONNECT, service, guard.is_some()) {
+        (false, _, _) | (_, None, _) => Err(FlowError::BadRequest),
+        (_, _, false) => Err(FlowError::Draining),
+        (true, Some(s), true) => {
+            let port_ok = mesh
+                .0
+                .exports
+                .get(&s)
+                .is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port));
+            if !port_ok {
+                Err(FlowError::UnknownService)
+            } else {
+                mesh.connect_local(&s).await.map(|(tcp, addr)| (s, tcp, addr))
+            }
+        }
+    };
+    let m = mesh.0.metrics.clone();
+    let (service, tcp, addr) = match target {
+        Ok(t) => t,
+        Err(e) => {
+            log.error = e.as_str();
+            m.counter(
+                INBOUND_FLOWS,
+                &[
+                    ("service", &log.service),
+                    ("source_zone", &source_zone),
+                    ("outcome", e.as_str()),
+                ],
+            )
+            .increment(1);
+            let resp = http::Response::builder()
+                .status(e.status())
+                .header(ERROR, e.as_str())
+                .body(())
+                .unwrap_or_default();
+            if stream.send_response(resp).await.is_ok() {
+                let _ = stream.finish().await;
+            }
+            return;
+        }
+    };
+    log.peer = addr.to_string();
+    if stream
+        .send_response(http::Response::builder().status(200).body(()).unwrap_or_default())
+        .await
+        .is_err()
+    {
+        relay::abort(tcp);
+        return;
+    }
+    let (mut tx, mut rx) = stream.split();
+    let zone = mesh.0.zone.to_string();
+    let _active = Active::new(
+        &mesh,
+        m.gauge(FLOWS_ACTIVE, &[("service", service.as_str()), ("zone", "inbound")]),
+    );
+    let counters = Counters {
+        // The relay's TCP side is the backend here, so its "up" (TCP → stream) is toward the client.
+        up: m.counter(
+            FLOW_BYTES,
+            &[
+                ("service", service.as_str()),
+                ("zone", &zone),
+                ("direction", "inbound_down"),
+            ],
+        ),
+        down: m.counter(
+            FLOW_BYTES,
+            &[
+                ("service", service.as_str()),
+                ("zone", &zone),
+                ("direction", "inbound_up"),
+            ],
+        ),
+    };
+    let (outcome, down, up) = relay::relay(tcp, &mut tx, &mut rx, &counters, ErrorCode::FLOW_BACKEND_RESET).await;
+    m.counter(
+        INBOUND_FLOWS,
+        &[
+            ("service", service.as_str()),
+            ("source_zone", &source_zone),
+            ("outcome", outcome.as_str()),
+        ],
+    )
+    .increment(1);
+    log.outcome = outcome.as_str();
+    log.up = up;
+    log.down = down;
+    drop(guard);
+}

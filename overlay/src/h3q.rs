@@ -1,0 +1,468 @@
+//! h3's QUIC traits over quinn, for two HTTP/3 sessions on one QUIC connection.
+//!
+//! A gateway pair shares exactly one QUIC connection, yet either side must be able to open flows.
+//! HTTP/3 lets only the client open requests (RFC 9114 §6.1), "though an extension could allow"
+//! server-initiated bidirectional streams. Causeway's extension (`SPEC.md` §Roles): the connection
+//! carries a *forward* session (QUIC client = HTTP/3 client) and a *reverse* session (QUIC server =
+//! HTTP/3 client, requests on server-initiated bidirectional streams). Bidirectional streams need no
+//! demultiplexing: each side accepts peer-initiated ones into exactly one session. Unidirectional
+//! streams (HTTP/3 control and QPACK streams) of the reverse session start with the extension stream
+//! type [`REVERSE_UNI_TYPE`]; [`demux_uni`] routes each incoming one by its first varint.
+//!
+//! This replaces h3-quinn (whose stream constructors are private) and is the seam where later work
+//! moves `Bytes` without copying and caps HTTP/3 frame lengths before h3 buffers them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h3::error::Code;
+use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
+use quinn::VarInt;
+use tokio::sync::mpsc;
+use tokio_util::sync::ReusableBoxFuture;
+
+/// Extension unidirectional stream type that prefixes every unidirectional stream of the reverse
+/// session (a 4-byte varint: 0x435752, "CWR").
+pub const REVERSE_UNI_TYPE: u64 = 0x43_5752;
+const REVERSE_UNI_PREFIX: [u8; 4] = [0x80, 0x43, 0x57, 0x52];
+/// Unidirectional streams one session may have waiting to be accepted. HTTP/3 opens three per
+/// session (control, QPACK encoder, QPACK decoder); quinn's stream limit bounds the rest.
+const UNI_QUEUE: usize = 8;
+/// How long a peer may take to send the first bytes of a unidirectional stream.
+const UNI_TYPE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which of the two HTTP/3 sessions an adapter serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    /// QUIC client is the HTTP/3 client.
+    Forward,
+    /// QUIC server is the HTTP/3 client.
+    Reverse,
+}
+
+/// One HTTP/3 session's view of the shared QUIC connection.
+pub struct Session {
+    conn: quinn::Connection,
+    half: Half,
+    /// Whether this session takes peer-initiated bidirectional streams (it is the HTTP/3 server).
+    accepts_bidi: bool,
+    uni: mpsc::Receiver<RecvStream>,
+    accepting_bi:
+        Option<ReusableBoxFuture<'static, Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>>>,
+    opener: Opener,
+}
+
+/// Splits a connection into its two sessions and returns the task that routes unidirectional streams.
+/// `is_client` is the QUIC role of this side. Returns `(client_session, server_session, demux)`: the
+/// first is given to `h3::client`, the second to `h3::server`.
+pub fn split(conn: &quinn::Connection, is_client: bool) -> (Session, Session, impl std::future::Future<Output = ()>) {
+    let (fwd_tx, fwd_rx) = mpsc::channel(UNI_QUEUE);
+    let (rev_tx, rev_rx) = mpsc::channel(UNI_QUEUE);
+    // QUIC client: its HTTP/3 client is the forward session and its server the reverse one.
+    let (client, server) = if is_client {
+        (
+            Session::new(conn, Half::Forward, false, fwd_rx),
+            Session::new(conn, Half::Reverse, true, rev_rx),
+        )
+    } else {
+        (
+            Session::new(conn, Half::Reverse, false, rev_rx),
+            Session::new(conn, Half::Forward, true, fwd_rx),
+        )
+    };
+    let demux = demux_uni(conn.clone(), fwd_tx, rev_tx);
+    (client, server, demux)
+}
+
+impl Session {
+    fn new(conn: &quinn::Connection, half: Half, accepts_bidi: bool, uni: mpsc::Receiver<RecvStream>) -> Self {
+        Self {
+            conn: conn.clone(),
+            half,
+            accepts_bidi,
+            uni,
+            accepting_bi: None,
+            opener: Opener::new(conn.clone(), half),
+        }
+    }
+}
+
+/// Accepts unidirectional streams and hands each to its session by its first varint.
+async fn demux_uni(conn: quinn::Connection, fwd: mpsc::Sender<RecvStream>, rev: mpsc::Sender<RecvStream>) {
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let (fwd, rev) = (fwd.clone(), rev.clone());
+        tokio::spawn(async move {
+            let mut first = [0u8; 8];
+            let read = async {
+                recv.read_exact(&mut first[..1]).await.ok()?;
+                let len = 1usize << (first[0] >> 6);
+                recv.read_exact(&mut first[1..len]).await.ok()?;
+                Some(len)
+            };
+            let Ok(Some(len)) = tokio::time::timeout(UNI_TYPE_TIMEOUT, read).await else {
+                let _ = recv.stop(VarInt::from_u32(Code::H3_STREAM_CREATION_ERROR.value() as u32));
+                return;
+            };
+            if first[..len] == REVERSE_UNI_PREFIX {
+                let _ = rev.send(RecvStream::new(recv, None)).await;
+            } else {
+                let prefix = Bytes::copy_from_slice(&first[..len]);
+                let _ = fwd.send(RecvStream::new(recv, Some(prefix))).await;
+            }
+        });
+    }
+}
+
+fn conn_err(e: quinn::ConnectionError) -> ConnectionErrorIncoming {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => ConnectionErrorIncoming::ApplicationClose {
+            error_code: c.error_code.into_inner(),
+        },
+        quinn::ConnectionError::TimedOut => ConnectionErrorIncoming::Timeout,
+        e => ConnectionErrorIncoming::Undefined(Arc::new(e)),
+    }
+}
+
+fn stream_conn_err(e: quinn::ConnectionError) -> StreamErrorIncoming {
+    StreamErrorIncoming::ConnectionErrorIncoming {
+        connection_error: conn_err(e),
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> StreamErrorIncoming {
+    match e {
+        quinn::WriteError::Stopped(code) => StreamErrorIncoming::StreamTerminated {
+            error_code: code.into_inner(),
+        },
+        quinn::WriteError::ConnectionLost(e) => stream_conn_err(e),
+        e => StreamErrorIncoming::Unknown(Box::new(e)),
+    }
+}
+
+fn read_err(e: quinn::ReadError) -> StreamErrorIncoming {
+    match e {
+        quinn::ReadError::Reset(code) => StreamErrorIncoming::StreamTerminated {
+            error_code: code.into_inner(),
+        },
+        quinn::ReadError::ConnectionLost(e) => stream_conn_err(e),
+        e => StreamErrorIncoming::Unknown(Box::new(e)),
+    }
+}
+
+fn varint(code: u64) -> VarInt {
+    VarInt::from_u64(code).unwrap_or(VarInt::MAX)
+}
+
+impl quic::Connection<Bytes> for Session {
+    type RecvStream = RecvStream;
+    type OpenStreams = Opener;
+
+    fn poll_accept_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<RecvStream, ConnectionErrorIncoming>> {
+        match ready!(self.uni.poll_recv(cx)) {
+            Some(s) => Poll::Ready(Ok(s)),
+            // The demux task ends only when the connection does.
+            None => Poll::Ready(Err(self
+                .conn
+                .close_reason()
+                .map(conn_err)
+                .unwrap_or(ConnectionErrorIncoming::InternalError("stream demux ended".into())))),
+        }
+    }
+
+    fn poll_accept_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<BidiStream, ConnectionErrorIncoming>> {
+        if !self.accepts_bidi {
+            // Peer-initiated bidirectional streams belong to the other session of this connection.
+            return Poll::Pending;
+        }
+        let conn = self.conn.clone();
+        let fut = self
+            .accepting_bi
+            .get_or_insert_with(|| ReusableBoxFuture::new(async move { conn.accept_bi().await }));
+        let res = ready!(fut.poll(cx));
+        let conn = self.conn.clone();
+        fut.set(async move { conn.accept_bi().await });
+        let (send, recv) = res.map_err(conn_err)?;
+        Poll::Ready(Ok(BidiStream {
+            send: SendStream::new(send),
+            recv: RecvStream::new(recv, None),
+        }))
+    }
+
+    fn opener(&self) -> Opener {
+        Opener::new(self.conn.clone(), self.half)
+    }
+}
+
+impl quic::OpenStreams<Bytes> for Session {
+    type BidiStream = BidiStream;
+    type SendStream = SendStream;
+
+    fn poll_open_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<BidiStream, StreamErrorIncoming>> {
+        quic::OpenStreams::poll_open_bidi(&mut self.opener, cx)
+    }
+
+    fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<SendStream, StreamErrorIncoming>> {
+        quic::OpenStreams::poll_open_send(&mut self.opener, cx)
+    }
+
+    fn close(&mut self, code: Code, reason: &[u8]) {
+        self.conn.close(varint(code.value()), reason);
+    }
+}
+
+type OpenBiFut = ReusableBoxFuture<'static, Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>>;
+type OpenUniFut = ReusableBoxFuture<'static, Result<quinn::SendStream, StreamErrorIncoming>>;
+
+/// Opens streams for one session; reverse-session unidirectional streams get their type prefix.
+pub struct Opener {
+    conn: quinn::Connection,
+    half: Half,
+    opening_bi: Option<OpenBiFut>,
+    opening_uni: Option<OpenUniFut>,
+}
+
+impl Opener {
+    fn new(conn: quinn::Connection, half: Half) -> Self {
+        Self {
+            conn,
+            half,
+            opening_bi: None,
+            opening_uni: None,
+        }
+    }
+
+    fn open_uni(
+        conn: quinn::Connection,
+        half: Half,
+    ) -> impl std::future::Future<Output = Result<quinn::SendStream, StreamErrorIncoming>> + Send {
+        async move {
+            let mut s = conn.open_uni().await.map_err(stream_conn_err)?;
+            if half == Half::Reverse {
+                s.write_all(&REVERSE_UNI_PREFIX).await.map_err(write_err)?;
+            }
+            Ok(s)
+        }
+    }
+}
+
+impl quic::OpenStreams<Bytes> for Opener {
+    type BidiStream = BidiStream;
+    type SendStream = SendStream;
+
+    fn poll_open_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<BidiStream, StreamErrorIncoming>> {
+        let conn = self.conn.clone();
+        let fut = self
+            .opening_bi
+            .get_or_insert_with(|| ReusableBoxFuture::new(async move { conn.open_bi().await }));
+        let res = ready!(fut.poll(cx));
+        let conn = self.conn.clone();
+        fut.set(async move { conn.open_bi().await });
+        let (send, recv) = res.map_err(stream_conn_err)?;
+        Poll::Ready(Ok(BidiStream {
+            send: SendStream::new(send),
+            recv: RecvStream::new(recv, None),
+        }))
+    }
+
+    fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<SendStream, StreamErrorIncoming>> {
+        let (conn, half) = (self.conn.clone(), self.half);
+        let fut = self
+            .opening_uni
+            .get_or_insert_with(|| ReusableBoxFuture::new(Self::open_uni(conn, half)));
+        let res = ready!(fut.poll(cx));
+        fut.set(Self::open_uni(self.conn.clone(), half));
+        Poll::Ready(res.map(SendStream::new))
+    }
+
+    fn close(&mut self, code: Code, reason: &[u8]) {
+        self.conn.close(varint(code.value()), reason);
+    }
+}
+
+impl Clone for Opener {
+    fn clone(&self) -> Self {
+        Self::new(self.conn.clone(), self.half)
+    }
+}
+
+type ReadFut = ReusableBoxFuture<'static, (quinn::RecvStream, Result<Option<quinn::Chunk>, quinn::ReadError>)>;
+
+pub struct RecvStream {
+    /// Bytes the demultiplexer already read (the stream type), handed out first.
+    prefix: Option<Bytes>,
+    stream: Option<quinn::RecvStream>,
+    id: StreamId,
+    reading: Option<ReadFut>,
+}
+
+impl RecvStream {
+    fn new(stream: quinn::RecvStream, prefix: Option<Bytes>) -> Self {
+        let id = stream_id(stream.id());
+        Self {
+            prefix,
+            stream: Some(stream),
+            id,
+            reading: None,
+        }
+    }
+}
+
+fn stream_id(id: quinn::StreamId) -> StreamId {
+    // quinn stream ids are at most 2^62 - 1, which h3's StreamId accepts.
+    StreamId::try_from(u64::from(id)).unwrap_or_else(|_| unreachable!("QUIC stream ids are varints"))
+}
+
+impl quic::RecvStream for RecvStream {
+    type Buf = Bytes;
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Ok(Some(p)));
+        }
+        if let Some(mut stream) = self.stream.take() {
+            let fut = async move {
+                let r = stream.read_chunk(usize::MAX, true).await;
+                (stream, r)
+            };
+            match &mut self.reading {
+                Some(f) => f.set(fut),
+                None => self.reading = Some(ReusableBoxFuture::new(fut)),
+            }
+        }
+        let Some(fut) = self.reading.as_mut() else {
+            return Poll::Ready(Ok(None));
+        };
+        let (stream, res) = ready!(fut.poll(cx));
+        self.stream = Some(stream);
+        Poll::Ready(res.map(|c| c.map(|c| c.bytes)).map_err(read_err))
+    }
+
+    fn stop_sending(&mut self, error_code: u64) {
+        if let Some(s) = self.stream.as_mut() {
+            let _ = s.stop(varint(error_code));
+        }
+    }
+
+    fn recv_id(&self) -> StreamId {
+        self.id
+    }
+}
+
+pub struct SendStream {
+    stream: quinn::SendStream,
+    writing: Option<WriteBuf<Bytes>>,
+}
+
+impl SendStream {
+    fn new(stream: quinn::SendStream) -> Self {
+        Self { stream, writing: None }
+    }
+}
+
+impl quic::SendStream<Bytes> for SendStream {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        if let Some(data) = self.writing.as_mut() {
+            while data.has_remaining() {
+                let n = ready!(Pin::new(&mut self.stream).poll_write(cx, data.chunk())).map_err(write_err)?;
+                data.advance(n);
+            }
+        }
+        self.writing = None;
+        Poll::Ready(Ok(()))
+    }
+
+    fn send_data<T: Into<WriteBuf<Bytes>>>(&mut self, data: T) -> Result<(), StreamErrorIncoming> {
+        if self.writing.is_some() {
+            return Err(StreamErrorIncoming::ConnectionErrorIncoming {
+                connection_error: ConnectionErrorIncoming::InternalError("send_data while a write is pending".into()),
+            });
+        }
+        self.writing = Some(data.into());
+        Ok(())
+    }
+
+    fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        Poll::Ready(
+            self.stream
+                .finish()
+                .map_err(|e| StreamErrorIncoming::Unknown(Box::new(e))),
+        )
+    }
+
+    fn reset(&mut self, reset_code: u64) {
+        let _ = self.stream.reset(varint(reset_code));
+    }
+
+    fn send_id(&self) -> StreamId {
+        stream_id(self.stream.id())
+    }
+}
+
+impl quic::SendStreamUnframed<Bytes> for SendStream {
+    fn poll_send<D: Buf>(&mut self, cx: &mut Context<'_>, buf: &mut D) -> Poll<Result<usize, StreamErrorIncoming>> {
+        let n = ready!(Pin::new(&mut self.stream).poll_write(cx, buf.chunk())).map_err(write_err)?;
+        buf.advance(n);
+        Poll::Ready(Ok(n))
+    }
+}
+
+pub struct BidiStream {
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl quic::BidiStream<Bytes> for BidiStream {
+    type SendStream = SendStream;
+    type RecvStream = RecvStream;
+
+    fn split(self) -> (SendStream, RecvStream) {
+        (self.send, self.recv)
+    }
+}
+
+impl quic::RecvStream for BidiStream {
+    type Buf = Bytes;
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
+        self.recv.poll_data(cx)
+    }
+
+    fn stop_sending(&mut self, error_code: u64) {
+        self.recv.stop_sending(error_code)
+    }
+
+    fn recv_id(&self) -> StreamId {
+        self.recv.recv_id()
+    }
+}
+
+impl quic::SendStream<Bytes> for BidiStream {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        self.send.poll_ready(cx)
+    }
+
+    fn send_data<T: Into<WriteBuf<Bytes>>>(&mut self, data: T) -> Result<(), StreamErrorIncoming> {
+        self.send.send_data(data)
+    }
+
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        self.send.poll_finish(cx)
+    }
+
+    fn reset(&mut self, reset_code: u64) {
+        self.send.reset(reset_code)
+    }
+
+    fn send_id(&self) -> StreamId {
+        self.send.send_id()
+    }
+}
+
+impl quic::SendStreamUnframed<Bytes> for BidiStream {
+    fn poll_send<D: Buf>(&mut self, cx: &mut Context<'_>, buf: &mut D) -> Poll<Result<usize, StreamErrorIncoming>> {
+        self.send.poll_send(cx, buf)
+    }
+}

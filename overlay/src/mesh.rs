@@ -1,0 +1,454 @@
+//! The mesh as one gateway sees it: configuration, shared state and the component's lifecycle.
+//!
+//! [`Mesh::bind`] binds the overlay's UDP port; [`Mesh::run`] dials configured peers, accepts peers
+//! that dial us, checks local endpoints and runs until shutdown. Flows enter through
+//! [`Mesh::serve_client`] (a TCP client of this gateway) and leave through the peer sessions.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use causeway_protocol::control::{Protocol, ServiceAd};
+use causeway_protocol::{GatewayId, Identity, ServiceName, ZoneName};
+use serde_json::json;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::h3q::Opener;
+use crate::metrics::Metrics;
+use crate::routes::{PeerState, RouteTable};
+use crate::tls::{Credentials, TlsError, TlsFactory, TrustBundle};
+use crate::transport::{self, EndpointError, Timers};
+
+/// A gateway this one peers with.
+#[derive(Debug, Clone)]
+pub struct PeerSpec {
+    /// The SPIFFE ID the peer must present.
+    pub id: Identity,
+    /// Where to dial it; `None` for a peer that only dials us.
+    pub address: Option<SocketAddr>,
+    /// The zone it must announce in its hello; `None` accepts whatever it says.
+    pub zone: Option<ZoneName>,
+}
+
+/// A service this gateway offers to the mesh.
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub name: ServiceName,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub endpoints: Vec<SocketAddr>,
+    pub labels: Vec<(String, String)>,
+}
+
+/// Timers of the overlay. Defaults are chosen for failure detection within a second on a WAN.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Control-stream ping period.
+    pub ping_interval: Duration,
+    /// A peer silent for this long is declared down and its connection closed.
+    pub peer_timeout: Duration,
+    /// QUIC + TLS handshake, and the control stream's hello exchange.
+    pub handshake_timeout: Duration,
+    /// Waiting for a peer's response to a flow's CONNECT before trying another zone.
+    pub flow_connect_timeout: Duration,
+    /// TCP connect to a local endpoint.
+    pub backend_connect_timeout: Duration,
+    /// HTTP/3 request headers must be complete within this.
+    pub header_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Active TCP health checks of local endpoints.
+    pub health_interval: Duration,
+    /// How long a drain lets existing flows run.
+    pub drain_timeout: Duration,
+    pub transport: Timers,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_millis(100),
+            peer_timeout: Duration::from_millis(500),
+            handshake_timeout: Duration::from_secs(5),
+            flow_connect_timeout: Duration::from_secs(3),
+            backend_connect_timeout: Duration::from_secs(2),
+            header_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            health_interval: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(5),
+            transport: Timers::default(),
+        }
+    }
+}
+
+pub struct MeshConfig {
+    pub zone: ZoneName,
+    pub gateway: GatewayId,
+    pub listen: SocketAddr,
+    pub credentials: Credentials,
+    pub bundle: TrustBundle,
+    pub peers: Vec<PeerSpec>,
+    pub exports: Vec<Export>,
+    pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
+    pub timing: Timing,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+}
+
+/// A live connection to a peer.
+pub(crate) struct PeerConn {
+    pub conn: quinn::Connection,
+    pub dialed: bool,
+    pub requests: Option<h3::client::SendRequest<Opener, Bytes>>,
+}
+
+/// What this gateway offers, as advertised to peers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalCatalog {
+    pub version: u64,
+    pub services: BTreeMap<ServiceName, ServiceAd>,
+}
+
+pub(crate) struct LocalService {
+    pub export: Export,
+    pub healthy: Vec<AtomicBool>,
+    pub next: AtomicUsize,
+}
+
+impl LocalService {
+    fn ad(&self) -> ServiceAd {
+        let e = &self.export;
+        let healthy = self.healthy.iter().filter(|h| h.load(Ordering::Relaxed)).count() as u32;
+        ServiceAd {
+            name: e.name.clone(),
+            protocol: e.protocol,
+            port: e.port,
+            healthy_endpoints: healthy,
+            labels: e.labels.clone(),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub zone: ZoneName,
+    pub gateway: GatewayId,
+    pub identity: Identity,
+    pub timing: Timing,
+    pub endpoint: quinn::Endpoint,
+    pub tls: TlsFactory,
+    pub peers: HashMap<Identity, PeerSpec>,
+    pub routes: RwLock<RouteTable>,
+    pub conns: Mutex<HashMap<Identity, PeerConn>>,
+    /// Signalled whenever a peer connection is registered or ends.
+    pub conn_changed: Notify,
+    pub exports: BTreeMap<ServiceName, LocalService>,
+    pub catalog: watch::Sender<Arc<LocalCatalog>>,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    pub draining: CancellationToken,
+    pub flows: TaskTracker,
+    pub active_flows: AtomicU32,
+}
+
+/// One gateway's view of the mesh. Cheap to clone.
+#[derive(Clone)]
+pub struct Mesh(pub(crate) Arc<Inner>);
+
+impl Mesh {
+    /// Binds the overlay's UDP socket. Fails on unusable credentials or an address in use.
+    pub fn bind(cfg: MeshConfig) -> Result<Self, MeshError> {
+        let identity = cfg.credentials.identity()?;
+        let tls = TlsFactory::new(cfg.credentials, cfg.bundle, cfg.metrics.clone());
+        let allowed: HashSet<Identity> = cfg.peers.iter().map(|p| p.id.clone()).collect();
+        let server_tls = tls.server(Arc::new(RwLock::new(allowed)))?;
+        let endpoint = transport::bind(cfg.listen, transport::server_config(server_tls, cfg.timing.transport)?)?;
+        let exports: BTreeMap<_, _> = cfg
+            .exports
+            .into_iter()
+            .map(|e| {
+                // Endpoints start healthy; the first health check runs at once.
+                let healthy = e.endpoints.iter().map(|_| AtomicBool::new(true)).collect();
+                (
+                    e.name.clone(),
+                    LocalService {
+                        export: e,
+                        healthy,
+                        next: AtomicUsize::new(0),
+                    },
+                )
+            })
+            .collect();
+        let mut routes = RouteTable::new(cfg.zone.clone(), cfg.preferences);
+        let catalog = LocalCatalog {
+            version: 1,
+            services: exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect(),
+        };
+        routes.set_local(catalog.services.values().cloned());
+        let inner = Inner {
+            zone: cfg.zone,
+            gateway: cfg.gateway,
+            identity,
+            timing: cfg.timing,
+            endpoint,
+            tls,
+            peers: cfg.peers.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            routes: RwLock::new(routes),
+            conns: Mutex::new(HashMap::new()),
+            conn_changed: Notify::new(),
+            exports,
+            catalog: watch::channel(Arc::new(catalog)).0,
+            metrics: cfg.metrics,
+            shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            flows: TaskTracker::new(),
+            active_flows: AtomicU32::new(0),
+        };
+        Ok(Self(Arc::new(inner)))
+    }
+
+    /// The UDP address the overlay is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0
+            .endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.0.identity
+    }
+
+    pub fn zone(&self) -> &ZoneName {
+        &self.0.zone
+    }
+
+    /// Runs the overlay until [`Mesh::shutdown`]: accepts peers, dials configured ones, checks
+    /// local endpoints.
+    pub async fn run(self) {
+        let tasks = TaskTracker::new();
+        tasks.spawn(crate::session::accept_loop(self.clone()));
+        for spec in self.0.peers.values().filter(|p| p.address.is_some()) {
+            tasks.spawn(crate::session::dial_loop(self.clone(), spec.clone()));
+        }
+        tasks.spawn(health_loop(self.clone()));
+        tasks.close();
+        self.0.shutdown.cancelled().await;
+        tasks.wait().await;
+    }
+
+    /// Stops accepting new flows, tells every peer (goodbye), lets open flows run until they end or
+    /// `deadline` passes, then closes every connection. Returns the number of flows cut at the deadline.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.0.draining.cancel();
+        self.0.flows.close();
+        let cut = match tokio::time::timeout(deadline, self.0.flows.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.0.flows.len(),
+        };
+        self.shutdown();
+        cut
+    }
+
+    /// Closes every peer connection at once and stops the overlay's tasks.
+    pub fn shutdown(&self) {
+        self.0.draining.cancel();
+        self.0.shutdown.cancel();
+        self.0.endpoint.close(
+            quinn::VarInt::from_u32(causeway_protocol::ErrorCode::SHUTDOWN.0 as u32),
+            b"shutdown",
+        );
+    }
+
+    /// Waits until every QUIC connection is closed and its close has been sent.
+    pub async fn wait_closed(&self) {
+        self.0.endpoint.wait_idle().await;
+    }
+
+    /// Resolves once [`Mesh::shutdown`] ran.
+    pub async fn stopped(&self) {
+        self.0.shutdown.cancelled().await
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.is_cancelled()
+    }
+
+    pub fn active_flows(&self) -> u32 {
+        self.0.active_flows.load(Ordering::Relaxed)
+    }
+
+    /// Whether a peer's connection is up (hello exchanged and answering pings).
+    pub fn peer_state(&self, id: &Identity) -> PeerState {
+        self.routes().peer(id).map(|e| e.state).unwrap_or(PeerState::Down)
+    }
+
+    pub(crate) fn routes(&self) -> std::sync::RwLockReadGuard<'_, RouteTable> {
+        self.0.routes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn routes_mut(&self) -> std::sync::RwLockWriteGuard<'_, RouteTable> {
+        self.0.routes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, PeerConn>> {
+        self.0.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `/peers` as JSON.
+    pub fn peers_json(&self) -> serde_json::Value {
+        let routes = self.routes();
+        let conns = self.conns();
+        let mut ids: Vec<&Identity> = self.0.peers.keys().collect();
+        ids.sort();
+        let peers: Vec<_> = ids
+            .into_iter()
+            .map(|id| {
+                let spec = &self.0.peers[id];
+                let e = routes.peer(id);
+                let c = conns.get(id);
+                json!({
+                    "id": id.to_string(),
+                    "address": spec.address.map(|a| a.to_string()),
+                    "zone": e.and_then(|e| e.zone.as_ref()).or(spec.zone.as_ref()).map(|z| z.to_string()),
+                    "gateway": e.and_then(|e| e.gateway.as_ref()).map(|g| g.to_string()),
+                    "state": e.map(|e| e.state).unwrap_or(PeerState::Down).as_str(),
+                    "rtt_ms": e.and_then(|e| e.rtt).map(|r| r.as_secs_f64() * 1000.0),
+                    "catalog_version": e.map(|e| e.version),
+                    "services": e.map(|e| e.services.len()).unwrap_or(0),
+                    "dialed_by_us": c.map(|c| c.dialed),
+                    "remote_address": c.map(|c| c.conn.remote_address().to_string()),
+                })
+            })
+            .collect();
+        json!({ "zone": self.0.zone.to_string(), "gateway": self.0.gateway.to_string(), "identity": self.0.identity.to_string(), "peers": peers })
+    }
+
+    /// `/services` as JSON: what each zone offers and where a new flow would go.
+    pub fn services_json(&self) -> serde_json::Value {
+        let routes = self.routes();
+        let mut by_name: BTreeMap<ServiceName, Vec<serde_json::Value>> = BTreeMap::new();
+        for ad in routes.local() {
+            by_name.entry(ad.name.clone()).or_default().push(json!({
+                "zone": self.0.zone.to_string(), "gateway": self.0.gateway.to_string(), "local": true,
+                "state": "up", "protocol": ad.protocol.as_str(), "port": ad.port, "healthy_endpoints": ad.healthy_endpoints,
+            }));
+        }
+        for (id, e) in routes.peers() {
+            for ad in e.services.values() {
+                by_name.entry(ad.name.clone()).or_default().push(json!({
+                    "zone": e.zone.as_ref().map(|z| z.to_string()), "gateway": e.gateway.as_ref().map(|g| g.to_string()),
+                    "peer": id.to_string(), "local": false, "state": e.state.as_str(), "protocol": ad.protocol.as_str(),
+                    "port": ad.port, "healthy_endpoints": ad.healthy_endpoints,
+                    "rtt_ms": e.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                }));
+            }
+        }
+        let services: Vec<_> = by_name
+            .into_iter()
+            .map(|(name, offers)| {
+                let order: Vec<String> = routes
+                    .candidates(&name)
+                    .into_iter()
+                    .map(|t| match t {
+                        crate::routes::Target::Local => "local".to_string(),
+                        crate::routes::Target::Peer(id) => id.to_string(),
+                    })
+                    .collect();
+                json!({ "name": name.to_string(), "offers": offers, "route_order": order })
+            })
+            .collect();
+        json!({ "services": services })
+    }
+
+    /// Recomputes the local catalog after an endpoint's health changed and publishes it to peers.
+    pub(crate) fn republish(&self) {
+        let services: BTreeMap<_, _> = self.0.exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect();
+        self.routes_mut().set_local(services.values().cloned());
+        self.0.catalog.send_if_modified(|cur| {
+            if cur.services == services {
+                return false;
+            }
+            *cur = Arc::new(LocalCatalog {
+                version: cur.version + 1,
+                services,
+            });
+            true
+        });
+    }
+}
+
+/// Active health checks: a TCP connect to every local endpoint each interval.
+async fn health_loop(mesh: Mesh) {
+    let timing = mesh.0.timing;
+    let mut tick = tokio::time::interval(timing.health_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = mesh.0.shutdown.cancelled() => return,
+        }
+        let mut checks = Vec::new();
+        for svc in mesh.0.exports.values() {
+            for (i, addr) in svc.export.endpoints.iter().enumerate() {
+                let addr = *addr;
+                let timeout = timing.backend_connect_timeout;
+                checks.push(async move {
+                    let ok = matches!(
+                        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+                        Ok(Ok(_))
+                    );
+                    (&svc.healthy[i], ok, addr, &svc.export.name)
+                });
+            }
+        }
+        let mut changed = false;
+        for (flag, ok, addr, name) in futures_join_all(checks).await {
+            if flag.swap(ok, Ordering::Relaxed) != ok {
+                changed = true;
+                tracing::info!(service = %name, endpoint = %addr, healthy = ok, "endpoint.health");
+            }
+        }
+        if changed {
+            mesh.republish();
+        }
+    }
+}
+
+/// Runs futures concurrently and collects their outputs in order (no extra dependency for one use).
+async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut set = Vec::with_capacity(futs.len());
+    let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if outs[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => outs[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    set.extend(outs.into_iter().flatten());
+    set
+}

@@ -1,0 +1,135 @@
+//! The overlay's metrics: their one home. Names are `causeway_<subsystem>_<thing>_<unit>`; label
+//! values come from closed enums or from validated names (zones, services).
+//!
+//! Each gateway records into the recorder it is given rather than a process-global one, so several
+//! gateways in one process (the demo, the tests) keep separate books.
+
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+
+pub const PEER_HANDSHAKE_FAILURES: &str = "causeway_peer_handshake_failures_total";
+pub const PEER_CONNECTS: &str = "causeway_peer_connects_total";
+pub const PEER_UP: &str = "causeway_peer_up";
+pub const PEER_RTT: &str = "causeway_peer_rtt_seconds";
+pub const PEER_CONTROL_ERRORS: &str = "causeway_peer_control_errors_total";
+pub const FLOWS_OPENED: &str = "causeway_flows_opened_total";
+pub const FLOWS_CLOSED: &str = "causeway_flows_closed_total";
+pub const FLOWS_FAILED: &str = "causeway_flows_failed_total";
+pub const FLOWS_ACTIVE: &str = "causeway_flows_active";
+pub const FLOW_BYTES: &str = "causeway_flow_bytes_total";
+pub const FLOW_DURATION: &str = "causeway_flow_duration_seconds";
+pub const FLOW_CONNECT: &str = "causeway_flow_connect_seconds";
+pub const INBOUND_FLOWS: &str = "causeway_inbound_flows_total";
+pub const FAILOVERS: &str = "causeway_flow_failovers_total";
+
+const META: Metadata<'static> = Metadata::new("causeway", Level::INFO, Some(module_path!()));
+
+/// A handle on one gateway's recorder.
+#[derive(Clone)]
+pub struct Metrics {
+    rec: Arc<dyn Recorder + Send + Sync>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+    Key::from_parts(
+        name,
+        labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect::<Vec<_>>(),
+    )
+}
+
+impl Metrics {
+    pub fn new(rec: Arc<dyn Recorder + Send + Sync>) -> Self {
+        let m = Self { rec };
+        m.describe();
+        m
+    }
+
+    /// Metrics that go nowhere (unit tests).
+    pub fn noop() -> Self {
+        Self {
+            rec: Arc::new(metrics::NoopRecorder),
+        }
+    }
+
+    pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.rec.register_counter(&key(name, labels), &META)
+    }
+
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.rec.register_gauge(&key(name, labels), &META)
+    }
+
+    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.rec.register_histogram(&key(name, labels), &META)
+    }
+
+    fn describe(&self) {
+        let c =
+            |n: &'static str, unit: Option<Unit>, d: &'static str| self.rec.describe_counter(n.into(), unit, d.into());
+        let g =
+            |n: &'static str, unit: Option<Unit>, d: &'static str| self.rec.describe_gauge(n.into(), unit, d.into());
+        let h = |n: &'static str, unit: Option<Unit>, d: &'static str| {
+            self.rec.describe_histogram(n.into(), unit, d.into())
+        };
+        c(PEER_HANDSHAKE_FAILURES, None, "Peer TLS handshakes refused, by reason.");
+        c(
+            PEER_CONNECTS,
+            None,
+            "Peer connections established or failed, by peer zone, direction and result.",
+        );
+        g(
+            PEER_UP,
+            None,
+            "1 while a peer's connection is up and its control stream live.",
+        );
+        g(PEER_RTT, Some(Unit::Seconds), "Smoothed round-trip time to a peer.");
+        c(
+            PEER_CONTROL_ERRORS,
+            None,
+            "Peer connections closed for a control-protocol error, by code.",
+        );
+        c(
+            FLOWS_OPENED,
+            None,
+            "Flows opened by a local client, by service and serving zone.",
+        );
+        c(FLOWS_CLOSED, None, "Flows ended, by service, serving zone and outcome.");
+        c(
+            FLOWS_FAILED,
+            None,
+            "Flows that found no route or were refused everywhere, by service and reason.",
+        );
+        g(FLOWS_ACTIVE, None, "Flows open now, by service and serving zone.");
+        c(
+            FLOW_BYTES,
+            Some(Unit::Bytes),
+            "Bytes relayed, by service, serving zone and direction.",
+        );
+        h(FLOW_DURATION, Some(Unit::Seconds), "Flow lifetimes.");
+        h(
+            FLOW_CONNECT,
+            Some(Unit::Seconds),
+            "Time from accepting a client to the flow being established.",
+        );
+        c(
+            INBOUND_FLOWS,
+            None,
+            "Flows served for peers, by service, source zone and outcome.",
+        );
+        c(
+            FAILOVERS,
+            None,
+            "Flow attempts moved to another zone, by service and reason.",
+        );
+    }
+}

@@ -1,0 +1,685 @@
+//! Peer sessions: dialing with backoff, accepting, converging simultaneous dials to one connection,
+//! and the control stream (hello, catalog exchange, pings, goodbye).
+//!
+//! Connection set-up, for the dialer D and the acceptor A (`SPEC.md` §Connections):
+//! 1. QUIC + mutual TLS; the verifiers refuse wrong CAs, validity and SPIFFE IDs in the handshake.
+//! 2. If a live connection to the same peer exists, the tie-break below keeps exactly one.
+//! 3. Both HTTP/3 sessions start (`h3q`); D opens the control stream: a plain CONNECT to
+//!    [`CONTROL_AUTHORITY`]. Both sides write the preface and a hello, then a catalog snapshot.
+//! 4. The control loop answers pings, applies catalog changes, and declares the peer down when it
+//!    has been silent for `peer_timeout`.
+
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use causeway_protocol::control::{
+    self, features, Catalog, Decoder, Event, Goodbye, Hello, Load, Message, Ping, ServiceUpdate, ServiceWithdraw,
+};
+use causeway_protocol::flow::CONTROL_AUTHORITY;
+use causeway_protocol::limits::MAX_SERVICES_PER_FRAME;
+use causeway_protocol::{ErrorCode, Identity};
+use rand::Rng;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::h3q;
+use crate::mesh::{LocalCatalog, Mesh, PeerConn, PeerSpec};
+use crate::metrics::{PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_RTT, PEER_UP};
+use crate::relay::{H3Recv, H3Send};
+use crate::tls::{self, SERVER_NAME};
+
+/// Largest HTTP/3 field section we accept (RFC 9114 §4.2.2 SETTINGS_MAX_FIELD_SECTION_SIZE).
+pub const MAX_FIELD_SECTION: u64 = 64 * 1024;
+
+/// Why a session ended.
+#[derive(Debug)]
+pub(crate) struct SessionEnd {
+    pub code: ErrorCode,
+    pub reason: String,
+    /// Whether to tell the peer with an `Error` message before closing.
+    pub tell: bool,
+}
+
+impl SessionEnd {
+    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            tell: true,
+        }
+    }
+    fn quiet(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+            tell: false,
+        }
+    }
+}
+
+/// Exponential backoff with jitter: each delay is uniform in [base/2, base], base doubling to `max`.
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    base: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, base: min }
+    }
+    pub fn reset(&mut self) {
+        self.base = self.min;
+    }
+    pub fn next(&mut self) -> Duration {
+        let d = self.base.mul_f64(rand::rng().random_range(0.5..=1.0));
+        self.base = (self.base * 2).min(self.max);
+        d
+    }
+}
+
+pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
+    let Some(addr) = spec.address else { return };
+    let t = mesh.0.timing;
+    let mut backoff = Backoff::new(t.backoff_min, t.backoff_max);
+    let peer_zone = spec.zone.as_ref().map(|z| z.to_string()).unwrap_or_default();
+    loop {
+        let changed = mesh.0.conn_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if mesh.0.shutdown.is_cancelled() || mesh.is_draining() {
+            return;
+        }
+        if mesh.conns().contains_key(&spec.id) {
+            tokio::select! {
+                _ = changed => continue,
+                _ = mesh.0.shutdown.cancelled() => return,
+            }
+        }
+        let started = Instant::now();
+        match dial(&mesh, &spec, addr).await {
+            Ok(conn) => {
+                mesh.0
+                    .metrics
+                    .counter(
+                        PEER_CONNECTS,
+                        &[("peer_zone", &peer_zone), ("direction", "dial"), ("result", "ok")],
+                    )
+                    .increment(1);
+                run_connection(mesh.clone(), conn, true, spec.id.clone()).await;
+                // A connection that lived long was healthy: start the next one from the shortest delay.
+                if started.elapsed() > t.backoff_max {
+                    backoff.reset();
+                    continue;
+                }
+            }
+            Err(e) => {
+                mesh.0
+                    .metrics
+                    .counter(
+                        PEER_CONNECTS,
+                        &[("peer_zone", &peer_zone), ("direction", "dial"), ("result", "error")],
+                    )
+                    .increment(1);
+                tracing::debug!(peer = %spec.id, %addr, error = %e, "peer.dial.failed");
+            }
+        }
+        let delay = backoff.next();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = mesh.0.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn dial(mesh: &Mesh, spec: &PeerSpec, addr: std::net::SocketAddr) -> Result<quinn::Connection, String> {
+    let tls = mesh.0.tls.client(spec.id.clone()).map_err(|e| e.to_string())?;
+    let cfg = crate::transport::client_config(tls, mesh.0.timing.transport).map_err(|e| e.to_string())?;
+    let connecting = mesh
+        .0
+        .endpoint
+        .connect_with(cfg, addr, SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(mesh.0.timing.handshake_timeout, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+pub(crate) async fn accept_loop(mesh: Mesh) {
+    loop {
+        let incoming = tokio::select! {
+            i = mesh.0.endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = mesh.0.shutdown.cancelled() => return,
+        };
+        let mesh = mesh.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let res = match incoming.accept() {
+                Ok(connecting) => tokio::time::timeout(mesh.0.timing.handshake_timeout, connecting).await,
+                Err(e) => Ok(Err(e)),
+            };
+            let conn = match res {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "peer.accept.failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "peer.accept.timeout");
+                    return;
+                }
+            };
+            let Some(id) = tls::peer_identity(&conn) else {
+                conn.close(
+                    quinn::VarInt::from_u32(ErrorCode::PEER_MISMATCH.0 as u32),
+                    b"no identity",
+                );
+                return;
+            };
+            let zone = mesh
+                .0
+                .peers
+                .get(&id)
+                .and_then(|p| p.zone.as_ref())
+                .map(|z| z.to_string())
+                .unwrap_or_default();
+            mesh.0
+                .metrics
+                .counter(
+                    PEER_CONNECTS,
+                    &[("peer_zone", &zone), ("direction", "accept"), ("result", "ok")],
+                )
+                .increment(1);
+            run_connection(mesh, conn, false, id).await;
+        });
+    }
+}
+
+fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    conn.close(
+        quinn::VarInt::from_u64(code.0).unwrap_or(quinn::VarInt::MAX),
+        reason.as_bytes(),
+    );
+}
+
+/// Registers `conn` unless it loses the tie-break against a live connection to the same peer.
+///
+/// Rule (`SPEC.md` §Connections): a new connection dialed from the same side as the existing one
+/// replaces it (the peer re-dialed, so the old one is stale). Connections dialed from opposite sides
+/// at once are a simultaneous dial: both ends keep the one dialed by the gateway whose SPIFFE ID sorts
+/// lower, and close the other with DUPLICATE_CONNECTION.
+fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool) -> bool {
+    let mut conns = mesh.conns();
+    if let Some(old) = conns.get(peer) {
+        if old.conn.close_reason().is_none() {
+            let keep_new = old.dialed == dialed || dialed == (mesh.0.identity < *peer);
+            let loser = if keep_new { &old.conn } else { conn };
+            tracing::info!(
+                kept = if keep_new { "new" } else { "existing" },
+                "peer.duplicate.closed"
+            );
+            close(loser, ErrorCode::DUPLICATE_CONNECTION, "duplicate connection");
+            if !keep_new {
+                return false;
+            }
+        }
+    }
+    conns.insert(
+        peer.clone(),
+        PeerConn {
+            conn: conn.clone(),
+            dialed,
+            requests: None,
+        },
+    );
+    drop(conns);
+    mesh.0.conn_changed.notify_waiters();
+    true
+}
+
+/// Why a closed connection closed, as the session's end.
+fn closed_by(conn: &quinn::Connection) -> Option<SessionEnd> {
+    Some(match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) => SessionEnd::quiet(
+            ErrorCode(c.error_code.into_inner()),
+            format!("closed by peer: {}", String::from_utf8_lossy(&c.reason)),
+        ),
+        // We closed it ourselves (duplicate, shutdown) and logged why where we did.
+        quinn::ConnectionError::LocallyClosed => SessionEnd::quiet(ErrorCode::H3_NO_ERROR, "closed locally"),
+        quinn::ConnectionError::TimedOut => SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, "idle timeout"),
+        e => SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, e.to_string()),
+    })
+}
+
+fn unregister(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection) {
+    let mut conns = mesh.conns();
+    if conns.get(peer).is_some_and(|c| c.conn.stable_id() == conn.stable_id()) {
+        conns.remove(peer);
+        drop(conns);
+        mesh.routes_mut().peer_down(peer);
+        let zone = peer_zone_label(mesh, peer);
+        mesh.0
+            .metrics
+            .gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", &zone)])
+            .set(0.0);
+    }
+    mesh.0.conn_changed.notify_waiters();
+}
+
+fn peer_zone_label(mesh: &Mesh, peer: &Identity) -> String {
+    let routes = mesh.routes();
+    routes
+        .peer(peer)
+        .and_then(|e| e.zone.as_ref())
+        .or(mesh.0.peers.get(peer).and_then(|p| p.zone.as_ref()))
+        .map(|z| z.to_string())
+        .unwrap_or_default()
+}
+
+type ControlSlot = Arc<Mutex<Option<oneshot::Sender<(crate::relay::ServerSend, crate::relay::ServerRecv)>>>>;
+
+/// Runs one peer connection until it ends.
+async fn run_connection(mesh: Mesh, conn: quinn::Connection, dialed: bool, peer: Identity) {
+    let span = tracing::info_span!("peer", peer = %peer, remote = %conn.remote_address(), dialed);
+    async move {
+        if !register(&mesh, &peer, &conn, dialed) {
+            return;
+        }
+        let end = session(&mesh, &conn, dialed, &peer).await;
+        // If the connection itself was closed, that close says why, not the stream error it caused.
+        let end = closed_by(&conn).unwrap_or(end);
+        match end.code {
+            ErrorCode::H3_NO_ERROR | ErrorCode::SHUTDOWN | ErrorCode::DUPLICATE_CONNECTION => {
+                tracing::info!(code = %end.code, reason = %end.reason, "peer.disconnected")
+            }
+            code => {
+                mesh.0
+                    .metrics
+                    .counter(PEER_CONTROL_ERRORS, &[("code", &code.to_string())])
+                    .increment(1);
+                tracing::warn!(code = %code, reason = %end.reason, "peer.disconnected")
+            }
+        }
+        if conn.close_reason().is_none() {
+            close(&conn, end.code, &end.reason);
+        }
+        unregister(&mesh, &peer, &conn);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Identity) -> SessionEnd {
+    let (client_sess, server_sess, demux) = h3q::split(conn, dialed);
+    tokio::spawn(demux);
+    let setup = async {
+        let (mut driver, requests) = h3::client::builder()
+            .max_field_section_size(MAX_FIELD_SECTION)
+            .build::<_, _, Bytes>(client_sess)
+            .await
+            .map_err(|e| SessionEnd::quiet(ErrorCode(0x102), format!("HTTP/3 client: {e}")))?;
+        tokio::spawn(async move {
+            let _ = poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        let server = h3::server::builder()
+            .max_field_section_size(MAX_FIELD_SECTION)
+            .build::<_, Bytes>(server_sess)
+            .await
+            .map_err(|e| SessionEnd::quiet(ErrorCode(0x102), format!("HTTP/3 server: {e}")))?;
+        Ok::<_, SessionEnd>((requests, server))
+    };
+    let (mut requests, server) = match setup.await {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    // The acceptor takes the control stream from its request loop; the dialer opens it.
+    let (ctl_tx, ctl_rx) = oneshot::channel();
+    let slot: ControlSlot = Arc::new(Mutex::new((!dialed).then_some(ctl_tx)));
+    tokio::spawn(serve_requests(mesh.clone(), server, peer.clone(), slot));
+
+    let hs = mesh.0.timing.handshake_timeout;
+    let ctl = if dialed {
+        let open = async {
+            let req = http::Request::connect(CONTROL_AUTHORITY)
+                .body(())
+                .map_err(|e| e.to_string())?;
+            let mut s = requests.send_request(req).await.map_err(|e| e.to_string())?;
+            let resp = s.recv_response().await.map_err(|e| e.to_string())?;
+            if resp.status() != http::StatusCode::OK {
+                return Err(format!("control stream refused with {}", resp.status()));
+            }
+            let (tx, rx) = s.split();
+            Ok(ControlIo::Client(tx, rx))
+        };
+        match tokio::time::timeout(hs, open).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, e),
+            Err(_) => return SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, "control stream not opened in time"),
+        }
+    } else {
+        match tokio::time::timeout(hs, ctl_rx).await {
+            Ok(Ok((tx, rx))) => ControlIo::Server(tx, rx),
+            _ => return SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, "no control stream from the dialer"),
+        }
+    };
+    if let Some(pc) = mesh.conns().get_mut(peer) {
+        if pc.conn.stable_id() == conn.stable_id() {
+            pc.requests = Some(requests.clone());
+        }
+    }
+    match ctl {
+        ControlIo::Client(mut tx, mut rx) => control_loop(mesh, conn, peer, &mut tx, &mut rx).await,
+        ControlIo::Server(mut tx, mut rx) => control_loop(mesh, conn, peer, &mut tx, &mut rx).await,
+    }
+}
+
+enum ControlIo {
+    Client(crate::relay::ClientSend, crate::relay::ClientRecv),
+    Server(crate::relay::ServerSend, crate::relay::ServerRecv),
+}
+
+/// Accepts the peer's requests on this side's HTTP/3 server session: the control stream (acceptor
+/// only, once) and flows.
+async fn serve_requests(
+    mesh: Mesh,
+    mut server: h3::server::Connection<h3q::Session, Bytes>,
+    peer: Identity,
+    slot: ControlSlot,
+) {
+    loop {
+        let resolver = match server.accept().await {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => return,
+        };
+        let (mesh, peer, slot) = (mesh.clone(), peer.clone(), slot.clone());
+        let header_timeout = mesh.0.timing.header_timeout;
+        tokio::spawn(async move {
+            // h3 hands out the resolver before any header byte arrived; bound the wait.
+            let (req, stream) = match tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "request.malformed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("request.header_timeout");
+                    return;
+                }
+            };
+            let is_control = req.method() == http::Method::CONNECT
+                && req.uri().authority().is_some_and(|a| a.as_str() == CONTROL_AUTHORITY);
+            if is_control {
+                let tx = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let mut stream = stream;
+                let Some(tx) = tx else {
+                    let _ = stream
+                        .send_response(http::Response::builder().status(400).body(()).unwrap_or_default())
+                        .await;
+                    let _ = stream.finish().await;
+                    return;
+                };
+                if stream
+                    .send_response(http::Response::builder().status(200).body(()).unwrap_or_default())
+                    .await
+                    .is_ok()
+                {
+                    let _ = tx.send(stream.split());
+                }
+                return;
+            }
+            crate::flow::serve_inbound(mesh, req, stream, peer).await;
+        });
+    }
+}
+
+fn encode_into(out: &mut BytesMut, msg: &Message) -> Result<(), SessionEnd> {
+    let frame = control::encode(msg).map_err(|e| SessionEnd::quiet(ErrorCode::LIMIT_EXCEEDED, e.to_string()))?;
+    out.put_slice(&frame);
+    Ok(())
+}
+
+fn snapshot_frames(out: &mut BytesMut, cat: &LocalCatalog) -> Result<(), SessionEnd> {
+    let ads: Vec<_> = cat.services.values().cloned().collect();
+    let mut chunks = ads.chunks(MAX_SERVICES_PER_FRAME).peekable();
+    if chunks.peek().is_none() {
+        return encode_into(
+            out,
+            &Message::Catalog(Catalog {
+                version: cat.version,
+                services: vec![],
+                more: false,
+            }),
+        );
+    }
+    while let Some(c) = chunks.next() {
+        let more = chunks.peek().is_some();
+        encode_into(
+            out,
+            &Message::Catalog(Catalog {
+                version: cat.version,
+                services: c.to_vec(),
+                more,
+            }),
+        )?;
+    }
+    Ok(())
+}
+
+/// Update and withdraw messages that turn `old` into `new`, all at `new.version`.
+fn diff_frames(out: &mut BytesMut, old: &LocalCatalog, new: &LocalCatalog) -> Result<(), SessionEnd> {
+    let mut v = old.version;
+    for (name, ad) in &new.services {
+        if old.services.get(name) != Some(ad) {
+            v += 1;
+            encode_into(
+                out,
+                &Message::ServiceUpdate(ServiceUpdate {
+                    version: v.max(new.version),
+                    service: ad.clone(),
+                }),
+            )?;
+        }
+    }
+    for name in old.services.keys().filter(|n| !new.services.contains_key(*n)) {
+        v += 1;
+        encode_into(
+            out,
+            &Message::ServiceWithdraw(ServiceWithdraw {
+                version: v.max(new.version),
+                name: name.clone(),
+            }),
+        )?;
+    }
+    Ok(())
+}
+
+async fn send<S: H3Send>(tx: &mut S, out: &mut BytesMut) -> Result<(), SessionEnd> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    tx.send(out.split().freeze())
+        .await
+        .map_err(|e| SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, format!("control stream: {e}")))
+}
+
+async fn control_loop<S: H3Send, R: H3Recv>(
+    mesh: &Mesh,
+    conn: &quinn::Connection,
+    peer: &Identity,
+    tx: &mut S,
+    rx: &mut R,
+) -> SessionEnd {
+    let end = control_inner(mesh, conn, peer, tx, rx).await;
+    if end.tell {
+        let mut out = BytesMut::new();
+        let reason: String = end
+            .reason
+            .chars()
+            .take(causeway_protocol::limits::MAX_REASON_LEN / 4)
+            .collect();
+        if encode_into(&mut out, &Message::Error(control::ErrorMsg { code: end.code, reason })).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(200), send(tx, &mut out)).await;
+        }
+    }
+    end
+}
+
+async fn control_inner<S: H3Send, R: H3Recv>(
+    mesh: &Mesh,
+    conn: &quinn::Connection,
+    peer: &Identity,
+    tx: &mut S,
+    rx: &mut R,
+) -> SessionEnd {
+    let t = mesh.0.timing;
+    let spec = mesh.0.peers.get(peer).cloned();
+    let mut catalog = mesh.0.catalog.subscribe();
+    let mut sent: Arc<LocalCatalog> = catalog.borrow_and_update().clone();
+    let mut out = BytesMut::new();
+    out.put_slice(&control::preface(control::VERSION));
+    let hello = Hello {
+        zone: mesh.0.zone.clone(),
+        gateway: mesh.0.gateway.clone(),
+        features: features::REVERSE_REQUESTS,
+    };
+    if let Err(e) = encode_into(&mut out, &Message::Hello(hello)).and_then(|_| snapshot_frames(&mut out, &sent)) {
+        return e;
+    }
+    if let Err(e) = send(tx, &mut out).await {
+        return e;
+    }
+    let mut dec = Decoder::new();
+    let mut hello_seen = false;
+    let hello_deadline = Instant::now() + t.handshake_timeout;
+    let mut last_heard = Instant::now();
+    let mut ping = tokio::time::interval(t.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut load_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut nonce = 0u64;
+    let mut said_goodbye = false;
+    let peer_zone = spec
+        .as_ref()
+        .and_then(|s| s.zone.as_ref())
+        .map(|z| z.to_string())
+        .unwrap_or_default();
+    loop {
+        tokio::select! {
+            data = rx.recv() => {
+                let data = match data {
+                    Ok(Some(d)) => d,
+                    Ok(None) => {
+                        return match dec.finish() {
+                            Ok(()) => SessionEnd::quiet(ErrorCode::H3_NO_ERROR, "control stream closed"),
+                            Err(e) => SessionEnd::quiet(e.code(), e.to_string()),
+                        };
+                    }
+                    Err(e) => return SessionEnd::quiet(ErrorCode::H3_NO_ERROR, format!("control stream: {e}")),
+                };
+                last_heard = Instant::now();
+                if let Err(e) = dec.feed(data) {
+                    return SessionEnd::new(e.code(), e.to_string());
+                }
+                loop {
+                    let ev = match dec.next_event() {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => break,
+                        Err(e) => return SessionEnd::new(e.code(), e.to_string()),
+                    };
+                    let msg = match ev {
+                        Event::Preface => continue,
+                        Event::Message(m) => m,
+                    };
+                    match msg {
+                        Message::Hello(h) => {
+                            if hello_seen {
+                                return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "second hello");
+                            }
+                            if let Some(z) = spec.as_ref().and_then(|s| s.zone.as_ref()) {
+                                if *z != h.zone {
+                                    return SessionEnd::new(ErrorCode::PEER_MISMATCH, format!("peer {peer} must be in zone {z}, announced {}", h.zone));
+                                }
+                            }
+                            hello_seen = true;
+                            mesh.routes_mut().peer_up(peer, h.zone.clone(), h.gateway.clone());
+                            mesh.routes_mut().set_rtt(peer, conn.rtt());
+                            mesh.0.metrics.gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", h.zone.as_str())]).set(1.0);
+                            tracing::info!(zone = %h.zone, gateway = %h.gateway, "peer.up");
+                        }
+                        _ if !hello_seen => return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "message before hello"),
+                        m @ (Message::Catalog(_) | Message::ServiceUpdate(_) | Message::ServiceWithdraw(_)) => {
+                            if let Err(e) = mesh.routes_mut().apply(peer, &m) {
+                                return SessionEnd::new(ErrorCode::LIMIT_EXCEEDED, e.to_string());
+                            }
+                        }
+                        Message::Ping(p) => {
+                            if let Err(e) = encode_into(&mut out, &Message::Pong(p)) {
+                                return e;
+                            }
+                        }
+                        Message::Pong(_) => {
+                            let rtt = conn.rtt();
+                            mesh.routes_mut().set_rtt(peer, rtt);
+                            mesh.0.metrics.gauge(PEER_RTT, &[("peer", peer.as_str()), ("peer_zone", &peer_zone)]).set(rtt.as_secs_f64());
+                        }
+                        Message::Load(_) => {}
+                        Message::Goodbye(g) => {
+                            tracing::info!(drain_ms = g.drain_ms, reason = %g.reason, "peer.draining");
+                            mesh.routes_mut().peer_draining(peer);
+                        }
+                        Message::Error(e) => {
+                            return SessionEnd::quiet(e.code, format!("peer refused: {}", e.reason));
+                        }
+                    }
+                }
+                if let Err(e) = send(tx, &mut out).await {
+                    return e;
+                }
+            }
+            _ = ping.tick() => {
+                if !hello_seen && Instant::now() > hello_deadline {
+                    return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "no hello in time");
+                }
+                if last_heard.elapsed() > t.peer_timeout {
+                    return SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, format!("silent for {:?}", last_heard.elapsed()));
+                }
+                nonce += 1;
+                let r = encode_into(&mut out, &Message::Ping(Ping { nonce }));
+                if let Err(e) = r.and(send(tx, &mut out).await) {
+                    return e;
+                }
+            }
+            _ = load_tick.tick() => {
+                let load = Load { active_flows: mesh.active_flows(), draining: mesh.is_draining() };
+                let r = encode_into(&mut out, &Message::Load(load));
+                if let Err(e) = r.and(send(tx, &mut out).await) {
+                    return e;
+                }
+            }
+            changed = catalog.changed() => {
+                if changed.is_err() {
+                    return SessionEnd::quiet(ErrorCode::SHUTDOWN, "gateway stopped");
+                }
+                let new = catalog.borrow_and_update().clone();
+                let r = diff_frames(&mut out, &sent, &new);
+                sent = new;
+                if let Err(e) = r.and(send(tx, &mut out).await) {
+                    return e;
+                }
+            }
+            _ = mesh.0.draining.cancelled(), if !said_goodbye => {
+                said_goodbye = true;
+                let g = Goodbye { drain_ms: t.drain_timeout.as_millis().min(u32::MAX as u128) as u32, reason: "draining".into() };
+                let r = encode_into(&mut out, &Message::Goodbye(g));
+                if let Err(e) = r.and(send(tx, &mut out).await) {
+                    return e;
+                }
+            }
+            _ = mesh.0.shutdown.cancelled() => return SessionEnd::quiet(ErrorCode::SHUTDOWN, "gateway stopped"),
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! QUIC transport settings and the UDP endpoint. Every value that bounds memory or detection time
+//! is set here, with its arithmetic, because quinn's defaults silently cap an overlay (100 streams,
+//! an unlimited connection window, no keep-alive).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+/// Concurrent flows (bidirectional streams) one peer may have open toward us. Each open stream costs
+/// quinn ~1 KiB of state plus its unread data, which the connection window below bounds; 10,000 idle
+/// flows ≈ 10 MiB per peer.
+pub const MAX_FLOWS_PER_PEER: u32 = 10_000;
+/// HTTP/3 opens three unidirectional streams per session and a connection carries two sessions.
+pub const MAX_UNI_STREAMS: u32 = 16;
+/// Per-flow receive window: 16 MiB sustains 1.3 Gbit/s per flow at 100 ms RTT (window / RTT), so a
+/// single flow on a long fat link is not window-bound. It is a cap, not an allocation.
+pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+/// Per-peer receive window: all flows of one peer together may have at most 64 MiB unread here
+/// (5 Gbit/s at 100 ms RTT). This is the real memory bound per peer: 100 peers ≤ 6.4 GiB worst case,
+/// reached only if every backend stops reading.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// Unacknowledged data we buffer per peer for sending, matching the peer's window.
+pub const SEND_WINDOW: u64 = 64 * 1024 * 1024;
+/// Incoming handshakes quinn holds at once (its default is 65,536). Each costs a few KiB until it
+/// completes or times out: 256 × ~8 KiB ≈ 2 MiB.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Kernel socket buffers. The OS default (208 KiB) drops packets at a few Gbit/s on loopback;
+/// 4 MiB holds ~2,800 full-size datagrams.
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Transport timers. Liveness is also checked by control-stream pings (see `session`), which notice
+/// a silent peer well before the idle timeout; the idle timeout is the backstop.
+#[derive(Debug, Clone, Copy)]
+pub struct Timers {
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+pub fn transport_config(t: Timers) -> TransportConfig {
+    let mut c = TransportConfig::default();
+    c.max_concurrent_bidi_streams(VarInt::from_u32(MAX_FLOWS_PER_PEER))
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(SEND_WINDOW)
+        .keep_alive_interval(Some(t.keep_alive))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(t.idle_timeout).unwrap_or(IdleTimeout::from(VarInt::from_u32(5_000))),
+        ));
+    c
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("QUIC endpoint: {0}")]
+    Quic(std::io::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
+
+/// Binds the overlay's UDP socket with large buffers and creates the quinn endpoint (server and client).
+pub fn bind(addr: SocketAddr, server: quinn::ServerConfig) -> Result<quinn::Endpoint, EndpointError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| EndpointError::Bind { addr, source };
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.bind(&addr.into()).map_err(err)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| EndpointError::Quic(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), sock.into(), runtime)
+        .map_err(EndpointError::Quic)
+}
+
+pub fn server_config(tls: rustls::ServerConfig, timers: Timers) -> Result<quinn::ServerConfig, EndpointError> {
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Tls(e.to_string()))?;
+    let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    s.transport_config(Arc::new(transport_config(timers)));
+    s.max_incoming(MAX_PENDING_HANDSHAKES);
+    Ok(s)
+}
+
+pub fn client_config(tls: rustls::ClientConfig, timers: Timers) -> Result<quinn::ClientConfig, EndpointError> {
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Tls(e.to_string()))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+    c.transport_config(Arc::new(transport_config(timers)));
+    Ok(c)
+}

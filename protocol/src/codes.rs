@@ -1,0 +1,72 @@
+//! Error codes Causeway puts on the wire: as QUIC application close codes, as stream reset codes
+//! and in control `Error` messages. An open newtype: an unknown code still decodes and is shown in hex.
+//!
+//! The range `0x4357_0000..=0x4357_ffff` ("CW") is Causeway's. HTTP/3's own codes (0x100–0x110,
+//! RFC 9114 §8.1) keep their meaning on the same connection.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ErrorCode(pub u64);
+
+macro_rules! codes {
+    ($($(#[$doc:meta])* ($val:expr, $name:ident);)*) => {
+        impl ErrorCode {
+            $($(#[$doc])* pub const $name: ErrorCode = ErrorCode($val);)*
+
+            /// The code's name, or `None` for a code this version does not know.
+            pub fn name(self) -> Option<&'static str> {
+                match self.0 {
+                    $($val => Some(stringify!($name)),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// Graceful close: drained, or the losing duplicate of a simultaneous dial.
+    (0x100, H3_NO_ERROR);
+    /// A control frame could not be decoded (bad postcard body, trailing bytes, bad name).
+    (0x4357_0001, CONTROL_MALFORMED);
+    /// A control frame declared a length above the limit.
+    (0x4357_0002, CONTROL_OVERSIZED);
+    /// The control stream ended inside a frame or before the hello.
+    (0x4357_0003, CONTROL_TRUNCATED);
+    /// The peer speaks another protocol version.
+    (0x4357_0004, VERSION_MISMATCH);
+    /// The peer's hello named a zone or gateway other than the one configured for its identity.
+    (0x4357_0005, PEER_MISMATCH);
+    /// A message arrived out of order (e.g. anything before hello, a second hello).
+    (0x4357_0006, PROTOCOL_VIOLATION);
+    /// A peer exceeded a limit (catalog size, labels).
+    (0x4357_0007, LIMIT_EXCEEDED);
+    /// This connection lost the tie-break of a simultaneous dial; the other one is kept.
+    (0x4357_0008, DUPLICATE_CONNECTION);
+    /// The peer did not answer liveness pings in time.
+    (0x4357_0009, PEER_UNRESPONSIVE);
+    /// The gateway is shutting down.
+    (0x4357_000a, SHUTDOWN);
+    /// Stream reset: the backend connection of a flow failed or was reset.
+    (0x4357_0100, FLOW_BACKEND_RESET);
+    /// Stream reset: the client side of a flow went away.
+    (0x4357_0101, FLOW_CLIENT_RESET);
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(n) => write!(f, "{n}"),
+            None => write!(f, "{:#x}", self.0),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
