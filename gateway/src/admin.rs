@@ -67,6 +67,7 @@ impl Admin {
                     async move { Ok::<_, Infallible>(route(&state, req)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(std::time::Duration::from_secs(10))
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;

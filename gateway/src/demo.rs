@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use causeway_protocol::{Identity, TrustDomain};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::app::{load_tls, Gateway};
 use crate::certs::{self, Ca, Validity};
@@ -74,7 +74,7 @@ pub fn free_udp_port() -> anyhow::Result<u16> {
 
 /// A TCP echo service: writes `banner` and a newline, then echoes everything until the client's FIN.
 pub async fn echo_server(banner: String) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let l = crate::listeners::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let addr = l.local_addr()?;
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {

@@ -17,6 +17,22 @@ use tracing::Instrument;
 /// start at 8 KiB and grow only under load), so 10,000 ≈ 100 MiB at worst.
 pub const MAX_CONNECTIONS: usize = 10_000;
 
+/// Kernel accept queue per listener (capped by `net.core.somaxconn`). tokio's default of 1,024
+/// overflows when a thousand clients connect at once; the queue costs nothing until used.
+pub const BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener with [`BACKLOG`].
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(BACKLOG)
+}
+
 pub struct ImportListener {
     listener: TcpListener,
     service: ServiceName,

@@ -199,12 +199,17 @@ impl Checker {
             None,
             None,
         )
-        .map_err(|e| match e {
-            webpki::Error::UnknownIssuer => Refusal::UnknownCa,
-            webpki::Error::CertExpired { .. } => Refusal::Expired,
-            webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
-            webpki::Error::CaUsedAsEndEntity => Refusal::CaAsLeaf,
-            _ => Refusal::BadCertificate,
+        .map_err(|e| {
+            tracing::debug!(error = ?e, "peer.certificate.invalid");
+            match e {
+                // A CA with the same name as ours but another key shows up as a bad signature on
+                // the chain: either way, no CA we trust issued it.
+                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => Refusal::UnknownCa,
+                webpki::Error::CertExpired { .. } => Refusal::Expired,
+                webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
+                webpki::Error::CaUsedAsEndEntity => Refusal::CaAsLeaf,
+                _ => Refusal::BadCertificate,
+            }
         })?;
         let id = spiffe_id(end_entity)?;
         if !expected(&id) {

@@ -1,1 +1,247 @@
+//! Test support: in-process meshes of gateways on loopback with a throwaway CA, gateway processes,
+//! a rogue peer that speaks the overlay's protocols by hand, metric parsing, and waits on events.
+//!
+//! It does NOT sleep to wait for something: [`eventually`] polls a condition with a deadline.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use causeway::demo::{free_udp_port, GatewaySpec, Pki};
+use causeway::Gateway;
+use causeway_protocol::Identity;
+
+pub use causeway::certs::Validity;
+pub use causeway::demo::{echo_flow, echo_server};
+
+pub mod rogue;
+
+pub const TRUST_DOMAIN: &str = "test.causeway";
+
+static ERRORS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts ERROR events: a happy-path test asserts there were none.
+struct ErrorCounter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ErrorCounter {
+    fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *e.metadata().level() == tracing::Level::ERROR {
+            ERRORS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Installs logging for a test binary (once) and raises the open-file limit to its hard maximum,
+/// since a thousand loopback flows hold four descriptors each in one process.
+pub fn init() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,causeway::access=off"));
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_test_writer().with_filter(filter))
+        .with(ErrorCounter)
+        .try_init();
+    raise_fd_limit();
+}
+
+use tracing_subscriber::Layer as _;
+
+#[allow(unsafe_code)]
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// ERROR events logged so far in this test binary.
+pub fn error_logs() -> usize {
+    ERRORS.load(Ordering::Relaxed)
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The value of one sample in Prometheus text: `name{labels}` where every `k="v"` in `labels` matches.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            continue;
+        }
+        if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            *total.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(f64::NAN);
+        }
+    }
+    total
+}
+
+/// One zone of a test mesh.
+pub struct ZoneSpec {
+    pub zone: &'static str,
+    /// (service, endpoints)
+    pub exports: Vec<(&'static str, Vec<SocketAddr>)>,
+    /// (service, preferred zones)
+    pub imports: Vec<(&'static str, Vec<&'static str>)>,
+}
+
+/// Gateways of several zones on loopback, each peered with every other.
+pub struct TestMesh {
+    pub pki: Pki,
+    pub ids: Vec<Identity>,
+    pub addrs: Vec<SocketAddr>,
+    pub specs: Vec<GatewaySpec>,
+    pub gateways: Vec<Option<Gateway>>,
+}
+
+pub const SERVICE_PORT: u16 = 8080;
+
+impl TestMesh {
+    /// Renders configurations for `zones` (full mesh, every gateway knowing every address).
+    pub fn plan(zones: Vec<ZoneSpec>, extra: &str) -> anyhow::Result<Self> {
+        let pki = Pki::new(TRUST_DOMAIN)?;
+        let ids: Vec<_> = zones.iter().map(|z| pki.identity(z.zone, "gw-1")).collect();
+        let addrs: Vec<SocketAddr> = zones
+            .iter()
+            .map(|_| free_udp_port().map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
+            .collect::<Result<_, _>>()?;
+        let mut specs = Vec::new();
+        for (i, z) in zones.iter().enumerate() {
+            let tls = pki.issue(z.zone, &ids[i], Validity::for_duration(Duration::from_secs(3600)))?;
+            let peers = (0..zones.len())
+                .filter(|j| *j != i)
+                .map(|j| (ids[j].clone(), Some(addrs[j]), zones[j].zone.to_string()))
+                .collect();
+            specs.push(GatewaySpec {
+                zone: z.zone.into(),
+                gateway: "gw-1".into(),
+                trust_domain: TRUST_DOMAIN.into(),
+                tls,
+                overlay: addrs[i],
+                admin: Some("127.0.0.1:0".parse()?),
+                peers,
+                exports: z
+                    .exports
+                    .iter()
+                    .map(|(s, e)| (s.to_string(), SERVICE_PORT, e.clone()))
+                    .collect(),
+                imports: z
+                    .imports
+                    .iter()
+                    .map(|(s, p)| {
+                        (
+                            s.to_string(),
+                            SocketAddr::from(([127, 0, 0, 1], 0)),
+                            p.iter().map(|x| x.to_string()).collect(),
+                        )
+                    })
+                    .collect(),
+                extra: extra.to_string(),
+            });
+        }
+        Ok(Self {
+            pki,
+            ids,
+            addrs,
+            gateways: specs.iter().map(|_| None).collect(),
+            specs,
+        })
+    }
+
+    /// Starts every planned gateway in this process.
+    pub async fn start_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.specs.len() {
+            self.start(i).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn start(&mut self, i: usize) -> anyhow::Result<()> {
+        self.gateways[i] = Some(self.specs[i].start(&self.pki.dir).await?);
+        Ok(())
+    }
+
+    pub fn gw(&self, i: usize) -> &Gateway {
+        self.gateways[i].as_ref().expect("gateway started")
+    }
+
+    /// Waits until gateway `i` routes `service` to `n` candidates.
+    pub async fn wait_routes(&self, i: usize, service: &str, n: usize) -> bool {
+        let gw = self.gw(i);
+        eventually(Duration::from_secs(10), || {
+            let s = gw.mesh.services_json();
+            s["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|x| x["name"] == service)
+                .is_some_and(|x| x["route_order"].as_array().map(|a| a.len()) == Some(n))
+        })
+        .await
+    }
+
+    /// Writes the YAML of gateway `i` and returns its path (for running it as a process).
+    pub fn write_config(&self, i: usize) -> anyhow::Result<PathBuf> {
+        let s = &self.specs[i];
+        let path = self.pki.dir.join(format!("{}-process.yaml", s.zone));
+        std::fs::write(&path, s.yaml()).context("write config")?;
+        Ok(path)
+    }
+
+    pub async fn shutdown(mut self) {
+        for g in self.gateways.iter_mut().filter_map(Option::take) {
+            g.shutdown().await;
+        }
+    }
+}
+
+/// The `causeway` binary built alongside the tests (`target/<profile>/causeway`).
+pub fn causeway_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/causeway
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("causeway")
+}
+
+/// A deterministic pseudo-random payload (xorshift), so corruption anywhere shows up.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+}

@@ -1,0 +1,138 @@
+//! Failover when the gateway serving a service dies: kill -9 of a real gateway process. New flows
+//! must reach the service in another zone within one second, and flows that were on the dead path
+//! must be reset (not left hanging, not cleanly truncated).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use causeway_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
+    init();
+    let bin = causeway_bin();
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` before the tests",
+        bin.display()
+    );
+    let (echo_b, _) = echo_server("b".into()).await.unwrap();
+    let (echo_c, _) = echo_server("c".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec {
+                zone: "a",
+                exports: vec![],
+                imports: vec![("echo.test", vec!["b"])],
+            },
+            ZoneSpec {
+                zone: "b",
+                exports: vec![("echo.test", vec![echo_b])],
+                imports: vec![],
+            },
+            ZoneSpec {
+                zone: "c",
+                exports: vec![("echo.test", vec![echo_c])],
+                imports: vec![],
+            },
+        ],
+        "",
+    )
+    .unwrap();
+    let cfg_b = m.write_config(1).unwrap();
+    let child = Command::new(&bin)
+        .args(["gateway", "--config"])
+        .arg(&cfg_b)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut b = Process(child);
+    m.start(0).await.unwrap();
+    m.start(2).await.unwrap();
+    // a prefers b, with c as the alternative.
+    assert!(
+        m.wait_routes(0, "echo.test", 2).await,
+        "a never learned echo.test from both zones"
+    );
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    assert_eq!(echo_flow(listen, b"before").await.unwrap().0, "b");
+
+    // A flow in progress through b.
+    let mut inflight = tokio::net::TcpStream::connect(listen).await.unwrap();
+    inflight.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 6];
+    inflight.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"b\nping");
+
+    let killed = Instant::now();
+    b.0.kill().unwrap(); // SIGKILL
+    let _ = b.0.wait();
+
+    // New flows: keep trying until one is served by c; record when.
+    let probe = async {
+        loop {
+            if let Ok(Ok((banner, _))) = tokio::time::timeout(Duration::from_secs(2), echo_flow(listen, b"after")).await
+            {
+                if banner == "c" {
+                    return killed.elapsed();
+                }
+            }
+        }
+    };
+    // The in-flight flow must end with a reset.
+    let inflight_end = async {
+        let r = inflight.read(&mut buf).await;
+        (killed.elapsed(), r.map_err(|e| e.kind()))
+    };
+    let (failover, (reset_after, read)) =
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(probe, inflight_end) })
+            .await
+            .expect("no failover within 10 s");
+    assert!(
+        failover < Duration::from_secs(1),
+        "new flows reached zone c {failover:?} after kill -9 (limit 1 s)"
+    );
+    assert_eq!(
+        read,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "in-flight flow must be reset"
+    );
+    assert!(
+        reset_after < Duration::from_secs(1),
+        "in-flight flow reset after {reset_after:?}"
+    );
+    eprintln!("failover after kill -9: {failover:?}; in-flight flow reset after {reset_after:?}");
+
+    let t = m.gw(0).metrics_text();
+    assert_eq!(metric(&t, "causeway_peer_up", &[("peer_zone", "b")]), Some(0.0));
+    assert_eq!(
+        metric(
+            &t,
+            "causeway_peer_control_errors_total",
+            &[("code", "PEER_UNRESPONSIVE")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &t,
+            "causeway_flows_closed_total",
+            &[("zone", "b"), ("outcome", "stream_reset")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    m.shutdown().await;
+}

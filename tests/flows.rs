@@ -1,0 +1,372 @@
+//! Cross-zone TCP flows over real sockets: bulk integrity, a thousand concurrent flows on one
+//! gateway pair, one connection per pair, prompt resets, and the metrics that describe it all.
+
+use std::time::Duration;
+
+use causeway_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Zone a imports `echo.test`, zone b exports it.
+async fn pair() -> (TestMesh, std::net::SocketAddr) {
+    init();
+    let (echo, _) = echo_server("b".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec {
+                zone: "a",
+                exports: vec![],
+                imports: vec![("echo.test", vec![])],
+            },
+            ZoneSpec {
+                zone: "b",
+                exports: vec![("echo.test", vec![echo])],
+                imports: vec![],
+            },
+        ],
+        "",
+    )
+    .unwrap();
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await, "zone a never learned echo.test");
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    (m, listen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_cross_zone_flow_is_checksum_verified() {
+    let (m, listen) = pair().await;
+    let data = payload(64 << 20, 64);
+    let want = sha256(&data);
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        let mut got = Vec::with_capacity(data.len() + 2);
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let (_, got) = tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(send, recv) })
+        .await
+        .unwrap();
+    assert_eq!(&got[..2], b"b\n", "banner of the serving zone");
+    assert_eq!(got.len() - 2, data.len());
+    assert_eq!(sha256(&got[2..]), want, "checksum of the echoed 64 MiB");
+
+    let text = m.gw(0).metrics_text();
+    let labels = [("service", "echo.test"), ("zone", "b")];
+    assert_eq!(metric(&text, "causeway_flows_opened_total", &labels), Some(1.0));
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &m.gw(0).metrics_text(),
+            "causeway_flows_closed_total",
+            &[("service", "echo.test"), ("outcome", "complete")]
+        ) == Some(1.0))
+        .await
+    );
+    let text = m.gw(0).metrics_text();
+    assert_eq!(
+        metric(
+            &text,
+            "causeway_flow_bytes_total",
+            &[("service", "echo.test"), ("direction", "up")]
+        ),
+        Some((64 << 20) as f64)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "causeway_flow_bytes_total",
+            &[("service", "echo.test"), ("direction", "down")]
+        ),
+        Some((64 << 20) as f64 + 2.0)
+    );
+    assert_eq!(error_logs(), 0);
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_flows_over_one_gateway_pair() {
+    let (m, listen) = pair().await;
+    const N: usize = 1000;
+    // Every flow sends and gets its echo, then waits until all N are open at once before closing.
+    let open = std::sync::Arc::new(tokio::sync::Barrier::new(N + 1));
+    let close = std::sync::Arc::new(tokio::sync::Barrier::new(N + 1));
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let (open, close) = (open.clone(), close.clone());
+            tokio::spawn(async move {
+                let data = payload(16 * 1024 + i, i as u64);
+                let mut s = tokio::net::TcpStream::connect(listen).await?;
+                s.write_all(&data).await?;
+                let mut got = vec![0u8; data.len() + 2];
+                s.read_exact(&mut got).await?;
+                open.wait().await;
+                close.wait().await;
+                s.shutdown().await?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                anyhow::ensure!(
+                    &got[..2] == b"b\n" && got[2..] == data[..] && rest.is_empty(),
+                    "flow {i}: bytes differ"
+                );
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(60), open.wait())
+        .await
+        .expect("flows did not all open");
+    let t = m.gw(0).metrics_text();
+    assert_eq!(
+        metric(&t, "causeway_flows_active", &[("service", "echo.test"), ("zone", "b")]),
+        Some(N as f64)
+    );
+    close.wait().await;
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    // One QUIC connection carried all of them.
+    let peers = m.gw(0).mesh.peers_json();
+    assert_eq!(peers["peers"].as_array().unwrap().len(), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let t = m.gw(0).metrics_text();
+            metric(
+                &t,
+                "causeway_flows_closed_total",
+                &[("service", "echo.test"), ("outcome", "complete")],
+            ) == Some(N as f64)
+        })
+        .await
+    );
+    let t = m.gw(0).metrics_text();
+    assert_eq!(
+        metric(
+            &t,
+            "causeway_flows_opened_total",
+            &[("service", "echo.test"), ("zone", "b")]
+        ),
+        Some(N as f64)
+    );
+    assert_eq!(
+        metric(&t, "causeway_flows_active", &[("service", "echo.test")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&t, "causeway_peer_connects_total", &[("result", "ok")]).unwrap_or(0.0) >= 1.0,
+        true
+    );
+    let tb = m.gw(1).metrics_text();
+    assert_eq!(
+        metric(
+            &tb,
+            "causeway_inbound_flows_total",
+            &[("service", "echo.test"), ("source_zone", "a"), ("outcome", "complete")]
+        ),
+        Some(N as f64)
+    );
+    assert_eq!(error_logs(), 0);
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dials_converge_to_one_connection_per_pair() {
+    init();
+    // Three zones that all know each other's address start at once and all dial.
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec {
+                zone: "a",
+                exports: vec![],
+                imports: vec![],
+            },
+            ZoneSpec {
+                zone: "b",
+                exports: vec![],
+                imports: vec![],
+            },
+            ZoneSpec {
+                zone: "c",
+                exports: vec![],
+                imports: vec![],
+            },
+        ],
+        "",
+    )
+    .unwrap();
+    let (a, b, c) = tokio::join!(
+        m.specs[0].start(&m.pki.dir),
+        m.specs[1].start(&m.pki.dir),
+        m.specs[2].start(&m.pki.dir)
+    );
+    m.gateways = vec![Some(a.unwrap()), Some(b.unwrap()), Some(c.unwrap())];
+    let all_up = |m: &TestMesh| {
+        (0..3).all(|i| {
+            m.gw(i).mesh.peers_json()["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["state"] == "up")
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || all_up(&m)).await,
+        "mesh never came up"
+    );
+    // Each pair agrees on one connection: what a sees as b's address is b's overlay port and the
+    // connection is dialed by exactly one side.
+    for i in 0..3 {
+        for j in 0..3 {
+            if i == j {
+                continue;
+            }
+            let pi = m.gw(i).mesh.peers_json();
+            let pj = m.gw(j).mesh.peers_json();
+            let find = |p: &serde_json::Value, id: &str| {
+                p["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|x| x["id"] == id)
+                    .cloned()
+                    .unwrap()
+            };
+            let i_sees_j = find(&pi, m.ids[j].as_str());
+            let j_sees_i = find(&pj, m.ids[i].as_str());
+            assert_ne!(
+                i_sees_j["dialed_by_us"], j_sees_i["dialed_by_us"],
+                "both sides claim the same role for {i}-{j}"
+            );
+        }
+    }
+    // And it stays that way (no flapping between duplicates).
+    let before: Vec<_> = (0..3)
+        .map(|i| {
+            metric(
+                &m.gw(i).metrics_text(),
+                "causeway_peer_connects_total",
+                &[("result", "ok")],
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after: Vec<_> = (0..3)
+        .map(|i| {
+            metric(
+                &m.gw(i).metrics_text(),
+                "causeway_peer_connects_total",
+                &[("result", "ok")],
+            )
+        })
+        .collect();
+    assert_eq!(before, after, "connections kept being replaced");
+    assert!(all_up(&m));
+    assert_eq!(error_logs(), 0);
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_with_no_backend_is_reset_promptly() {
+    init();
+    // Zone b exports a service whose only endpoint passes the first health check, then dies.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = backend.local_addr().unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec {
+                zone: "a",
+                exports: vec![],
+                imports: vec![("dead.test", vec![]), ("nowhere.test", vec![])],
+            },
+            ZoneSpec {
+                zone: "b",
+                exports: vec![("dead.test", vec![dead])],
+                imports: vec![],
+            },
+        ],
+        "timing: { health_interval: 1h }\n",
+    )
+    .unwrap();
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "dead.test", 1).await);
+    drop(backend);
+    for svc in ["dead.test", "nowhere.test"] {
+        let addr = m.gw(0).import_addr(svc).unwrap();
+        let started = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+            .await
+            .expect("client left hanging");
+        assert!(matches!(r, Err(_) | Ok(0)), "{svc}: expected a reset, got {r:?}");
+        assert!(
+            r.is_err(),
+            "{svc}: the client must see a reset, not a clean end of stream: {r:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    let t = m.gw(0).metrics_text();
+    assert_eq!(
+        metric(
+            &t,
+            "causeway_flows_failed_total",
+            &[("service", "nowhere.test"), ("reason", "unknown_service")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &t,
+            "causeway_flow_failovers_total",
+            &[("service", "dead.test"), ("reason", "backend_refused")]
+        ),
+        Some(1.0)
+    );
+    let tb = m.gw(1).metrics_text();
+    assert_eq!(
+        metric(
+            &tb,
+            "causeway_inbound_flows_total",
+            &[("service", "dead.test"), ("outcome", "backend_refused")]
+        ),
+        Some(1.0)
+    );
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_serves_metrics_peers_and_services() {
+    let (m, listen) = pair().await;
+    echo_flow(listen, b"hello").await.unwrap();
+    let admin = m.gw(0).admin_addr.unwrap();
+    let (status, body) = causeway::admin::get(admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(
+            &body,
+            "causeway_flows_opened_total",
+            &[("service", "echo.test"), ("zone", "b")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&body, "causeway_peer_up", &[("peer_zone", "b")]), Some(1.0));
+    assert!(metric(&body, "causeway_peer_rtt_seconds", &[("peer_zone", "b")]).is_some_and(|r| r > 0.0 && r < 1.0));
+    assert_eq!(causeway::admin::get(admin, "/healthz").await.unwrap().0, 200);
+    assert_eq!(causeway::admin::get(admin, "/ready").await.unwrap().0, 200);
+    let (_, peers) = causeway::admin::get(admin, "/peers").await.unwrap();
+    let peers: serde_json::Value = serde_json::from_str(&peers).unwrap();
+    assert_eq!(peers["peers"][0]["zone"], "b");
+    assert_eq!(peers["peers"][0]["state"], "up");
+    let (_, services) = causeway::admin::get(admin, "/services").await.unwrap();
+    let services: serde_json::Value = serde_json::from_str(&services).unwrap();
+    assert_eq!(services["services"][0]["name"], "echo.test");
+    assert_eq!(services["services"][0]["route_order"][0], m.ids[1].as_str());
+    m.shutdown().await;
+}
