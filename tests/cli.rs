@@ -1,6 +1,8 @@
 //! The `causeway` binary as a user runs it: certificates, config checks (key paths, exit 2), the
 //! shipped example configurations, and the demo.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -2,6 +2,8 @@
 //! wrong zone each close that peer's connection with an error code, while the gateway keeps
 //! serving its other peers.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};

@@ -2,6 +2,8 @@
 //! must reach the service in another zone within one second, and flows that were on the dead path
 //! must be reset (not left hanging, not cleanly truncated).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

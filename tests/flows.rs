@@ -1,6 +1,8 @@
 //! Cross-zone TCP flows over real sockets: bulk integrity, a thousand concurrent flows on one
 //! gateway pair, one connection per pair, prompt resets, and the metrics that describe it all.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use causeway_tests::*;
@@ -159,10 +161,7 @@ async fn a_thousand_concurrent_flows_over_one_gateway_pair() {
         metric(&t, "causeway_flows_active", &[("service", "echo.test")]),
         Some(0.0)
     );
-    assert_eq!(
-        metric(&t, "causeway_peer_connects_total", &[("result", "ok")]).unwrap_or(0.0) >= 1.0,
-        true
-    );
+    assert!(metric(&t, "causeway_peer_connects_total", &[("result", "ok")]).unwrap_or(0.0) >= 1.0);
     let tb = m.gw(1).metrics_text();
     assert_eq!(
         metric(
@@ -300,15 +299,20 @@ async fn a_flow_with_no_backend_is_reset_promptly() {
     for svc in ["dead.test", "nowhere.test"] {
         let addr = m.gw(0).import_addr(svc).unwrap();
         let started = std::time::Instant::now();
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut buf = [0u8; 16];
-        let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
-            .await
-            .expect("client left hanging");
-        assert!(matches!(r, Err(_) | Ok(0)), "{svc}: expected a reset, got {r:?}");
-        assert!(
-            r.is_err(),
-            "{svc}: the client must see a reset, not a clean end of stream: {r:?}"
+        // The reset can arrive so fast that connect() itself reports it.
+        let r = match tokio::net::TcpStream::connect(addr).await {
+            Ok(mut s) => {
+                let mut buf = [0u8; 16];
+                tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
+                    .await
+                    .expect("client left hanging")
+            }
+            Err(e) => Err(e),
+        };
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "{svc}: the client must see a reset, not a clean end of stream"
         );
         assert!(started.elapsed() < Duration::from_secs(1));
     }

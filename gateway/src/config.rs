@@ -514,7 +514,7 @@ timing: { ping_interval: 100ms, peer_timeout: 500ms }
         let bad = GOOD.replace("zone: us-east }", "zone: us-east, wieght: 3 }");
         let errs = parse(&bad).unwrap_err();
         assert_eq!(errs.len(), 1);
-        assert_eq!(errs[0].path, "peers[0]");
+        assert_eq!(errs[0].path, "peers[0].wieght");
         assert!(errs[0].reason.contains("unknown field `wieght`"), "{}", errs[0].reason);
     }
 

@@ -260,7 +260,7 @@ async fn status(admin: std::net::SocketAddr) -> anyhow::Result<()> {
             rtt
         );
     }
-    println!("\n{:<32} {}", "SERVICE", "ROUTE ORDER");
+    println!("\n{:<32} ROUTE ORDER", "SERVICE");
     for s in services["services"].as_array().into_iter().flatten() {
         let order: Vec<&str> = s["route_order"]
             .as_array()

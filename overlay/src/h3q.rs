@@ -234,17 +234,12 @@ impl Opener {
         }
     }
 
-    fn open_uni(
-        conn: quinn::Connection,
-        half: Half,
-    ) -> impl std::future::Future<Output = Result<quinn::SendStream, StreamErrorIncoming>> + Send {
-        async move {
-            let mut s = conn.open_uni().await.map_err(stream_conn_err)?;
-            if half == Half::Reverse {
-                s.write_all(&REVERSE_UNI_PREFIX).await.map_err(write_err)?;
-            }
-            Ok(s)
+    async fn open_uni(conn: quinn::Connection, half: Half) -> Result<quinn::SendStream, StreamErrorIncoming> {
+        let mut s = conn.open_uni().await.map_err(stream_conn_err)?;
+        if half == Half::Reverse {
+            s.write_all(&REVERSE_UNI_PREFIX).await.map_err(write_err)?;
         }
+        Ok(s)
     }
 }
 

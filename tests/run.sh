@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every test of the project, installing what the tests need first.
+# Usage: bash tests/run.sh            (from the repository root; root or sudo for package installs)
+# Order: unit and property tests, then the loopback meshes and gateway processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the suites use. Installed only when missing.
+debs=(iproute2 procps)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+# The process-level tests (kill -9, CLI) run the real binary.
+cargo build --bins
+echo "== unit and property tests"
+cargo test --workspace --lib --bins
+echo "== integration tests (loopback meshes, gateway processes)"
+cargo test -p causeway-tests
