@@ -138,3 +138,68 @@ async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
     );
     m.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateway_finishes_open_flows_while_new_ones_go_elsewhere() {
+    init();
+    let (echo_b, _) = echo_server("b".into()).await.unwrap();
+    let (echo_c, _) = echo_server("c".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec {
+                zone: "a",
+                exports: vec![],
+                imports: vec![("echo.test", vec!["b"])],
+            },
+            ZoneSpec {
+                zone: "b",
+                exports: vec![("echo.test", vec![echo_b])],
+                imports: vec![],
+            },
+            ZoneSpec {
+                zone: "c",
+                exports: vec![("echo.test", vec![echo_c])],
+                imports: vec![],
+            },
+        ],
+        "",
+    )
+    .unwrap();
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let mut open = tokio::net::TcpStream::connect(listen).await.unwrap();
+    open.write_all(b"one").await.unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"b\none");
+
+    let b = m.gateways[1].take().unwrap();
+    let drained = tokio::spawn(async move { b.drain(Duration::from_secs(5)).await });
+    // The goodbye reaches a at once: the next new flow goes to c.
+    assert!(
+        eventually(Duration::from_secs(2), || m.gw(0).mesh.peers_json()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["zone"] == "b" && p["state"] == "draining"))
+        .await
+    );
+    assert_eq!(echo_flow(listen, b"new").await.unwrap().0, "c");
+    // The open flow still works through b, and ends cleanly.
+    open.write_all(b"two").await.unwrap();
+    let mut two = [0u8; 3];
+    open.read_exact(&mut two).await.unwrap();
+    assert_eq!(&two, b"two");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    let cut = tokio::time::timeout(Duration::from_secs(6), drained)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cut, 0, "no flow was cut at the drain deadline");
+    assert_eq!(error_logs(), 0);
+    m.shutdown().await;
+}

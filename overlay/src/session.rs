@@ -683,3 +683,20 @@ async fn control_inner<S: H3Send, R: H3Recv>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<_> = (0..8).map(|_| b.next()).collect();
+        for (i, d) in delays.iter().enumerate() {
+            let base = Duration::from_millis(100 * (1 << i.min(4))).min(Duration::from_secs(1));
+            assert!(*d >= base / 2 && *d <= base, "delay {i} = {d:?}, base {base:?}");
+        }
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+}

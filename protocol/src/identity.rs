@@ -179,3 +179,24 @@ mod tests {
         assert_eq!(Identity::parse(&long), Err(TooLong));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_strings_never_panic(s: String) {
+            if let Ok(id) = Identity::parse(&s) {
+                // Whatever parses round-trips and names a valid trust domain.
+                proptest::prop_assert_eq!(Identity::parse(id.as_str()), Ok(id.clone()));
+                proptest::prop_assert!(TrustDomain::new(id.trust_domain().as_str()).is_ok());
+            }
+        }
+
+        #[test]
+        fn spiffe_shaped_strings_never_panic(td in "[a-zA-Z0-9.:@_%-]{0,20}", path in "(/[a-zA-Z0-9.%?#_-]{0,8}){0,4}") {
+            let _ = Identity::parse(&format!("spiffe://{td}{path}"));
+        }
+    }
+}

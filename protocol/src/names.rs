@@ -137,3 +137,19 @@ mod tests {
         assert!(matches!(ZoneName::new(&"a".repeat(64)), Err(NameError::TooLong { .. })));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_strings_never_panic(s: String) {
+            for ok in [ZoneName::new(&s).is_ok(), ServiceName::new(&s).is_ok(), GatewayId::new(&s).is_ok()] {
+                if ok {
+                    proptest::prop_assert!(s.len() <= MAX_SERVICE_NAME_LEN && !s.is_empty());
+                }
+            }
+        }
+    }
+}

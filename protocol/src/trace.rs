@@ -79,3 +79,23 @@ mod tests {
         assert_eq!(TraceParent::parse("garbage"), None);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_strings_never_panic(s: String) {
+            if let Some(t) = TraceParent::parse(&s) {
+                proptest::prop_assert_eq!(TraceParent::parse(&t.to_string()), Some(t));
+            }
+        }
+
+        #[test]
+        fn valid_shapes_round_trip(trace_id in 1u128.., span_id in 1u64.., sampled: bool) {
+            let t = TraceParent { trace_id, span_id, sampled };
+            proptest::prop_assert_eq!(TraceParent::parse(&t.to_string()), Some(t));
+        }
+    }
+}
