@@ -41,7 +41,7 @@ pub struct ImportListener {
 impl ImportListener {
     pub async fn bind(addr: SocketAddr, service: ServiceName) -> std::io::Result<Self> {
         Ok(Self {
-            listener: TcpListener::bind(addr).await?,
+            listener: listen(addr)?,
             service,
         })
     }
