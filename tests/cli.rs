@@ -10,11 +10,7 @@ use causeway_tests::causeway_bin;
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let bin = causeway_bin();
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bins` before the tests",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build --bins` before the tests", bin.display());
     let out = Command::new(bin).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -39,26 +35,11 @@ fn certs_init_and_issue_then_check_a_config() {
     let d = tmp("certs");
     let ca = d.join("ca");
     let gw = d.join("gw");
-    let (code, _, err) = run(&[
-        "certs",
-        "init",
-        "--trust-domain",
-        "prod.example",
-        "--out",
-        ca.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run(&["certs", "init", "--trust-domain", "prod.example", "--out", ca.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let id = "spiffe://prod.example/zone/eu/gateway/gw-1";
-    let (code, _, err) = run(&[
-        "certs",
-        "issue",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--id",
-        id,
-        "--out",
-        gw.to_str().unwrap(),
-    ]);
+    let (code, _, err) =
+        run(&["certs", "issue", "--ca", ca.to_str().unwrap(), "--id", id, "--out", gw.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let pem = std::fs::read(gw.join("cert.pem")).unwrap();
     let creds = causeway::certs::credentials_from_pem(&pem, &std::fs::read(gw.join("key.pem")).unwrap()).unwrap();
@@ -89,9 +70,7 @@ fn certs_init_and_issue_then_check_a_config() {
     // The certificate must be in the configured trust domain.
     std::fs::write(
         &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("trust_domain: prod.example", "trust_domain: other.example"),
+        std::fs::read_to_string(&cfg).unwrap().replace("trust_domain: prod.example", "trust_domain: other.example"),
     )
     .unwrap();
     let (code, _, err) = run(&["check", "--config", cfg.to_str().unwrap()]);
@@ -121,20 +100,13 @@ timing: { peer_timeout: 2 fortnights }
     .unwrap();
     let (code, _, err) = run(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    for path in [
-        "zone:",
-        "peers[0].address:",
-        "exports[0].endpoints:",
-        "timing.peer_timeout:",
-    ] {
+    for path in ["zone:", "peers[0].address:", "exports[0].endpoints:", "timing.peer_timeout:"] {
         assert!(err.contains(path), "missing {path} in:\n{err}");
     }
     // An unknown key is named with its path too, and the gateway refuses to start the same way.
     std::fs::write(
         &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("gateway: gw-1", "gateway: gw-1\ngatway: typo"),
+        std::fs::read_to_string(&cfg).unwrap().replace("gateway: gw-1", "gateway: gw-1\ngatway: typo"),
     )
     .unwrap();
     let (code, _, err) = run(&["gateway", "--config", cfg.to_str().unwrap()]);
@@ -165,8 +137,5 @@ fn the_demo_runs_to_completion() {
     let (code, out, err) = run(&["demo", "--flows", "40"]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("demo: all checks passed"), "{out}");
-    assert!(
-        out.contains("failover: first new orders.shop flow served by zone ap"),
-        "{out}"
-    );
+    assert!(out.contains("failover: first new orders.shop flow served by zone ap"), "{out}");
 }

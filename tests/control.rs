@@ -19,21 +19,9 @@ async fn mesh() -> (TestMesh, std::net::SocketAddr) {
     let (echo, _) = echo_server("b".into()).await.unwrap();
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![("echo.test", vec![])],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![("echo.test", vec![echo])],
-                imports: vec![],
-            },
-            ZoneSpec {
-                zone: "c",
-                exports: vec![],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![], imports: vec![] },
         ],
         "",
     )
@@ -48,22 +36,15 @@ async fn mesh() -> (TestMesh, std::net::SocketAddr) {
 /// Connects to b as zone c, sends `bytes` on the control stream (optionally finishing it), and
 /// returns the code b closed the connection with.
 async fn send_as_c(m: &TestMesh, bytes: Bytes, finish: bool) -> (u64, String) {
-    let creds = rogue::credentials(
-        &m.pki,
-        &m.ids[2],
-        Validity::for_duration(Duration::from_secs(3600)),
-        &m.pki,
-    )
-    .unwrap();
+    let creds =
+        rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
     let (_ep, conn) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await.unwrap();
     let mut ctl = rogue::open_control(&conn).await.unwrap();
     ctl.stream.send_data(bytes).await.unwrap();
     if finish {
         ctl.stream.finish().await.unwrap();
     }
-    rogue::close_code(&conn, Duration::from_secs(5))
-        .await
-        .expect("b did not close the connection")
+    rogue::close_code(&conn, Duration::from_secs(5)).await.expect("b did not close the connection")
 }
 
 fn hello(zone: &str) -> Bytes {
@@ -88,11 +69,7 @@ async fn assert_still_serving(m: &TestMesh, listen: std::net::SocketAddr, code: 
     let (banner, _) = echo_flow(listen, b"after the rogue").await.unwrap();
     assert_eq!(banner, "b");
     assert_eq!(
-        metric(
-            &m.gw(1).metrics_text(),
-            "causeway_peer_control_errors_total",
-            &[("code", &code.to_string())]
-        ),
+        metric(&m.gw(1).metrics_text(), "causeway_peer_control_errors_total", &[("code", &code.to_string())]),
         Some(1.0),
         "b counts the error"
     );
@@ -140,10 +117,7 @@ async fn another_protocol_version_is_refused_with_a_clear_reason() {
     b.put_slice(&hello("c"));
     let (code, reason) = send_as_c(&m, b.freeze(), false).await;
     assert_eq!(ErrorCode(code), ErrorCode::VERSION_MISMATCH);
-    assert!(
-        reason.contains(&format!("version {}", control::VERSION + 1)),
-        "{reason}"
-    );
+    assert!(reason.contains(&format!("version {}", control::VERSION + 1)), "{reason}");
     assert_still_serving(&m, listen, ErrorCode::VERSION_MISMATCH).await;
     m.shutdown().await;
 }
@@ -156,14 +130,6 @@ async fn a_peer_announcing_another_zone_is_refused() {
     assert_eq!(ErrorCode(code), ErrorCode::PEER_MISMATCH, "{reason}");
     assert_still_serving(&m, listen, ErrorCode::PEER_MISMATCH).await;
     // b's routes are as they were: echo.test is still local to b only and a is still up.
-    assert_eq!(
-        m.gw(0).mesh.peers_json()["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["state"] == "up")
-            .count(),
-        1
-    );
+    assert_eq!(m.gw(0).mesh.peers_json()["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "up").count(), 1);
     m.shutdown().await;
 }

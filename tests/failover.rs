@@ -23,30 +23,14 @@ impl Drop for Process {
 async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
     init();
     let bin = causeway_bin();
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bins` before the tests",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build --bins` before the tests", bin.display());
     let (echo_b, _) = echo_server("b".into()).await.unwrap();
     let (echo_c, _) = echo_server("c".into()).await.unwrap();
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![("echo.test", vec!["b"])],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![("echo.test", vec![echo_b])],
-                imports: vec![],
-            },
-            ZoneSpec {
-                zone: "c",
-                exports: vec![("echo.test", vec![echo_c])],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo_b])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
         ],
         "",
     )
@@ -64,10 +48,7 @@ async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();
     // a prefers b, with c as the alternative.
-    assert!(
-        m.wait_routes(0, "echo.test", 2).await,
-        "a never learned echo.test from both zones"
-    );
+    assert!(m.wait_routes(0, "echo.test", 2).await, "a never learned echo.test from both zones");
     let listen = m.gw(0).import_addr("echo.test").unwrap();
     assert_eq!(echo_flow(listen, b"before").await.unwrap().0, "b");
 
@@ -102,38 +83,16 @@ async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
         tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(probe, inflight_end) })
             .await
             .expect("no failover within 10 s");
-    assert!(
-        failover < Duration::from_secs(1),
-        "new flows reached zone c {failover:?} after kill -9 (limit 1 s)"
-    );
-    assert_eq!(
-        read,
-        Err(std::io::ErrorKind::ConnectionReset),
-        "in-flight flow must be reset"
-    );
-    assert!(
-        reset_after < Duration::from_secs(1),
-        "in-flight flow reset after {reset_after:?}"
-    );
+    assert!(failover < Duration::from_secs(1), "new flows reached zone c {failover:?} after kill -9 (limit 1 s)");
+    assert_eq!(read, Err(std::io::ErrorKind::ConnectionReset), "in-flight flow must be reset");
+    assert!(reset_after < Duration::from_secs(1), "in-flight flow reset after {reset_after:?}");
     eprintln!("failover after kill -9: {failover:?}; in-flight flow reset after {reset_after:?}");
 
     let t = m.gw(0).metrics_text();
     assert_eq!(metric(&t, "causeway_peer_up", &[("peer_zone", "b")]), Some(0.0));
-    assert_eq!(
-        metric(
-            &t,
-            "causeway_peer_control_errors_total",
-            &[("code", "PEER_UNRESPONSIVE")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(metric(&t, "causeway_peer_control_errors_total", &[("code", "PEER_UNRESPONSIVE")]), Some(1.0));
     assert!(
-        metric(
-            &t,
-            "causeway_flows_closed_total",
-            &[("zone", "b"), ("outcome", "stream_reset")]
-        )
-        .unwrap_or(0.0)
+        metric(&t, "causeway_flows_closed_total", &[("zone", "b"), ("outcome", "upstream_reset")]).unwrap_or(0.0)
             >= 1.0
     );
     m.shutdown().await;
@@ -146,21 +105,9 @@ async fn a_draining_gateway_finishes_open_flows_while_new_ones_go_elsewhere() {
     let (echo_c, _) = echo_server("c".into()).await.unwrap();
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![("echo.test", vec!["b"])],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![("echo.test", vec![echo_b])],
-                imports: vec![],
-            },
-            ZoneSpec {
-                zone: "c",
-                exports: vec![("echo.test", vec![echo_c])],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo_b])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
         ],
         "",
     )
@@ -195,10 +142,7 @@ async fn a_draining_gateway_finishes_open_flows_while_new_ones_go_elsewhere() {
     let mut rest = Vec::new();
     open.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
-    let cut = tokio::time::timeout(Duration::from_secs(6), drained)
-        .await
-        .unwrap()
-        .unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(6), drained).await.unwrap().unwrap();
     assert_eq!(cut, 0, "no flow was cut at the drain deadline");
     assert_eq!(error_logs(), 0);
     m.shutdown().await;

@@ -14,16 +14,8 @@ async fn pair() -> (TestMesh, std::net::SocketAddr) {
     let (echo, _) = echo_server("b".into()).await.unwrap();
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![("echo.test", vec![])],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![("echo.test", vec![echo])],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
         ],
         "",
     )
@@ -50,9 +42,7 @@ async fn sixty_four_mib_cross_zone_flow_is_checksum_verified() {
         r.read_to_end(&mut got).await.unwrap();
         got
     };
-    let (_, got) = tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(send, recv) })
-        .await
-        .unwrap();
+    let (_, got) = tokio::time::timeout(Duration::from_secs(120), async { tokio::join!(send, recv) }).await.unwrap();
     assert_eq!(&got[..2], b"b\n", "banner of the serving zone");
     assert_eq!(got.len() - 2, data.len());
     assert_eq!(sha256(&got[2..]), want, "checksum of the echoed 64 MiB");
@@ -70,19 +60,11 @@ async fn sixty_four_mib_cross_zone_flow_is_checksum_verified() {
     );
     let text = m.gw(0).metrics_text();
     assert_eq!(
-        metric(
-            &text,
-            "causeway_flow_bytes_total",
-            &[("service", "echo.test"), ("direction", "up")]
-        ),
+        metric(&text, "causeway_flow_bytes_total", &[("service", "echo.test"), ("direction", "up")]),
         Some((64 << 20) as f64)
     );
     assert_eq!(
-        metric(
-            &text,
-            "causeway_flow_bytes_total",
-            &[("service", "echo.test"), ("direction", "down")]
-        ),
+        metric(&text, "causeway_flow_bytes_total", &[("service", "echo.test"), ("direction", "down")]),
         Some((64 << 20) as f64 + 2.0)
     );
     assert_eq!(error_logs(), 0);
@@ -122,21 +104,12 @@ async fn a_thousand_concurrent_flows_over_one_gateway_pair() {
             })
         })
         .collect();
-    tokio::time::timeout(Duration::from_secs(60), open.wait())
-        .await
-        .expect("flows did not all open");
+    tokio::time::timeout(Duration::from_secs(60), open.wait()).await.expect("flows did not all open");
     let t = m.gw(0).metrics_text();
-    assert_eq!(
-        metric(&t, "causeway_flows_active", &[("service", "echo.test"), ("zone", "b")]),
-        Some(N as f64)
-    );
+    assert_eq!(metric(&t, "causeway_flows_active", &[("service", "echo.test"), ("zone", "b")]), Some(N as f64));
     close.wait().await;
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(30), t)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap().unwrap();
     }
     // One QUIC connection carried all of them.
     let peers = m.gw(0).mesh.peers_json();
@@ -144,27 +117,14 @@ async fn a_thousand_concurrent_flows_over_one_gateway_pair() {
     assert!(
         eventually(Duration::from_secs(5), || {
             let t = m.gw(0).metrics_text();
-            metric(
-                &t,
-                "causeway_flows_closed_total",
-                &[("service", "echo.test"), ("outcome", "complete")],
-            ) == Some(N as f64)
+            metric(&t, "causeway_flows_closed_total", &[("service", "echo.test"), ("outcome", "complete")])
+                == Some(N as f64)
         })
         .await
     );
     let t = m.gw(0).metrics_text();
-    assert_eq!(
-        metric(
-            &t,
-            "causeway_flows_opened_total",
-            &[("service", "echo.test"), ("zone", "b")]
-        ),
-        Some(N as f64)
-    );
-    assert_eq!(
-        metric(&t, "causeway_flows_active", &[("service", "echo.test")]),
-        Some(0.0)
-    );
+    assert_eq!(metric(&t, "causeway_flows_opened_total", &[("service", "echo.test"), ("zone", "b")]), Some(N as f64));
+    assert_eq!(metric(&t, "causeway_flows_active", &[("service", "echo.test")]), Some(0.0));
     assert!(metric(&t, "causeway_peer_connects_total", &[("result", "ok")]).unwrap_or(0.0) >= 1.0);
     let tb = m.gw(1).metrics_text();
     assert_eq!(
@@ -185,44 +145,20 @@ async fn simultaneous_dials_converge_to_one_connection_per_pair() {
     // Three zones that all know each other's address start at once and all dial.
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![],
-                imports: vec![],
-            },
-            ZoneSpec {
-                zone: "c",
-                exports: vec![],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![] },
+            ZoneSpec { zone: "b", exports: vec![], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![], imports: vec![] },
         ],
         "",
     )
     .unwrap();
-    let (a, b, c) = tokio::join!(
-        m.specs[0].start(&m.pki.dir),
-        m.specs[1].start(&m.pki.dir),
-        m.specs[2].start(&m.pki.dir)
-    );
+    let (a, b, c) =
+        tokio::join!(m.specs[0].start(&m.pki.dir), m.specs[1].start(&m.pki.dir), m.specs[2].start(&m.pki.dir));
     m.gateways = vec![Some(a.unwrap()), Some(b.unwrap()), Some(c.unwrap())];
     let all_up = |m: &TestMesh| {
-        (0..3).all(|i| {
-            m.gw(i).mesh.peers_json()["peers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|p| p["state"] == "up")
-        })
+        (0..3).all(|i| m.gw(i).mesh.peers_json()["peers"].as_array().unwrap().iter().all(|p| p["state"] == "up"))
     };
-    assert!(
-        eventually(Duration::from_secs(10), || all_up(&m)).await,
-        "mesh never came up"
-    );
+    assert!(eventually(Duration::from_secs(10), || all_up(&m)).await, "mesh never came up");
     // Each pair agrees on one connection: what a sees as b's address is b's overlay port and the
     // connection is dialed by exactly one side.
     for i in 0..3 {
@@ -233,13 +169,7 @@ async fn simultaneous_dials_converge_to_one_connection_per_pair() {
             let pi = m.gw(i).mesh.peers_json();
             let pj = m.gw(j).mesh.peers_json();
             let find = |p: &serde_json::Value, id: &str| {
-                p["peers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|x| x["id"] == id)
-                    .cloned()
-                    .unwrap()
+                p["peers"].as_array().unwrap().iter().find(|x| x["id"] == id).cloned().unwrap()
             };
             let i_sees_j = find(&pi, m.ids[j].as_str());
             let j_sees_i = find(&pj, m.ids[i].as_str());
@@ -250,25 +180,11 @@ async fn simultaneous_dials_converge_to_one_connection_per_pair() {
         }
     }
     // And it stays that way (no flapping between duplicates).
-    let before: Vec<_> = (0..3)
-        .map(|i| {
-            metric(
-                &m.gw(i).metrics_text(),
-                "causeway_peer_connects_total",
-                &[("result", "ok")],
-            )
-        })
-        .collect();
+    let before: Vec<_> =
+        (0..3).map(|i| metric(&m.gw(i).metrics_text(), "causeway_peer_connects_total", &[("result", "ok")])).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after: Vec<_> = (0..3)
-        .map(|i| {
-            metric(
-                &m.gw(i).metrics_text(),
-                "causeway_peer_connects_total",
-                &[("result", "ok")],
-            )
-        })
-        .collect();
+    let after: Vec<_> =
+        (0..3).map(|i| metric(&m.gw(i).metrics_text(), "causeway_peer_connects_total", &[("result", "ok")])).collect();
     assert_eq!(before, after, "connections kept being replaced");
     assert!(all_up(&m));
     assert_eq!(error_logs(), 0);
@@ -283,16 +199,8 @@ async fn a_flow_with_no_backend_is_reset_promptly() {
     let dead = backend.local_addr().unwrap();
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![("dead.test", vec![]), ("nowhere.test", vec![])],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![("dead.test", vec![dead])],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("dead.test", vec![]), ("nowhere.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("dead.test", vec![dead])], imports: vec![] },
         ],
         "timing: { health_interval: 1h }\n",
     )
@@ -307,9 +215,7 @@ async fn a_flow_with_no_backend_is_reset_promptly() {
         let r = match tokio::net::TcpStream::connect(addr).await {
             Ok(mut s) => {
                 let mut buf = [0u8; 16];
-                tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf))
-                    .await
-                    .expect("client left hanging")
+                tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await.expect("client left hanging")
             }
             Err(e) => Err(e),
         };
@@ -322,28 +228,16 @@ async fn a_flow_with_no_backend_is_reset_promptly() {
     }
     let t = m.gw(0).metrics_text();
     assert_eq!(
-        metric(
-            &t,
-            "causeway_flows_failed_total",
-            &[("service", "nowhere.test"), ("reason", "unknown_service")]
-        ),
+        metric(&t, "causeway_flows_failed_total", &[("service", "nowhere.test"), ("reason", "unknown_service")]),
         Some(1.0)
     );
     assert_eq!(
-        metric(
-            &t,
-            "causeway_flow_failovers_total",
-            &[("service", "dead.test"), ("reason", "backend_refused")]
-        ),
+        metric(&t, "causeway_flow_failovers_total", &[("service", "dead.test"), ("reason", "backend_refused")]),
         Some(1.0)
     );
     let tb = m.gw(1).metrics_text();
     assert_eq!(
-        metric(
-            &tb,
-            "causeway_inbound_flows_total",
-            &[("service", "dead.test"), ("outcome", "backend_refused")]
-        ),
+        metric(&tb, "causeway_inbound_flows_total", &[("service", "dead.test"), ("outcome", "backend_refused")]),
         Some(1.0)
     );
     m.shutdown().await;
@@ -356,14 +250,7 @@ async fn admin_api_serves_metrics_peers_and_services() {
     let admin = m.gw(0).admin_addr.unwrap();
     let (status, body) = causeway::admin::get(admin, "/metrics").await.unwrap();
     assert_eq!(status, 200);
-    assert_eq!(
-        metric(
-            &body,
-            "causeway_flows_opened_total",
-            &[("service", "echo.test"), ("zone", "b")]
-        ),
-        Some(1.0)
-    );
+    assert_eq!(metric(&body, "causeway_flows_opened_total", &[("service", "echo.test"), ("zone", "b")]), Some(1.0));
     assert_eq!(metric(&body, "causeway_peer_up", &[("peer_zone", "b")]), Some(1.0));
     assert!(metric(&body, "causeway_peer_rtt_seconds", &[("peer_zone", "b")]).is_some_and(|r| r > 0.0 && r < 1.0));
     assert_eq!(causeway::admin::get(admin, "/healthz").await.unwrap().0, 200);

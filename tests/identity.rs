@@ -14,16 +14,8 @@ async fn serving_pair() -> (TestMesh, std::net::SocketAddr) {
     let (echo, _) = echo_server("b".into()).await.unwrap();
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![("echo.test", vec![])],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![("echo.test", vec![echo])],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
         ],
         "",
     )
@@ -35,12 +27,7 @@ async fn serving_pair() -> (TestMesh, std::net::SocketAddr) {
 }
 
 fn refusals(m: &TestMesh, i: usize, reason: &str) -> f64 {
-    metric(
-        &m.gw(i).metrics_text(),
-        "causeway_peer_handshake_failures_total",
-        &[("reason", reason)],
-    )
-    .unwrap_or(0.0)
+    metric(&m.gw(i).metrics_text(), "causeway_peer_handshake_failures_total", &[("reason", reason)]).unwrap_or(0.0)
 }
 
 /// Dials gateway b as a rogue client and expects the connection to be refused.
@@ -48,13 +35,9 @@ async fn expect_refused(m: &TestMesh, creds: (causeway_overlay::Credentials, cau
     // TLS 1.3: the client may finish before the server checks its certificate; the server then
     // closes the connection with a TLS alert. A dial error is a refusal too.
     if let Ok((_ep, conn)) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await {
-        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
-            .await
-            .expect("refused peer left connected");
-        assert!(
-            matches!(closed, quinn::ConnectionError::ConnectionClosed(_)),
-            "{closed:?}"
-        );
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.expect("refused peer left connected");
+        assert!(matches!(closed, quinn::ConnectionError::ConnectionClosed(_)), "{closed:?}");
     }
 }
 
@@ -63,13 +46,8 @@ async fn a_certificate_from_another_ca_is_refused() {
     let (m, listen) = serving_pair().await;
     let other = Pki::new(TRUST_DOMAIN).unwrap();
     // Same SPIFFE ID as the real peer a, issued by a CA b does not trust.
-    let creds = rogue::credentials(
-        &other,
-        &m.ids[0],
-        Validity::for_duration(Duration::from_secs(3600)),
-        &m.pki,
-    )
-    .unwrap();
+    let creds =
+        rogue::credentials(&other, &m.ids[0], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
     expect_refused(&m, creds).await;
     assert!(
         eventually(Duration::from_secs(5), || refusals(&m, 1, "unknown_ca") == 1.0).await,
@@ -87,13 +65,8 @@ async fn a_certificate_from_another_ca_is_refused() {
 async fn the_right_ca_with_an_unexpected_spiffe_id_is_refused() {
     let (m, listen) = serving_pair().await;
     let stranger = m.pki.identity("a", "gw-9");
-    let creds = rogue::credentials(
-        &m.pki,
-        &stranger,
-        Validity::for_duration(Duration::from_secs(3600)),
-        &m.pki,
-    )
-    .unwrap();
+    let creds =
+        rogue::credentials(&m.pki, &stranger, Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
     expect_refused(&m, creds).await;
     assert!(eventually(Duration::from_secs(5), || refusals(&m, 1, "unexpected_identity") == 1.0).await);
     echo_flow(listen, b"still here").await.unwrap();
@@ -103,10 +76,7 @@ async fn the_right_ca_with_an_unexpected_spiffe_id_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_is_refused() {
     let (m, listen) = serving_pair().await;
-    let expired = Validity {
-        not_before_secs: -7200,
-        not_after_secs: -3600,
-    };
+    let expired = Validity { not_before_secs: -7200, not_after_secs: -3600 };
     let creds = rogue::credentials(&m.pki, &m.ids[0], expired, &m.pki).unwrap();
     expect_refused(&m, creds).await;
     assert!(eventually(Duration::from_secs(5), || refusals(&m, 1, "expired") == 1.0).await);
@@ -119,26 +89,15 @@ async fn a_dialing_gateway_refuses_a_peer_presenting_another_identity() {
     init();
     let mut m = TestMesh::plan(
         vec![
-            ZoneSpec {
-                zone: "a",
-                exports: vec![],
-                imports: vec![],
-            },
-            ZoneSpec {
-                zone: "b",
-                exports: vec![],
-                imports: vec![],
-            },
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![] },
+            ZoneSpec { zone: "b", exports: vec![], imports: vec![] },
         ],
         "",
     )
     .unwrap();
     // b's certificate names gw-2, while a expects gw-1 there.
     let wrong = m.pki.identity("b", "gw-2");
-    m.specs[1].tls = m
-        .pki
-        .issue("b-wrong", &wrong, Validity::for_duration(Duration::from_secs(3600)))
-        .unwrap();
+    m.specs[1].tls = m.pki.issue("b-wrong", &wrong, Validity::for_duration(Duration::from_secs(3600))).unwrap();
     m.start_all().await.unwrap();
     assert!(eventually(Duration::from_secs(5), || refusals(&m, 0, "unexpected_identity") >= 1.0).await);
     assert_eq!(m.gw(0).mesh.peers_json()["peers"][0]["state"], "down");

@@ -31,16 +31,11 @@ pub struct Admin {
 
 impl Admin {
     pub async fn bind(addr: SocketAddr, state: AdminState) -> std::io::Result<Self> {
-        Ok(Self {
-            listener: TcpListener::bind(addr).await?,
-            state,
-        })
+        Ok(Self { listener: TcpListener::bind(addr).await?, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     pub async fn run(self, stop: CancellationToken) {
@@ -125,9 +120,8 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> 
     let tcp = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<Bytes>::new())?;
+    let req =
+        Request::get(path).header(hyper::header::HOST, addr.to_string()).body(http_body_util::Empty::<Bytes>::new())?;
     let fut = async {
         let resp = send.send_request(req).await?;
         let status = resp.status().as_u16();

@@ -21,12 +21,7 @@ use crate::listeners::ImportListener;
 /// Reads the TLS files a configuration names and checks that our own identity is in its trust domain.
 /// Errors carry the key path of the offending file.
 pub fn load_tls(cfg: &Config) -> Result<(Credentials, TrustBundle), Vec<ConfigError>> {
-    let err = |path: &str, reason: String| {
-        vec![ConfigError {
-            path: path.into(),
-            reason,
-        }]
-    };
+    let err = |path: &str, reason: String| vec![ConfigError { path: path.into(), reason }];
     let read = |path: &str, p: &std::path::Path| {
         std::fs::read(p).map_err(|e| err(path, format!("cannot read {}: {e}", p.display())))
     };
@@ -36,10 +31,7 @@ pub fn load_tls(cfg: &Config) -> Result<(Credentials, TrustBundle), Vec<ConfigEr
     let creds = crate::certs::credentials_from_pem(&cert, &key).map_err(|e| err("tls.cert", format!("{e:#}")))?;
     let id = creds.identity().map_err(|e| err("tls.cert", e.to_string()))?;
     if id.trust_domain() != cfg.trust_domain {
-        return Err(err(
-            "tls.cert",
-            format!("certificate identity {id} is not in trust_domain {}", cfg.trust_domain),
-        ));
+        return Err(err("tls.cert", format!("certificate identity {id} is not in trust_domain {}", cfg.trust_domain)));
     }
     let bundle = crate::certs::bundle_from_pem(&bundle).map_err(|e| err("tls.bundle", format!("{e:#}")))?;
     Ok((creds, bundle))
@@ -89,14 +81,9 @@ impl Gateway {
         }
         let admin_addr = match cfg.admin {
             Some(addr) => {
-                let state = AdminState {
-                    mesh: mesh.clone(),
-                    metrics: handle.clone(),
-                    ready: ready.clone(),
-                };
-                let admin = Admin::bind(addr, state)
-                    .await
-                    .with_context(|| format!("listen.admin: cannot bind {addr}"))?;
+                let state = AdminState { mesh: mesh.clone(), metrics: handle.clone(), ready: ready.clone() };
+                let admin =
+                    Admin::bind(addr, state).await.with_context(|| format!("listen.admin: cannot bind {addr}"))?;
                 let bound = admin.local_addr();
                 // The admin server outlives the listeners so a drain can be observed (`/ready` is 503).
                 tokio::spawn(admin.run(mesh_stopped(&mesh)));
@@ -112,23 +99,12 @@ impl Gateway {
             zone = %cfg.zone, gateway = %cfg.gateway, identity = %mesh.identity(), overlay = %overlay_addr,
             admin = ?admin_addr, imports = ?import_addrs, "gateway.started"
         );
-        Ok(Self {
-            mesh,
-            overlay_addr,
-            admin_addr,
-            import_addrs,
-            metrics: handle,
-            stop_listeners: stop,
-            tasks,
-        })
+        Ok(Self { mesh, overlay_addr, admin_addr, import_addrs, metrics: handle, stop_listeners: stop, tasks })
     }
 
     /// The local listener of an imported service.
     pub fn import_addr(&self, service: &str) -> Option<SocketAddr> {
-        self.import_addrs
-            .iter()
-            .find(|(s, _)| s.as_str() == service)
-            .map(|(_, a)| *a)
+        self.import_addrs.iter().find(|(s, _)| s.as_str() == service).map(|(_, a)| *a)
     }
 
     /// Prometheus text of this gateway's metrics.

@@ -48,10 +48,7 @@ pub struct Validity {
 impl Validity {
     pub fn for_duration(d: Duration) -> Self {
         // Backdated a minute to tolerate clock skew between zones.
-        Self {
-            not_before_secs: -60,
-            not_after_secs: d.as_secs() as i64,
-        }
+        Self { not_before_secs: -60, not_after_secs: d.as_secs() as i64 }
     }
 }
 
@@ -67,21 +64,13 @@ pub fn new_ca(td: &TrustDomain, validity: Validity) -> anyhow::Result<Ca> {
     dn.push(DnType::OrganizationName, "Causeway");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p.not_before = at(validity.not_before_secs);
     p.not_after = at(validity.not_after_secs);
     // The URI SAN tells which trust domain this root serves (SPIFFE bundle convention).
     p.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into()?)];
     let cert = p.self_signed(&key)?;
-    Ok(Ca {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        trust_domain: td.clone(),
-    })
+    Ok(Ca { cert_pem: cert.pem(), key_pem: key.serialize_pem(), trust_domain: td.clone() })
 }
 
 pub fn issue(ca: &Ca, id: &Identity, validity: Validity) -> anyhow::Result<Leaf> {
@@ -101,10 +90,7 @@ pub fn issue(ca: &Ca, id: &Identity, validity: Validity) -> anyhow::Result<Leaf>
     p.not_after = at(validity.not_after_secs);
     p.use_authority_key_identifier_extension = true;
     let cert = p.signed_by(&key, &issuer)?;
-    Ok(Leaf {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
@@ -133,11 +119,7 @@ pub fn load_ca_dir(dir: &Path) -> anyhow::Result<Ca> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("CA certificate PEM")?;
     let id = causeway_overlay::tls::spiffe_id_any(&der)
         .map_err(|r| anyhow::anyhow!("the CA certificate names no spiffe:// trust domain ({})", r.as_str()))?;
-    Ok(Ca {
-        cert_pem,
-        key_pem,
-        trust_domain: id.trust_domain(),
-    })
+    Ok(Ca { cert_pem, key_pem, trust_domain: id.trust_domain() })
 }
 
 /// `causeway certs issue`: writes `cert.pem` (leaf then CA) and `key.pem` into `out`, and a copy of
@@ -154,9 +136,7 @@ pub fn issue_dir(ca_dir: &Path, id: &Identity, out: &Path, validity: Duration) -
 
 /// Parses PEM credentials (chain, leaf first, and a PKCS#8/SEC1 key).
 pub fn credentials_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<Credentials> {
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .context("certificate PEM")?;
+    let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().context("certificate PEM")?;
     if chain.is_empty() {
         bail!("no certificate in PEM");
     }
@@ -165,8 +145,6 @@ pub fn credentials_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<C
 }
 
 pub fn bundle_from_pem(pem: &[u8]) -> anyhow::Result<TrustBundle> {
-    let cas = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .context("bundle PEM")?;
+    let cas = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().context("bundle PEM")?;
     Ok(TrustBundle::new(&cas)?)
 }

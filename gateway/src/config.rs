@@ -196,16 +196,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     let fail = |path: &str, reason: String| ConfigErrors {
         file: file.clone(),
-        errors: vec![ConfigError {
-            path: path.into(),
-            reason,
-        }],
+        errors: vec![ConfigError { path: path.into(), reason }],
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail("", format!("cannot read: {e}")))?;
-    let mut cfg = parse(&text).map_err(|errors| ConfigErrors {
-        file: file.clone(),
-        errors,
-    })?;
+    let mut cfg = parse(&text).map_err(|errors| ConfigErrors { file: file.clone(), errors })?;
     let base = path.parent().unwrap_or(Path::new("."));
     for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.bundle] {
         if p.is_relative() {
@@ -231,10 +225,7 @@ struct Errors(Vec<ConfigError>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, reason: impl fmt::Display) {
-        self.0.push(ConfigError {
-            path: path.into(),
-            reason: reason.to_string(),
-        });
+        self.0.push(ConfigError { path: path.into(), reason: reason.to_string() });
     }
 
     fn parse<T, E: fmt::Display>(&mut self, path: impl Into<String>, r: Result<T, E>) -> Option<T> {
@@ -249,8 +240,7 @@ impl Errors {
 }
 
 fn addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .map_err(|_| format!("{s:?} is not an IP:port address"))
+    s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:port address"))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -262,34 +252,20 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     let zone = e.parse("zone", ZoneName::new(&raw.zone));
     let gateway = e.parse("gateway", GatewayId::new(&raw.gateway));
     let trust_domain = e.parse("trust_domain", TrustDomain::new(&raw.trust_domain));
-    for (k, p) in [
-        ("tls.cert", &raw.tls.cert),
-        ("tls.key", &raw.tls.key),
-        ("tls.bundle", &raw.tls.bundle),
-    ] {
+    for (k, p) in [("tls.cert", &raw.tls.cert), ("tls.key", &raw.tls.key), ("tls.bundle", &raw.tls.bundle)] {
         if p.as_os_str().is_empty() {
             e.push(k, "must name a file");
         }
     }
     let overlay = e.parse("listen.overlay", addr(&raw.listen.overlay));
-    let admin = raw
-        .listen
-        .admin
-        .as_deref()
-        .and_then(|a| e.parse("listen.admin", addr(a)));
+    let admin = raw.listen.admin.as_deref().and_then(|a| e.parse("listen.admin", addr(a)));
 
     let mut peers = Vec::new();
     let mut seen_peers = HashSet::new();
     for (i, p) in raw.peers.iter().enumerate() {
         let id = e.parse(format!("peers[{i}].id"), Identity::parse(&p.id));
-        let address = p
-            .address
-            .as_deref()
-            .and_then(|a| e.parse(format!("peers[{i}].address"), addr(a)));
-        let pzone = p
-            .zone
-            .as_deref()
-            .and_then(|z| e.parse(format!("peers[{i}].zone"), ZoneName::new(z)));
+        let address = p.address.as_deref().and_then(|a| e.parse(format!("peers[{i}].address"), addr(a)));
+        let pzone = p.zone.as_deref().and_then(|z| e.parse(format!("peers[{i}].zone"), ZoneName::new(z)));
         if let Some(id) = id {
             if !seen_peers.insert(id.clone()) {
                 e.push(format!("peers[{i}].id"), format!("{id} is listed twice"));
@@ -300,11 +276,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                     format!("trust domain {} differs from trust_domain {td}", id.trust_domain()),
                 );
             }
-            peers.push(PeerSpec {
-                id,
-                address,
-                zone: pzone,
-            });
+            peers.push(PeerSpec { id, address, zone: pzone });
         }
     }
 
@@ -348,13 +320,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 e.push(path("name"), format!("{name} is exported twice"));
             }
             let labels = x.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            exports.push(Export {
-                name,
-                protocol,
-                port: x.port,
-                endpoints,
-                labels,
-            });
+            exports.push(Export { name, protocol, port: x.port, endpoints, labels });
         }
     }
 
@@ -372,10 +338,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             .collect();
         if let Some(l) = listen {
             if l.port() != 0 && (!seen_listen.insert(l) || Some(l) == admin) {
-                e.push(
-                    format!("imports[{i}].listen"),
-                    format!("{l} is already used by another listener"),
-                );
+                e.push(format!("imports[{i}].listen"), format!("{l} is already used by another listener"));
             }
         }
         if let (Some(service), Some(listen)) = (service, listen) {
@@ -403,16 +366,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         set("ping_interval", &t.ping_interval, &mut timing.ping_interval);
         set("peer_timeout", &t.peer_timeout, &mut timing.peer_timeout);
         set("handshake_timeout", &t.handshake_timeout, &mut timing.handshake_timeout);
-        set(
-            "flow_connect_timeout",
-            &t.flow_connect_timeout,
-            &mut timing.flow_connect_timeout,
-        );
-        set(
-            "backend_connect_timeout",
-            &t.backend_connect_timeout,
-            &mut timing.backend_connect_timeout,
-        );
+        set("flow_connect_timeout", &t.flow_connect_timeout, &mut timing.flow_connect_timeout);
+        set("backend_connect_timeout", &t.backend_connect_timeout, &mut timing.backend_connect_timeout);
         set("header_timeout", &t.header_timeout, &mut timing.header_timeout);
         set("backoff_min", &t.backoff_min, &mut timing.backoff_min);
         set("backoff_max", &t.backoff_max, &mut timing.backoff_max);
@@ -458,11 +413,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             zone,
             gateway,
             trust_domain,
-            tls: TlsPaths {
-                cert: raw.tls.cert.clone(),
-                key: raw.tls.key.clone(),
-                bundle: raw.tls.bundle.clone(),
-            },
+            tls: TlsPaths { cert: raw.tls.cert.clone(), key: raw.tls.key.clone(), bundle: raw.tls.bundle.clone() },
             overlay,
             admin,
             peers,
@@ -473,10 +424,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             log_format,
             log_level,
         }),
-        _ => Err(vec![ConfigError {
-            path: String::new(),
-            reason: "incomplete configuration".into(),
-        }]),
+        _ => Err(vec![ConfigError { path: String::new(), reason: "incomplete configuration".into() }]),
     }
 }
 
@@ -527,15 +475,7 @@ timing: { ping_interval: 100ms, peer_timeout: 500ms }
             .replace("ping_interval: 100ms", "ping_interval: soon");
         let errs = parse(&bad).unwrap_err();
         let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            vec![
-                "zone",
-                "peers[0].address",
-                "exports[0].endpoints[0]",
-                "timing.ping_interval"
-            ]
-        );
+        assert_eq!(paths, vec!["zone", "peers[0].address", "exports[0].endpoints[0]", "timing.ping_interval"]);
     }
 
     #[test]

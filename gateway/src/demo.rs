@@ -34,11 +34,8 @@ impl Pki {
     }
 
     pub fn identity(&self, zone: &str, gateway: &str) -> Identity {
-        Identity::parse(&format!(
-            "spiffe://{}/zone/{zone}/gateway/{gateway}",
-            self.ca.trust_domain
-        ))
-        .unwrap_or_else(|e| unreachable!("zone and gateway names form a valid SPIFFE ID: {e}"))
+        Identity::parse(&format!("spiffe://{}/zone/{zone}/gateway/{gateway}", self.ca.trust_domain))
+            .unwrap_or_else(|e| unreachable!("zone and gateway names form a valid SPIFFE ID: {e}"))
     }
 
     /// Issues a certificate for `id` with `validity` and writes `<name>.crt`/`<name>.key`; returns
@@ -113,16 +110,10 @@ pub async fn echo_flow(addr: SocketAddr, payload: &[u8]) -> anyhow::Result<(Stri
     let (wr, rd) = tokio::join!(write, read);
     let buf = rd.context("read")?;
     wr.context("write")?;
-    let Some(nl) = buf.iter().position(|b| *b == b'\n') else {
-        bail!("no banner: the flow was reset or empty")
-    };
+    let Some(nl) = buf.iter().position(|b| *b == b'\n') else { bail!("no banner: the flow was reset or empty") };
     let banner = String::from_utf8_lossy(&buf[..nl]).into_owned();
     if &buf[nl + 1..] != payload {
-        bail!(
-            "echo mismatch: sent {} bytes, got {} back",
-            payload.len(),
-            buf.len() - nl - 1
-        );
+        bail!("echo mismatch: sent {} bytes, got {} back", payload.len(), buf.len() - nl - 1);
     }
     Ok((banner, start.elapsed()))
 }
@@ -149,11 +140,7 @@ impl GatewaySpec {
     pub fn yaml(&self) -> String {
         let p = |p: &Path| p.display().to_string();
         let mut y = String::new();
-        let _ = writeln!(
-            y,
-            "zone: {}\ngateway: {}\ntrust_domain: {}",
-            self.zone, self.gateway, self.trust_domain
-        );
+        let _ = writeln!(y, "zone: {}\ngateway: {}\ntrust_domain: {}", self.zone, self.gateway, self.trust_domain);
         let _ = writeln!(
             y,
             "tls: {{ cert: \"{}\", key: \"{}\", bundle: \"{}\" }}",
@@ -176,19 +163,11 @@ impl GatewaySpec {
         y.push_str("exports:\n");
         for (name, port, eps) in &self.exports {
             let eps: Vec<String> = eps.iter().map(|e| format!("\"{e}\"")).collect();
-            let _ = writeln!(
-                y,
-                "  - {{ name: {name}, port: {port}, endpoints: [{}] }}",
-                eps.join(", ")
-            );
+            let _ = writeln!(y, "  - {{ name: {name}, port: {port}, endpoints: [{}] }}", eps.join(", "));
         }
         y.push_str("imports:\n");
         for (svc, listen, prefs) in &self.imports {
-            let _ = writeln!(
-                y,
-                "  - {{ service: {svc}, listen: \"{listen}\", prefer_zones: [{}] }}",
-                prefs.join(", ")
-            );
+            let _ = writeln!(y, "  - {{ service: {svc}, listen: \"{listen}\", prefer_zones: [{}] }}", prefs.join(", "));
         }
         y.push_str(&self.extra);
         y
@@ -224,14 +203,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 async fn run_phase(name: &'static str, addr: SocketAddr, flows: usize, bytes: usize) -> Phase {
     let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     let payload = std::sync::Arc::new(payload);
-    let mut ph = Phase {
-        name,
-        ok: 0,
-        failed: 0,
-        bytes: 0,
-        latencies: vec![],
-        zones: Default::default(),
-    };
+    let mut ph = Phase { name, ok: 0, failed: 0, bytes: 0, latencies: vec![], zones: Default::default() };
     // 16 flows at a time.
     for chunk in (0..flows).collect::<Vec<_>>().chunks(16) {
         let tasks: Vec<_> = chunk
@@ -285,29 +257,18 @@ pub async fn run(flows: usize, bytes: usize) -> anyhow::Result<bool> {
         let tls = pki.issue(zone, &ids[i], Validity::for_duration(Duration::from_secs(3600)))?;
         let peers = (0..zones.len())
             .filter(|j| *j != i)
-            .map(|j| {
-                (
-                    ids[j].clone(),
-                    Some(SocketAddr::from(([127, 0, 0, 1], ports[j]))),
-                    zones[j].to_string(),
-                )
-            })
+            .map(|j| (ids[j].clone(), Some(SocketAddr::from(([127, 0, 0, 1], ports[j]))), zones[j].to_string()))
             .collect();
         let exports = match *zone {
             "us" => vec![("orders.shop".to_string(), 8080, vec![us_echo])],
-            "ap" => vec![
-                ("orders.shop".to_string(), 8080, vec![ap_echo]),
-                ("catalog.shop".to_string(), 8080, vec![ap_cat]),
-            ],
+            "ap" => {
+                vec![("orders.shop".to_string(), 8080, vec![ap_echo]), ("catalog.shop".to_string(), 8080, vec![ap_cat])]
+            }
             _ => vec![],
         };
         let imports = match *zone {
             "eu" => vec![
-                (
-                    "orders.shop".to_string(),
-                    "127.0.0.1:0".parse()?,
-                    vec!["us".to_string()],
-                ),
+                ("orders.shop".to_string(), "127.0.0.1:0".parse()?, vec!["us".to_string()]),
                 ("catalog.shop".to_string(), "127.0.0.1:0".parse()?, vec![]),
             ],
             _ => vec![],
@@ -376,21 +337,14 @@ pub async fn run(flows: usize, bytes: usize) -> anyhow::Result<bool> {
     };
     phases.push(run_phase("orders.shop after failover", orders, flows, bytes).await);
 
-    println!(
-        "\n{:<28} {:>6} {:>6} {:>10} {:>9} {:>9}  served by",
-        "phase", "ok", "failed", "MiB", "p50 ms", "p99 ms"
-    );
+    println!("\n{:<28} {:>6} {:>6} {:>10} {:>9} {:>9}  served by", "phase", "ok", "failed", "MiB", "p50 ms", "p99 ms");
     let mut all_ok = true;
     for ph in &phases {
         let zones: Vec<String> = ph
             .zones
             .iter()
             .map(|(b, n)| {
-                format!(
-                    "{} ×{n}",
-                    b.trim_start_matches("served by ")
-                        .trim_start_matches("catalog served by ")
-                )
+                format!("{} ×{n}", b.trim_start_matches("served by ").trim_start_matches("catalog served by "))
             })
             .collect();
         println!(
@@ -429,13 +383,6 @@ pub async fn run(flows: usize, bytes: usize) -> anyhow::Result<bool> {
         g.shutdown().await;
     }
     eu.shutdown().await;
-    println!(
-        "{}",
-        if all_ok {
-            "demo: all checks passed"
-        } else {
-            "demo: some checks FAILED"
-        }
-    );
+    println!("{}", if all_ok { "demo: all checks passed" } else { "demo: some checks FAILED" });
     Ok(all_ok)
 }

@@ -23,11 +23,7 @@ pub const BACKLOG: u32 = 4096;
 
 /// Binds a TCP listener with [`BACKLOG`].
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(BACKLOG)
@@ -40,16 +36,11 @@ pub struct ImportListener {
 
 impl ImportListener {
     pub async fn bind(addr: SocketAddr, service: ServiceName) -> std::io::Result<Self> {
-        Ok(Self {
-            listener: listen(addr)?,
-            service,
-        })
+        Ok(Self { listener: listen(addr)?, service })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// Accepts until `stop`, handing each connection to the mesh. A permit is taken before accepting
@@ -76,10 +67,7 @@ impl ImportListener {
             };
             let mesh = mesh.clone();
             let service = self.service.clone();
-            let source = Source {
-                identity: identity.clone(),
-                addr,
-            };
+            let source = Source { identity: identity.clone(), addr };
             let span = tracing::info_span!("flow", service = %service, client = %addr);
             tokio::spawn(
                 async move {

@@ -11,11 +11,7 @@ use causeway_protocol::{Identity, TrustDomain};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "causeway",
-    version,
-    about = "Zone gateways joined by an encrypted QUIC/HTTP3 overlay"
-)]
+#[command(name = "causeway", version, about = "Zone gateways joined by an encrypted QUIC/HTTP3 overlay")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -119,26 +115,13 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 /// Loads and validates a config and its TLS files, printing every error.
 fn load(
     path: &std::path::Path,
-) -> Result<
-    (
-        config::Config,
-        causeway_overlay::Credentials,
-        causeway_overlay::TrustBundle,
-    ),
-    ExitCode,
-> {
+) -> Result<(config::Config, causeway_overlay::Credentials, causeway_overlay::TrustBundle), ExitCode> {
     let cfg = config::load(path).map_err(|e| {
         eprint!("{e}");
         ExitCode::from(2)
     })?;
     let (creds, bundle) = app::load_tls(&cfg).map_err(|errors| {
-        eprint!(
-            "{}",
-            config::ConfigErrors {
-                file: path.display().to_string(),
-                errors
-            }
-        );
+        eprint!("{}", config::ConfigErrors { file: path.display().to_string(), errors });
         ExitCode::from(2)
     })?;
     Ok((cfg, creds, bundle))
@@ -208,11 +191,7 @@ async fn wait_for_signal() {
 fn certs_cmd(cmd: CertsCmd) -> ExitCode {
     let days = |d: u64| Duration::from_secs(d.saturating_mul(86_400));
     let res = match cmd {
-        CertsCmd::Init {
-            trust_domain,
-            out,
-            days: d,
-        } => match TrustDomain::new(&trust_domain) {
+        CertsCmd::Init { trust_domain, out, days: d } => match TrustDomain::new(&trust_domain) {
             Ok(td) => certs::init_dir(&td, &out, days(d)).map(|_| println!("CA for {td} written to {}", out.display())),
             Err(e) => {
                 eprintln!("--trust-domain: {e}");
@@ -242,16 +221,10 @@ async fn status(admin: std::net::SocketAddr) -> anyhow::Result<()> {
     let (_, services) = causeway::admin::get(admin, "/services").await?;
     let peers: serde_json::Value = serde_json::from_str(&peers)?;
     let services: serde_json::Value = serde_json::from_str(&services)?;
-    println!(
-        "gateway {} in zone {} ({})",
-        peers["gateway"], peers["zone"], peers["identity"]
-    );
+    println!("gateway {} in zone {} ({})", peers["gateway"], peers["zone"], peers["identity"]);
     println!("\n{:<48} {:<12} {:<10} {:>9}", "PEER", "ZONE", "STATE", "RTT ms");
     for p in peers["peers"].as_array().into_iter().flatten() {
-        let rtt = p["rtt_ms"]
-            .as_f64()
-            .map(|r| format!("{r:.2}"))
-            .unwrap_or_else(|| "-".into());
+        let rtt = p["rtt_ms"].as_f64().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
         println!(
             "{:<48} {:<12} {:<10} {:>9}",
             p["id"].as_str().unwrap_or(""),
@@ -262,20 +235,11 @@ async fn status(admin: std::net::SocketAddr) -> anyhow::Result<()> {
     }
     println!("\n{:<32} ROUTE ORDER", "SERVICE");
     for s in services["services"].as_array().into_iter().flatten() {
-        let order: Vec<&str> = s["route_order"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .collect();
+        let order: Vec<&str> = s["route_order"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
         println!(
             "{:<32} {}",
             s["name"].as_str().unwrap_or(""),
-            if order.is_empty() {
-                "(unavailable)".into()
-            } else {
-                order.join(" > ")
-            }
+            if order.is_empty() { "(unavailable)".into() } else { order.join(" > ") }
         );
     }
     Ok(())

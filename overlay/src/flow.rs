@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use causeway_protocol::flow::{FlowError, ERROR, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT};
 use causeway_protocol::trace::TraceParent;
-use causeway_protocol::{ErrorCode, Identity, ServiceName, ZoneName};
+use causeway_protocol::{Identity, ServiceName, ZoneName};
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -76,11 +76,7 @@ impl Drop for FlowLog {
 
 fn new_trace() -> TraceParent {
     let mut rng = rand::rng();
-    TraceParent {
-        trace_id: rng.random::<u128>() | 1,
-        span_id: rng.random::<u64>() | 1,
-        sampled: true,
-    }
+    TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
 }
 
 /// Decrements the active-flow count when the flow ends, however it ends.
@@ -107,18 +103,52 @@ enum AttemptError {
     Unreachable(&'static str),
 }
 
+/// The client side of a flow entering the mesh at this gateway.
+pub enum Downstream {
+    /// A TCP client of a local listener.
+    Tcp(TcpStream),
+    /// A CONNECT from a redirector, not yet answered: the answer is 200 once the flow is established,
+    /// or an error status.
+    Stream(Box<ServerStream>),
+}
+
+pub type ServerStream = h3::server::RequestStream<crate::h3q::BidiStream, Bytes>;
+
+/// Where a new flow was established.
+// It lives only between connecting and relaying, on the flow's own task; boxing the large variant
+// would cost an allocation per flow for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Upstream {
+    Local(TcpStream, SocketAddr),
+    Remote(relay::ClientSend, relay::ClientRecv, ZoneName, Identity),
+}
+
+impl Downstream {
+    /// Refuses the flow: a TCP client gets a reset, a redirector an error status (it resets its client).
+    async fn refuse(self, e: FlowError) {
+        match self {
+            Downstream::Tcp(tcp) => relay::abort(tcp),
+            Downstream::Stream(mut s) => {
+                let resp =
+                    http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
+                if s.send_response(resp).await.is_ok() {
+                    let _ = s.finish().await;
+                }
+            }
+        }
+    }
+}
+
 impl Mesh {
     /// Serves one TCP client of this gateway that wants `service`, until the flow ends.
     pub async fn serve_client(&self, tcp: TcpStream, service: ServiceName, source: Source) {
-        let Some(_guard) = self.flow_guard() else {
-            self.0
-                .metrics
-                .counter(FLOWS_FAILED, &[("service", service.as_str()), ("reason", "draining")])
-                .increment(1);
-            relay::abort(tcp);
-            return;
-        };
         let _ = tcp.set_nodelay(true);
+        self.serve(Downstream::Tcp(tcp), service, source, None).await
+    }
+
+    /// Routes a flow to the best zone offering `service` and relays it until it ends. Tries the next
+    /// candidate when one refuses or fails before the flow is established.
+    pub async fn serve(&self, down: Downstream, service: ServiceName, source: Source, trace: Option<TraceParent>) {
         let start = Instant::now();
         let mut log = FlowLog {
             direction: "outbound",
@@ -127,7 +157,7 @@ impl Mesh {
             source: source.addr.to_string(),
             zone: String::new(),
             peer: String::new(),
-            trace: new_trace(),
+            trace: trace.map(|t| t.child(new_trace().span_id)).unwrap_or_else(new_trace),
             start,
             outcome: "failed",
             error: "",
@@ -135,54 +165,122 @@ impl Mesh {
             down: 0,
             attempts: 0,
         };
+        let Some(_guard) = self.flow_guard() else {
+            log.error = "draining";
+            self.flow_failed(&service, "draining");
+            return down.refuse(FlowError::Draining).await;
+        };
         let candidates = self.routes().candidates(&service);
         if candidates.is_empty() {
-            let reason = if self.routes().knows(&service) {
-                "no_healthy_zone"
+            let (reason, e) = if self.routes().knows(&service) {
+                ("no_healthy_zone", FlowError::NoHealthyEndpoint)
             } else {
-                "unknown_service"
+                ("unknown_service", FlowError::UnknownService)
             };
             log.error = reason;
-            self.0
-                .metrics
-                .counter(FLOWS_FAILED, &[("service", service.as_str()), ("reason", reason)])
-                .increment(1);
-            relay::abort(tcp);
-            return;
+            self.flow_failed(&service, reason);
+            return down.refuse(e).await;
         }
+        let mut upstream = None;
+        let mut last = FlowError::NoHealthyEndpoint;
         for target in candidates.into_iter().take(MAX_ATTEMPTS) {
             log.attempts += 1;
-            match target {
-                Target::Local => match self.connect_local(&service).await {
-                    Ok((backend, addr)) => {
-                        log.zone = self.0.zone.to_string();
-                        log.peer = addr.to_string();
-                        self.relay_local(tcp, backend, &service, start, &mut log).await;
-                        return;
-                    }
-                    Err(e) => self.failover(&service, e.as_str()),
-                },
-                Target::Peer(id) => match self.open_remote(&service, &id, &source, &log.trace).await {
-                    Ok((tx, rx, zone)) => {
-                        log.zone = zone.to_string();
-                        log.peer = id.to_string();
-                        self.relay_remote(tcp, tx, rx, &service, &zone, start, &mut log).await;
-                        return;
-                    }
-                    Err(AttemptError::Refused(e)) => self.failover(&service, e.as_str()),
-                    Err(AttemptError::Unreachable(why)) => self.failover(&service, why),
-                },
+            let attempt = match target {
+                Target::Local => self
+                    .connect_local(&service)
+                    .await
+                    .map(|(tcp, addr)| Upstream::Local(tcp, addr))
+                    .map_err(|e| (e, e.as_str())),
+                Target::Peer(id) => self
+                    .open_remote(&service, &id, &source, &log.trace)
+                    .await
+                    .map(|(tx, rx, zone)| Upstream::Remote(tx, rx, zone, id))
+                    .map_err(|e| match e {
+                        AttemptError::Refused(e) => (e, e.as_str()),
+                        AttemptError::Unreachable(why) => (FlowError::BackendRefused, why),
+                    }),
+            };
+            match attempt {
+                Ok(u) => {
+                    upstream = Some(u);
+                    break;
+                }
+                Err((e, why)) => {
+                    last = e;
+                    self.failover(&service, why);
+                }
             }
         }
-        log.error = "all_zones_failed";
-        self.0
-            .metrics
-            .counter(
-                FLOWS_FAILED,
-                &[("service", service.as_str()), ("reason", "all_zones_failed")],
-            )
-            .increment(1);
-        relay::abort(tcp);
+        let Some(upstream) = upstream else {
+            log.error = "all_zones_failed";
+            self.flow_failed(&service, "all_zones_failed");
+            return down.refuse(last).await;
+        };
+        let zone = match &upstream {
+            Upstream::Local(_, addr) => {
+                log.peer = addr.to_string();
+                self.0.zone.clone()
+            }
+            Upstream::Remote(_, _, zone, id) => {
+                log.peer = id.to_string();
+                zone.clone()
+            }
+        };
+        log.zone = zone.to_string();
+        let labels = [("service", service.as_str()), ("zone", zone.as_str())];
+        let m = &self.0.metrics;
+        m.counter(FLOWS_OPENED, &labels).increment(1);
+        m.histogram(FLOW_CONNECT, &labels).record(start.elapsed().as_secs_f64());
+        let _active = Active::new(self, m.gauge(FLOWS_ACTIVE, &labels));
+        let counters = Counters {
+            up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", zone.as_str()), ("direction", "up")]),
+            down: m
+                .counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", zone.as_str()), ("direction", "down")]),
+        };
+        let (outcome, up, down_bytes) = match (down, upstream) {
+            (Downstream::Tcp(tcp), Upstream::Local(b, _)) => {
+                let ((mut cs, mut ck), (mut us, mut uk)) = (relay::tcp(tcp), relay::tcp(b));
+                relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
+            }
+            (Downstream::Tcp(tcp), Upstream::Remote(mut tx, mut rx, ..)) => {
+                let (mut cs, mut ck) = relay::tcp(tcp);
+                relay::relay((&mut cs, &mut ck), (&mut rx, &mut tx), &counters).await
+            }
+            (Downstream::Stream(s), up) => {
+                let mut s = *s;
+                let ok = http::Response::builder().status(200).body(()).unwrap_or_default();
+                if s.send_response(ok).await.is_err() {
+                    if let Upstream::Local(b, _) = up {
+                        relay::abort(b);
+                    }
+                    (Outcome::ClientReset, 0, 0)
+                } else {
+                    let (mut ck, mut cs) = s.split();
+                    match up {
+                        Upstream::Local(b, _) => {
+                            let (mut us, mut uk) = relay::tcp(b);
+                            relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
+                        }
+                        Upstream::Remote(mut tx, mut rx, ..) => {
+                            relay::relay((&mut cs, &mut ck), (&mut rx, &mut tx), &counters).await
+                        }
+                    }
+                }
+            }
+        };
+        m.counter(
+            FLOWS_CLOSED,
+            &[("service", service.as_str()), ("zone", zone.as_str()), ("outcome", outcome.as_str())],
+        )
+        .increment(1);
+        m.histogram(FLOW_DURATION, &labels).record(start.elapsed().as_secs_f64());
+        log.outcome = outcome.as_str();
+        log.up = up;
+        log.down = down_bytes;
+    }
+
+    fn flow_failed(&self, service: &ServiceName, reason: &str) {
+        self.0.metrics.counter(FLOWS_FAILED, &[("service", service.as_str()), ("reason", reason)]).increment(1);
     }
 
     /// A token that keeps a drain waiting while the flow runs; `None` once draining started.
@@ -194,10 +292,7 @@ impl Mesh {
     }
 
     fn failover(&self, service: &ServiceName, reason: &str) {
-        self.0
-            .metrics
-            .counter(FAILOVERS, &[("service", service.as_str()), ("reason", reason)])
-            .increment(1);
+        self.0.metrics.counter(FAILOVERS, &[("service", service.as_str()), ("reason", reason)]).increment(1);
     }
 
     async fn open_remote(
@@ -214,10 +309,7 @@ impl Mesh {
             let port = entry.services.get(service).map(|a| a.port).unwrap_or(0);
             drop(routes);
             let conns = self.conns();
-            let req = conns
-                .get(peer)
-                .and_then(|c| c.requests.clone())
-                .ok_or(AttemptError::Unreachable("peer_down"))?;
+            let req = conns.get(peer).and_then(|c| c.requests.clone()).ok_or(AttemptError::Unreachable("peer_down"))?;
             (req, zone, port)
         };
         let req = http::Request::connect(format!("{service}:{port}"))
@@ -227,14 +319,8 @@ impl Mesh {
             .body(())
             .map_err(|_| AttemptError::Refused(FlowError::BadRequest))?;
         let attempt = async {
-            let mut stream = requests
-                .send_request(req)
-                .await
-                .map_err(|_| AttemptError::Unreachable("stream_error"))?;
-            let resp = stream
-                .recv_response()
-                .await
-                .map_err(|_| AttemptError::Unreachable("stream_error"))?;
+            let mut stream = requests.send_request(req).await.map_err(|_| AttemptError::Unreachable("stream_error"))?;
+            let resp = stream.recv_response().await.map_err(|_| AttemptError::Unreachable("stream_error"))?;
             if resp.status() != http::StatusCode::OK {
                 let reason = resp
                     .headers()
@@ -251,98 +337,6 @@ impl Mesh {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(AttemptError::Unreachable("connect_timeout")),
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn relay_remote(
-        &self,
-        tcp: TcpStream,
-        mut tx: relay::ClientSend,
-        mut rx: relay::ClientRecv,
-        service: &ServiceName,
-        zone: &ZoneName,
-        start: Instant,
-        log: &mut FlowLog,
-    ) {
-        let labels = [("service", service.as_str()), ("zone", zone.as_str())];
-        let m = &self.0.metrics;
-        m.counter(FLOWS_OPENED, &labels).increment(1);
-        m.histogram(FLOW_CONNECT, &labels).record(start.elapsed().as_secs_f64());
-        let _active = Active::new(self, m.gauge(FLOWS_ACTIVE, &labels));
-        let counters = self.counters(service, zone.as_str());
-        let (outcome, up, down) = relay::relay(tcp, &mut tx, &mut rx, &counters, ErrorCode::FLOW_CLIENT_RESET).await;
-        self.finish_flow(service, zone.as_str(), outcome, up, down, start, log);
-    }
-
-    async fn relay_local(
-        &self,
-        tcp: TcpStream,
-        backend: TcpStream,
-        service: &ServiceName,
-        start: Instant,
-        log: &mut FlowLog,
-    ) {
-        let zone = self.0.zone.clone();
-        let labels = [("service", service.as_str()), ("zone", zone.as_str())];
-        let m = &self.0.metrics;
-        m.counter(FLOWS_OPENED, &labels).increment(1);
-        m.histogram(FLOW_CONNECT, &labels).record(start.elapsed().as_secs_f64());
-        let _active = Active::new(self, m.gauge(FLOWS_ACTIVE, &labels));
-        let (mut a, mut b) = (tcp, backend);
-        let (outcome, up, down) = match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-            Ok((up, down)) => (Outcome::Complete, up, down),
-            Err(_) => {
-                relay::abort(a);
-                relay::abort(b);
-                (Outcome::TcpReset, 0, 0)
-            }
-        };
-        let counters = self.counters(service, zone.as_str());
-        counters.up.increment(up);
-        counters.down.increment(down);
-        self.finish_flow(service, zone.as_str(), outcome, up, down, start, log);
-    }
-
-    fn counters(&self, service: &ServiceName, zone: &str) -> Counters {
-        let m = &self.0.metrics;
-        Counters {
-            up: m.counter(
-                FLOW_BYTES,
-                &[("service", service.as_str()), ("zone", zone), ("direction", "up")],
-            ),
-            down: m.counter(
-                FLOW_BYTES,
-                &[("service", service.as_str()), ("zone", zone), ("direction", "down")],
-            ),
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn finish_flow(
-        &self,
-        service: &ServiceName,
-        zone: &str,
-        outcome: Outcome,
-        up: u64,
-        down: u64,
-        start: Instant,
-        log: &mut FlowLog,
-    ) {
-        let m = &self.0.metrics;
-        m.counter(
-            FLOWS_CLOSED,
-            &[
-                ("service", service.as_str()),
-                ("zone", zone),
-                ("outcome", outcome.as_str()),
-            ],
-        )
-        .increment(1);
-        m.histogram(FLOW_DURATION, &[("service", service.as_str()), ("zone", zone)])
-            .record(start.elapsed().as_secs_f64());
-        log.outcome = outcome.as_str();
-        log.up = up;
-        log.down = down;
     }
 
     /// Connects to a healthy endpoint of an exported service, round robin, trying each once.
@@ -385,13 +379,7 @@ pub(crate) async fn serve_inbound(
     peer: Identity,
 ) {
     let start = Instant::now();
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    };
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let source_zone = header(SOURCE_ZONE);
     let trace = TraceParent::parse(&header(TRACEPARENT)).unwrap_or_else(new_trace);
     let authority = req.uri().authority().cloned();
@@ -435,18 +423,11 @@ pub(crate) async fn serve_inbound(
             log.error = e.as_str();
             m.counter(
                 INBOUND_FLOWS,
-                &[
-                    ("service", &log.service),
-                    ("source_zone", &source_zone),
-                    ("outcome", e.as_str()),
-                ],
+                &[("service", &log.service), ("source_zone", &source_zone), ("outcome", e.as_str())],
             )
             .increment(1);
-            let resp = http::Response::builder()
-                .status(e.status())
-                .header(ERROR, e.as_str())
-                .body(())
-                .unwrap_or_default();
+            let resp =
+                http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
             if stream.send_response(resp).await.is_ok() {
                 let _ = stream.finish().await;
             }
@@ -454,47 +435,22 @@ pub(crate) async fn serve_inbound(
         }
     };
     log.peer = addr.to_string();
-    if stream
-        .send_response(http::Response::builder().status(200).body(()).unwrap_or_default())
-        .await
-        .is_err()
-    {
+    if stream.send_response(http::Response::builder().status(200).body(()).unwrap_or_default()).await.is_err() {
         relay::abort(tcp);
         return;
     }
     let (mut tx, mut rx) = stream.split();
     let zone = mesh.0.zone.to_string();
-    let _active = Active::new(
-        &mesh,
-        m.gauge(FLOWS_ACTIVE, &[("service", service.as_str()), ("zone", "inbound")]),
-    );
+    let _active = Active::new(&mesh, m.gauge(FLOWS_ACTIVE, &[("service", service.as_str()), ("zone", "inbound")]));
     let counters = Counters {
-        // The relay's TCP side is the backend here, so its "up" (TCP → stream) is toward the client.
-        up: m.counter(
-            FLOW_BYTES,
-            &[
-                ("service", service.as_str()),
-                ("zone", &zone),
-                ("direction", "inbound_down"),
-            ],
-        ),
-        down: m.counter(
-            FLOW_BYTES,
-            &[
-                ("service", service.as_str()),
-                ("zone", &zone),
-                ("direction", "inbound_up"),
-            ],
-        ),
+        up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_up")]),
+        down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_down")]),
     };
-    let (outcome, down, up) = relay::relay(tcp, &mut tx, &mut rx, &counters, ErrorCode::FLOW_BACKEND_RESET).await;
+    let (mut bs, mut bk) = relay::tcp(tcp);
+    let (outcome, up, down) = relay::relay((&mut rx, &mut tx), (&mut bs, &mut bk), &counters).await;
     m.counter(
         INBOUND_FLOWS,
-        &[
-            ("service", service.as_str()),
-            ("source_zone", &source_zone),
-            ("outcome", outcome.as_str()),
-        ],
+        &[("service", service.as_str()), ("source_zone", &source_zone), ("outcome", outcome.as_str())],
     )
     .increment(1);
     log.outcome = outcome.as_str();

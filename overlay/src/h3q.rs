@@ -63,15 +63,9 @@ pub fn split(conn: &quinn::Connection, is_client: bool) -> (Session, Session, im
     let (rev_tx, rev_rx) = mpsc::channel(UNI_QUEUE);
     // QUIC client: its HTTP/3 client is the forward session and its server the reverse one.
     let (client, server) = if is_client {
-        (
-            Session::new(conn, Half::Forward, false, fwd_rx),
-            Session::new(conn, Half::Reverse, true, rev_rx),
-        )
+        (Session::new(conn, Half::Forward, false, fwd_rx), Session::new(conn, Half::Reverse, true, rev_rx))
     } else {
-        (
-            Session::new(conn, Half::Reverse, false, rev_rx),
-            Session::new(conn, Half::Forward, true, fwd_rx),
-        )
+        (Session::new(conn, Half::Reverse, false, rev_rx), Session::new(conn, Half::Forward, true, fwd_rx))
     };
     let demux = demux_uni(conn.clone(), fwd_tx, rev_tx);
     (client, server, demux)
@@ -118,25 +112,21 @@ async fn demux_uni(conn: quinn::Connection, fwd: mpsc::Sender<RecvStream>, rev: 
 
 fn conn_err(e: quinn::ConnectionError) -> ConnectionErrorIncoming {
     match e {
-        quinn::ConnectionError::ApplicationClosed(c) => ConnectionErrorIncoming::ApplicationClose {
-            error_code: c.error_code.into_inner(),
-        },
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            ConnectionErrorIncoming::ApplicationClose { error_code: c.error_code.into_inner() }
+        }
         quinn::ConnectionError::TimedOut => ConnectionErrorIncoming::Timeout,
         e => ConnectionErrorIncoming::Undefined(Arc::new(e)),
     }
 }
 
 fn stream_conn_err(e: quinn::ConnectionError) -> StreamErrorIncoming {
-    StreamErrorIncoming::ConnectionErrorIncoming {
-        connection_error: conn_err(e),
-    }
+    StreamErrorIncoming::ConnectionErrorIncoming { connection_error: conn_err(e) }
 }
 
 fn write_err(e: quinn::WriteError) -> StreamErrorIncoming {
     match e {
-        quinn::WriteError::Stopped(code) => StreamErrorIncoming::StreamTerminated {
-            error_code: code.into_inner(),
-        },
+        quinn::WriteError::Stopped(code) => StreamErrorIncoming::StreamTerminated { error_code: code.into_inner() },
         quinn::WriteError::ConnectionLost(e) => stream_conn_err(e),
         e => StreamErrorIncoming::Unknown(Box::new(e)),
     }
@@ -144,9 +134,7 @@ fn write_err(e: quinn::WriteError) -> StreamErrorIncoming {
 
 fn read_err(e: quinn::ReadError) -> StreamErrorIncoming {
     match e {
-        quinn::ReadError::Reset(code) => StreamErrorIncoming::StreamTerminated {
-            error_code: code.into_inner(),
-        },
+        quinn::ReadError::Reset(code) => StreamErrorIncoming::StreamTerminated { error_code: code.into_inner() },
         quinn::ReadError::ConnectionLost(e) => stream_conn_err(e),
         e => StreamErrorIncoming::Unknown(Box::new(e)),
     }
@@ -178,17 +166,13 @@ impl quic::Connection<Bytes> for Session {
             return Poll::Pending;
         }
         let conn = self.conn.clone();
-        let fut = self
-            .accepting_bi
-            .get_or_insert_with(|| ReusableBoxFuture::new(async move { conn.accept_bi().await }));
+        let fut =
+            self.accepting_bi.get_or_insert_with(|| ReusableBoxFuture::new(async move { conn.accept_bi().await }));
         let res = ready!(fut.poll(cx));
         let conn = self.conn.clone();
         fut.set(async move { conn.accept_bi().await });
         let (send, recv) = res.map_err(conn_err)?;
-        Poll::Ready(Ok(BidiStream {
-            send: SendStream::new(send),
-            recv: RecvStream::new(recv, None),
-        }))
+        Poll::Ready(Ok(BidiStream { send: SendStream::new(send), recv: RecvStream::new(recv, None) }))
     }
 
     fn opener(&self) -> Opener {
@@ -226,12 +210,7 @@ pub struct Opener {
 
 impl Opener {
     fn new(conn: quinn::Connection, half: Half) -> Self {
-        Self {
-            conn,
-            half,
-            opening_bi: None,
-            opening_uni: None,
-        }
+        Self { conn, half, opening_bi: None, opening_uni: None }
     }
 
     async fn open_uni(conn: quinn::Connection, half: Half) -> Result<quinn::SendStream, StreamErrorIncoming> {
@@ -249,24 +228,17 @@ impl quic::OpenStreams<Bytes> for Opener {
 
     fn poll_open_bidi(&mut self, cx: &mut Context<'_>) -> Poll<Result<BidiStream, StreamErrorIncoming>> {
         let conn = self.conn.clone();
-        let fut = self
-            .opening_bi
-            .get_or_insert_with(|| ReusableBoxFuture::new(async move { conn.open_bi().await }));
+        let fut = self.opening_bi.get_or_insert_with(|| ReusableBoxFuture::new(async move { conn.open_bi().await }));
         let res = ready!(fut.poll(cx));
         let conn = self.conn.clone();
         fut.set(async move { conn.open_bi().await });
         let (send, recv) = res.map_err(stream_conn_err)?;
-        Poll::Ready(Ok(BidiStream {
-            send: SendStream::new(send),
-            recv: RecvStream::new(recv, None),
-        }))
+        Poll::Ready(Ok(BidiStream { send: SendStream::new(send), recv: RecvStream::new(recv, None) }))
     }
 
     fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<SendStream, StreamErrorIncoming>> {
         let (conn, half) = (self.conn.clone(), self.half);
-        let fut = self
-            .opening_uni
-            .get_or_insert_with(|| ReusableBoxFuture::new(Self::open_uni(conn, half)));
+        let fut = self.opening_uni.get_or_insert_with(|| ReusableBoxFuture::new(Self::open_uni(conn, half)));
         let res = ready!(fut.poll(cx));
         fut.set(Self::open_uni(self.conn.clone(), half));
         Poll::Ready(res.map(SendStream::new))
@@ -296,12 +268,7 @@ pub struct RecvStream {
 impl RecvStream {
     fn new(stream: quinn::RecvStream, prefix: Option<Bytes>) -> Self {
         let id = stream_id(stream.id());
-        Self {
-            prefix,
-            stream: Some(stream),
-            id,
-            reading: None,
-        }
+        Self { prefix, stream: Some(stream), id, reading: None }
     }
 }
 
@@ -380,11 +347,7 @@ impl quic::SendStream<Bytes> for SendStream {
     }
 
     fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
-        Poll::Ready(
-            self.stream
-                .finish()
-                .map_err(|e| StreamErrorIncoming::Unknown(Box::new(e))),
-        )
+        Poll::Ready(self.stream.finish().map_err(|e| StreamErrorIncoming::Unknown(Box::new(e))))
     }
 
     fn reset(&mut self, reset_code: u64) {

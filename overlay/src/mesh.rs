@@ -181,21 +181,11 @@ impl Mesh {
             .map(|e| {
                 // Endpoints start healthy; the first health check runs at once.
                 let healthy = e.endpoints.iter().map(|_| AtomicBool::new(true)).collect();
-                (
-                    e.name.clone(),
-                    LocalService {
-                        export: e,
-                        healthy,
-                        next: AtomicUsize::new(0),
-                    },
-                )
+                (e.name.clone(), LocalService { export: e, healthy, next: AtomicUsize::new(0) })
             })
             .collect();
         let mut routes = RouteTable::new(cfg.zone.clone(), cfg.preferences);
-        let catalog = LocalCatalog {
-            version: 1,
-            services: exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect(),
-        };
+        let catalog = LocalCatalog { version: 1, services: exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect() };
         routes.set_local(catalog.services.values().cloned());
         let inner = Inner {
             zone: cfg.zone,
@@ -221,10 +211,7 @@ impl Mesh {
 
     /// The UDP address the overlay is bound to.
     pub fn local_addr(&self) -> SocketAddr {
-        self.0
-            .endpoint
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.0.endpoint.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     pub fn identity(&self) -> &Identity {
@@ -266,10 +253,7 @@ impl Mesh {
     pub fn shutdown(&self) {
         self.0.draining.cancel();
         self.0.shutdown.cancel();
-        self.0.endpoint.close(
-            quinn::VarInt::from_u32(causeway_protocol::ErrorCode::SHUTDOWN.0 as u32),
-            b"shutdown",
-        );
+        self.0.endpoint.close(quinn::VarInt::from_u32(causeway_protocol::ErrorCode::SHUTDOWN.0 as u32), b"shutdown");
     }
 
     /// Waits until every QUIC connection is closed and its close has been sent.
@@ -381,10 +365,7 @@ impl Mesh {
             if cur.services == services {
                 return false;
             }
-            *cur = Arc::new(LocalCatalog {
-                version: cur.version + 1,
-                services,
-            });
+            *cur = Arc::new(LocalCatalog { version: cur.version + 1, services });
             true
         });
     }
@@ -406,10 +387,8 @@ async fn health_loop(mesh: Mesh) {
                 let addr = *addr;
                 let timeout = timing.backend_connect_timeout;
                 checks.push(async move {
-                    let ok = matches!(
-                        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
-                        Ok(Ok(_))
-                    );
+                    let ok =
+                        matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)));
                     (&svc.healthy[i], ok, addr, &svc.export.name)
                 });
             }

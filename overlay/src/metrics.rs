@@ -38,13 +38,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
-    Key::from_parts(
-        name,
-        labels
-            .iter()
-            .map(|(k, v)| Label::new(*k, v.to_string()))
-            .collect::<Vec<_>>(),
-    )
+    Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, v.to_string())).collect::<Vec<_>>())
 }
 
 impl Metrics {
@@ -56,9 +50,7 @@ impl Metrics {
 
     /// Metrics that go nowhere (unit tests).
     pub fn noop() -> Self {
-        Self {
-            rec: Arc::new(metrics::NoopRecorder),
-        }
+        Self { rec: Arc::new(metrics::NoopRecorder) }
     }
 
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
@@ -82,54 +74,18 @@ impl Metrics {
             self.rec.describe_histogram(n.into(), unit, d.into())
         };
         c(PEER_HANDSHAKE_FAILURES, None, "Peer TLS handshakes refused, by reason.");
-        c(
-            PEER_CONNECTS,
-            None,
-            "Peer connections established or failed, by peer zone, direction and result.",
-        );
-        g(
-            PEER_UP,
-            None,
-            "1 while a peer's connection is up and its control stream live.",
-        );
+        c(PEER_CONNECTS, None, "Peer connections established or failed, by peer zone, direction and result.");
+        g(PEER_UP, None, "1 while a peer's connection is up and its control stream live.");
         g(PEER_RTT, Some(Unit::Seconds), "Smoothed round-trip time to a peer.");
-        c(
-            PEER_CONTROL_ERRORS,
-            None,
-            "Peer connections closed for a control-protocol error, by code.",
-        );
-        c(
-            FLOWS_OPENED,
-            None,
-            "Flows opened by a local client, by service and serving zone.",
-        );
+        c(PEER_CONTROL_ERRORS, None, "Peer connections closed for a control-protocol error, by code.");
+        c(FLOWS_OPENED, None, "Flows opened by a local client, by service and serving zone.");
         c(FLOWS_CLOSED, None, "Flows ended, by service, serving zone and outcome.");
-        c(
-            FLOWS_FAILED,
-            None,
-            "Flows that found no route or were refused everywhere, by service and reason.",
-        );
+        c(FLOWS_FAILED, None, "Flows that found no route or were refused everywhere, by service and reason.");
         g(FLOWS_ACTIVE, None, "Flows open now, by service and serving zone.");
-        c(
-            FLOW_BYTES,
-            Some(Unit::Bytes),
-            "Bytes relayed, by service, serving zone and direction.",
-        );
+        c(FLOW_BYTES, Some(Unit::Bytes), "Bytes relayed, by service, serving zone and direction.");
         h(FLOW_DURATION, Some(Unit::Seconds), "Flow lifetimes.");
-        h(
-            FLOW_CONNECT,
-            Some(Unit::Seconds),
-            "Time from accepting a client to the flow being established.",
-        );
-        c(
-            INBOUND_FLOWS,
-            None,
-            "Flows served for peers, by service, source zone and outcome.",
-        );
-        c(
-            FAILOVERS,
-            None,
-            "Flow attempts moved to another zone, by service and reason.",
-        );
+        h(FLOW_CONNECT, Some(Unit::Seconds), "Time from accepting a client to the flow being established.");
+        c(INBOUND_FLOWS, None, "Flows served for peers, by service, source zone and outcome.");
+        c(FAILOVERS, None, "Flow attempts moved to another zone, by service and reason.");
     }
 }

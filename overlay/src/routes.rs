@@ -87,11 +87,7 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn new(local_zone: ZoneName, prefs: HashMap<ServiceName, Vec<ZoneName>>) -> Self {
-        Self {
-            local_zone: Some(local_zone),
-            prefs,
-            ..Default::default()
-        }
+        Self { local_zone: Some(local_zone), prefs, ..Default::default() }
     }
 
     /// Replaces what this gateway itself offers.
@@ -153,11 +149,7 @@ impl RouteTable {
             return Err(CatalogError::NotUp);
         }
         match msg {
-            Message::Catalog(Catalog {
-                version,
-                services,
-                more,
-            }) => {
+            Message::Catalog(Catalog { version, services, more }) => {
                 let pending = e.pending.get_or_insert_with(BTreeMap::new);
                 for s in services {
                     pending.insert(s.name.clone(), s.clone());
@@ -202,9 +194,8 @@ impl RouteTable {
         }
         let prefs = self.prefs.get(service);
         let rank = |zone: &Option<ZoneName>| {
-            let pref = prefs
-                .and_then(|p| zone.as_ref().and_then(|z| p.iter().position(|x| x == z)))
-                .unwrap_or(usize::MAX);
+            let pref =
+                prefs.and_then(|p| zone.as_ref().and_then(|z| p.iter().position(|x| x == z))).unwrap_or(usize::MAX);
             let remote = usize::from(zone != &self.local_zone);
             (pref, remote)
         };
@@ -242,20 +233,10 @@ mod tests {
         ServiceName::new(s).unwrap()
     }
     fn ad(name: &str, healthy: u32) -> ServiceAd {
-        ServiceAd {
-            name: svc(name),
-            protocol: Protocol::Tcp,
-            port: 80,
-            healthy_endpoints: healthy,
-            labels: vec![],
-        }
+        ServiceAd { name: svc(name), protocol: Protocol::Tcp, port: 80, healthy_endpoints: healthy, labels: vec![] }
     }
     fn snapshot(version: u64, ads: Vec<ServiceAd>) -> Message {
-        Message::Catalog(Catalog {
-            version,
-            services: ads,
-            more: false,
-        })
+        Message::Catalog(Catalog { version, services: ads, more: false })
     }
 
     fn table() -> RouteTable {
@@ -271,10 +252,7 @@ mod tests {
     #[test]
     fn local_first_then_lowest_rtt() {
         let mut t = table();
-        assert_eq!(
-            t.candidates(&svc("orders.shop")),
-            vec![Target::Peer(id("c")), Target::Peer(id("b"))]
-        );
+        assert_eq!(t.candidates(&svc("orders.shop")), vec![Target::Peer(id("c")), Target::Peer(id("b"))]);
         t.set_local([ad("orders.shop", 2)]);
         assert_eq!(t.candidates(&svc("orders.shop"))[0], Target::Local);
         t.set_local([ad("orders.shop", 0)]);
@@ -301,20 +279,12 @@ mod tests {
     #[test]
     fn updates_apply_in_version_order() {
         let mut t = table();
-        let upd = |v, h| {
-            Message::ServiceUpdate(ServiceUpdate {
-                version: v,
-                service: ad("orders.shop", h),
-            })
-        };
+        let upd = |v, h| Message::ServiceUpdate(ServiceUpdate { version: v, service: ad("orders.shop", h) });
         assert_eq!(t.apply(&id("c"), &upd(2, 0)), Ok(true));
         assert_eq!(t.candidates(&svc("orders.shop")), vec![Target::Peer(id("b"))]);
         // A stale update is ignored.
         assert_eq!(t.apply(&id("c"), &upd(2, 5)), Ok(false));
-        let wd = Message::ServiceWithdraw(ServiceWithdraw {
-            version: 3,
-            name: svc("orders.shop"),
-        });
+        let wd = Message::ServiceWithdraw(ServiceWithdraw { version: 3, name: svc("orders.shop") });
         assert_eq!(t.apply(&id("b"), &wd), Ok(true));
         assert!(t.candidates(&svc("orders.shop")).is_empty());
     }
@@ -322,13 +292,7 @@ mod tests {
     #[test]
     fn chunked_snapshot_replaces_catalog_when_complete() {
         let mut t = table();
-        let chunk = |more, name| {
-            Message::Catalog(Catalog {
-                version: 5,
-                services: vec![ad(name, 1)],
-                more,
-            })
-        };
+        let chunk = |more, name| Message::Catalog(Catalog { version: 5, services: vec![ad(name, 1)], more });
         t.apply(&id("b"), &chunk(true, "x.ns")).unwrap();
         // Until the last chunk arrives the old catalog stays in force.
         assert!(t.candidates(&svc("x.ns")).is_empty());

@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::h3q;
 use crate::mesh::{LocalCatalog, Mesh, PeerConn, PeerSpec};
 use crate::metrics::{PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_RTT, PEER_UP};
-use crate::relay::{H3Recv, H3Send};
+use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
 
 /// Largest HTTP/3 field section we accept (RFC 9114 §4.2.2 SETTINGS_MAX_FIELD_SECTION_SIZE).
@@ -45,18 +45,10 @@ pub(crate) struct SessionEnd {
 
 impl SessionEnd {
     fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-            tell: true,
-        }
+        Self { code, reason: reason.into(), tell: true }
     }
     fn quiet(code: ErrorCode, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-            tell: false,
-        }
+        Self { code, reason: reason.into(), tell: false }
     }
 }
 
@@ -104,10 +96,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
             Ok(conn) => {
                 mesh.0
                     .metrics
-                    .counter(
-                        PEER_CONNECTS,
-                        &[("peer_zone", &peer_zone), ("direction", "dial"), ("result", "ok")],
-                    )
+                    .counter(PEER_CONNECTS, &[("peer_zone", &peer_zone), ("direction", "dial"), ("result", "ok")])
                     .increment(1);
                 run_connection(mesh.clone(), conn, true, spec.id.clone()).await;
                 // A connection that lived long was healthy: start the next one from the shortest delay.
@@ -119,10 +108,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
             Err(e) => {
                 mesh.0
                     .metrics
-                    .counter(
-                        PEER_CONNECTS,
-                        &[("peer_zone", &peer_zone), ("direction", "dial"), ("result", "error")],
-                    )
+                    .counter(PEER_CONNECTS, &[("peer_zone", &peer_zone), ("direction", "dial"), ("result", "error")])
                     .increment(1);
                 tracing::debug!(peer = %spec.id, %addr, error = %e, "peer.dial.failed");
             }
@@ -138,11 +124,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
 async fn dial(mesh: &Mesh, spec: &PeerSpec, addr: std::net::SocketAddr) -> Result<quinn::Connection, String> {
     let tls = mesh.0.tls.client(spec.id.clone()).map_err(|e| e.to_string())?;
     let cfg = crate::transport::client_config(tls, mesh.0.timing.transport).map_err(|e| e.to_string())?;
-    let connecting = mesh
-        .0
-        .endpoint
-        .connect_with(cfg, addr, SERVER_NAME)
-        .map_err(|e| e.to_string())?;
+    let connecting = mesh.0.endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| e.to_string())?;
     match tokio::time::timeout(mesh.0.timing.handshake_timeout, connecting).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
@@ -175,25 +157,13 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
                 }
             };
             let Some(id) = tls::peer_identity(&conn) else {
-                conn.close(
-                    quinn::VarInt::from_u32(ErrorCode::PEER_MISMATCH.0 as u32),
-                    b"no identity",
-                );
+                conn.close(quinn::VarInt::from_u32(ErrorCode::PEER_MISMATCH.0 as u32), b"no identity");
                 return;
             };
-            let zone = mesh
-                .0
-                .peers
-                .get(&id)
-                .and_then(|p| p.zone.as_ref())
-                .map(|z| z.to_string())
-                .unwrap_or_default();
+            let zone = mesh.0.peers.get(&id).and_then(|p| p.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
             mesh.0
                 .metrics
-                .counter(
-                    PEER_CONNECTS,
-                    &[("peer_zone", &zone), ("direction", "accept"), ("result", "ok")],
-                )
+                .counter(PEER_CONNECTS, &[("peer_zone", &zone), ("direction", "accept"), ("result", "ok")])
                 .increment(1);
             run_connection(mesh, conn, false, id).await;
         });
@@ -201,10 +171,7 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
 }
 
 fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
-    conn.close(
-        quinn::VarInt::from_u64(code.0).unwrap_or(quinn::VarInt::MAX),
-        reason.as_bytes(),
-    );
+    conn.close(quinn::VarInt::from_u64(code.0).unwrap_or(quinn::VarInt::MAX), reason.as_bytes());
 }
 
 /// Registers `conn` unless it loses the tie-break against a live connection to the same peer.
@@ -219,24 +186,14 @@ fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool
         if old.conn.close_reason().is_none() {
             let keep_new = old.dialed == dialed || dialed == (mesh.0.identity < *peer);
             let loser = if keep_new { &old.conn } else { conn };
-            tracing::info!(
-                kept = if keep_new { "new" } else { "existing" },
-                "peer.duplicate.closed"
-            );
+            tracing::info!(kept = if keep_new { "new" } else { "existing" }, "peer.duplicate.closed");
             close(loser, ErrorCode::DUPLICATE_CONNECTION, "duplicate connection");
             if !keep_new {
                 return false;
             }
         }
     }
-    conns.insert(
-        peer.clone(),
-        PeerConn {
-            conn: conn.clone(),
-            dialed,
-            requests: None,
-        },
-    );
+    conns.insert(peer.clone(), PeerConn { conn: conn.clone(), dialed, requests: None });
     drop(conns);
     mesh.0.conn_changed.notify_waiters();
     true
@@ -263,10 +220,7 @@ fn unregister(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection) {
         drop(conns);
         mesh.routes_mut().peer_down(peer);
         let zone = peer_zone_label(mesh, peer);
-        mesh.0
-            .metrics
-            .gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", &zone)])
-            .set(0.0);
+        mesh.0.metrics.gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", &zone)]).set(0.0);
     }
     mesh.0.conn_changed.notify_waiters();
 }
@@ -298,10 +252,7 @@ async fn run_connection(mesh: Mesh, conn: quinn::Connection, dialed: bool, peer:
                 tracing::info!(code = %end.code, reason = %end.reason, "peer.disconnected")
             }
             code => {
-                mesh.0
-                    .metrics
-                    .counter(PEER_CONTROL_ERRORS, &[("code", &code.to_string())])
-                    .increment(1);
+                mesh.0.metrics.counter(PEER_CONTROL_ERRORS, &[("code", &code.to_string())]).increment(1);
                 tracing::warn!(code = %code, reason = %end.reason, "peer.disconnected")
             }
         }
@@ -345,9 +296,7 @@ async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Ide
     let hs = mesh.0.timing.handshake_timeout;
     let ctl = if dialed {
         let open = async {
-            let req = http::Request::connect(CONTROL_AUTHORITY)
-                .body(())
-                .map_err(|e| e.to_string())?;
+            let req = http::Request::connect(CONTROL_AUTHORITY).body(()).map_err(|e| e.to_string())?;
             let mut s = requests.send_request(req).await.map_err(|e| e.to_string())?;
             let resp = s.recv_response().await.map_err(|e| e.to_string())?;
             if resp.status() != http::StatusCode::OK {
@@ -417,9 +366,8 @@ async fn serve_requests(
                 let tx = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let mut stream = stream;
                 let Some(tx) = tx else {
-                    let _ = stream
-                        .send_response(http::Response::builder().status(400).body(()).unwrap_or_default())
-                        .await;
+                    let _ =
+                        stream.send_response(http::Response::builder().status(400).body(()).unwrap_or_default()).await;
                     let _ = stream.finish().await;
                     return;
                 };
@@ -447,25 +395,11 @@ fn snapshot_frames(out: &mut BytesMut, cat: &LocalCatalog) -> Result<(), Session
     let ads: Vec<_> = cat.services.values().cloned().collect();
     let mut chunks = ads.chunks(MAX_SERVICES_PER_FRAME).peekable();
     if chunks.peek().is_none() {
-        return encode_into(
-            out,
-            &Message::Catalog(Catalog {
-                version: cat.version,
-                services: vec![],
-                more: false,
-            }),
-        );
+        return encode_into(out, &Message::Catalog(Catalog { version: cat.version, services: vec![], more: false }));
     }
     while let Some(c) = chunks.next() {
         let more = chunks.peek().is_some();
-        encode_into(
-            out,
-            &Message::Catalog(Catalog {
-                version: cat.version,
-                services: c.to_vec(),
-                more,
-            }),
-        )?;
+        encode_into(out, &Message::Catalog(Catalog { version: cat.version, services: c.to_vec(), more }))?;
     }
     Ok(())
 }
@@ -478,10 +412,7 @@ fn diff_frames(out: &mut BytesMut, old: &LocalCatalog, new: &LocalCatalog) -> Re
             v += 1;
             encode_into(
                 out,
-                &Message::ServiceUpdate(ServiceUpdate {
-                    version: v.max(new.version),
-                    service: ad.clone(),
-                }),
+                &Message::ServiceUpdate(ServiceUpdate { version: v.max(new.version), service: ad.clone() }),
             )?;
         }
     }
@@ -489,25 +420,22 @@ fn diff_frames(out: &mut BytesMut, old: &LocalCatalog, new: &LocalCatalog) -> Re
         v += 1;
         encode_into(
             out,
-            &Message::ServiceWithdraw(ServiceWithdraw {
-                version: v.max(new.version),
-                name: name.clone(),
-            }),
+            &Message::ServiceWithdraw(ServiceWithdraw { version: v.max(new.version), name: name.clone() }),
         )?;
     }
     Ok(())
 }
 
-async fn send<S: H3Send>(tx: &mut S, out: &mut BytesMut) -> Result<(), SessionEnd> {
+async fn send<S: ByteSink>(tx: &mut S, out: &mut BytesMut) -> Result<(), SessionEnd> {
     if out.is_empty() {
         return Ok(());
     }
     tx.send(out.split().freeze())
         .await
-        .map_err(|e| SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, format!("control stream: {e}")))
+        .map_err(|()| SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, "control stream write failed"))
 }
 
-async fn control_loop<S: H3Send, R: H3Recv>(
+async fn control_loop<S: ByteSink, R: ByteSource>(
     mesh: &Mesh,
     conn: &quinn::Connection,
     peer: &Identity,
@@ -517,11 +445,7 @@ async fn control_loop<S: H3Send, R: H3Recv>(
     let end = control_inner(mesh, conn, peer, tx, rx).await;
     if end.tell {
         let mut out = BytesMut::new();
-        let reason: String = end
-            .reason
-            .chars()
-            .take(causeway_protocol::limits::MAX_REASON_LEN / 4)
-            .collect();
+        let reason: String = end.reason.chars().take(causeway_protocol::limits::MAX_REASON_LEN / 4).collect();
         if encode_into(&mut out, &Message::Error(control::ErrorMsg { code: end.code, reason })).is_ok() {
             let _ = tokio::time::timeout(Duration::from_millis(200), send(tx, &mut out)).await;
         }
@@ -529,7 +453,7 @@ async fn control_loop<S: H3Send, R: H3Recv>(
     end
 }
 
-async fn control_inner<S: H3Send, R: H3Recv>(
+async fn control_inner<S: ByteSink, R: ByteSource>(
     mesh: &Mesh,
     conn: &quinn::Connection,
     peer: &Identity,
@@ -542,11 +466,8 @@ async fn control_inner<S: H3Send, R: H3Recv>(
     let mut sent: Arc<LocalCatalog> = catalog.borrow_and_update().clone();
     let mut out = BytesMut::new();
     out.put_slice(&control::preface(control::VERSION));
-    let hello = Hello {
-        zone: mesh.0.zone.clone(),
-        gateway: mesh.0.gateway.clone(),
-        features: features::REVERSE_REQUESTS,
-    };
+    let hello =
+        Hello { zone: mesh.0.zone.clone(), gateway: mesh.0.gateway.clone(), features: features::REVERSE_REQUESTS };
     if let Err(e) = encode_into(&mut out, &Message::Hello(hello)).and_then(|_| snapshot_frames(&mut out, &sent)) {
         return e;
     }
@@ -562,11 +483,7 @@ async fn control_inner<S: H3Send, R: H3Recv>(
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
     let mut nonce = 0u64;
     let mut said_goodbye = false;
-    let peer_zone = spec
-        .as_ref()
-        .and_then(|s| s.zone.as_ref())
-        .map(|z| z.to_string())
-        .unwrap_or_default();
+    let peer_zone = spec.as_ref().and_then(|s| s.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
     loop {
         tokio::select! {
             data = rx.recv() => {
@@ -578,7 +495,7 @@ async fn control_inner<S: H3Send, R: H3Recv>(
                             Err(e) => SessionEnd::quiet(e.code(), e.to_string()),
                         };
                     }
-                    Err(e) => return SessionEnd::quiet(ErrorCode::H3_NO_ERROR, format!("control stream: {e}")),
+                    Err(()) => return SessionEnd::quiet(ErrorCode::H3_NO_ERROR, "control stream reset"),
                 };
                 last_heard = Instant::now();
                 if let Err(e) = dec.feed(data) {

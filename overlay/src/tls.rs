@@ -82,20 +82,14 @@ pub struct Credentials {
 
 impl Clone for Credentials {
     fn clone(&self) -> Self {
-        Self {
-            chain: self.chain.clone(),
-            key: self.key.clone_key(),
-        }
+        Self { chain: self.chain.clone(), key: self.key.clone_key() }
     }
 }
 
 impl Credentials {
     /// The SPIFFE ID of our own leaf.
     pub fn identity(&self) -> Result<Identity, TlsError> {
-        let leaf = self
-            .chain
-            .first()
-            .ok_or_else(|| TlsError::OwnCertificate("empty chain".into()))?;
+        let leaf = self.chain.first().ok_or_else(|| TlsError::OwnCertificate("empty chain".into()))?;
         spiffe_id(leaf).map_err(|r| TlsError::OwnCertificate(format!("leaf refused: {}", r.as_str())))
     }
 }
@@ -114,10 +108,7 @@ impl TrustBundle {
             .map(|(index, der)| {
                 webpki::anchor_from_trusted_cert(der)
                     .map(|a| a.to_owned())
-                    .map_err(|e| TlsError::BadAnchor {
-                        index,
-                        reason: e.to_string(),
-                    })
+                    .map_err(|e| TlsError::BadAnchor { index, reason: e.to_string() })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if anchors.is_empty() {
@@ -138,13 +129,10 @@ pub fn spiffe_id(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
         return Err(Refusal::CaAsLeaf);
     }
     let san = cert.subject_alternative_name().map_err(|_| Refusal::BadCertificate)?;
-    let mut uris = san
-        .iter()
-        .flat_map(|s| s.value.general_names.iter())
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        });
+    let mut uris = san.iter().flat_map(|s| s.value.general_names.iter()).filter_map(|n| match n {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
     match (uris.next(), uris.next()) {
         (Some(u), None) => Identity::parse(u).map_err(|_| Refusal::NoSpiffeId),
         _ => Err(Refusal::NoSpiffeId),
@@ -185,32 +173,21 @@ impl Checker {
         expected: impl Fn(&Identity) -> bool,
     ) -> Result<Identity, Refusal> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| Refusal::BadCertificate)?;
-        let usage = if client {
-            webpki::KeyUsage::client_auth()
-        } else {
-            webpki::KeyUsage::server_auth()
-        };
-        cert.verify_for_usage(
-            self.algs.all,
-            &self.bundle.anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map_err(|e| {
-            tracing::debug!(error = ?e, "peer.certificate.invalid");
-            match e {
-                // A CA with the same name as ours but another key shows up as a bad signature on
-                // the chain: either way, no CA we trust issued it.
-                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => Refusal::UnknownCa,
-                webpki::Error::CertExpired { .. } => Refusal::Expired,
-                webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
-                webpki::Error::CaUsedAsEndEntity => Refusal::CaAsLeaf,
-                _ => Refusal::BadCertificate,
-            }
-        })?;
+        let usage = if client { webpki::KeyUsage::client_auth() } else { webpki::KeyUsage::server_auth() };
+        cert.verify_for_usage(self.algs.all, &self.bundle.anchors, intermediates, now, usage, None, None).map_err(
+            |e| {
+                tracing::debug!(error = ?e, "peer.certificate.invalid");
+                match e {
+                    // A CA with the same name as ours but another key shows up as a bad signature on
+                    // the chain: either way, no CA we trust issued it.
+                    webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => Refusal::UnknownCa,
+                    webpki::Error::CertExpired { .. } => Refusal::Expired,
+                    webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
+                    webpki::Error::CaUsedAsEndEntity => Refusal::CaAsLeaf,
+                    _ => Refusal::BadCertificate,
+                }
+            },
+        )?;
         let id = spiffe_id(end_entity)?;
         if !expected(&id) {
             return Err(Refusal::UnexpectedIdentity);
@@ -235,8 +212,7 @@ impl ServerCertVerifier for DialVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.checker
-            .verify(end_entity, intermediates, now, false, |id| *id == self.expected)?;
+        self.checker.verify(end_entity, intermediates, now, false, |id| *id == self.expected)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -246,9 +222,7 @@ impl ServerCertVerifier for DialVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
     fn verify_tls13_signature(
@@ -295,9 +269,7 @@ impl ClientCertVerifier for AcceptVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
     fn verify_tls13_signature(
@@ -328,11 +300,7 @@ pub struct TlsFactory {
 
 impl TlsFactory {
     pub fn new(creds: Credentials, bundle: TrustBundle, metrics: Metrics) -> Self {
-        Self {
-            creds,
-            bundle: Arc::new(bundle),
-            metrics,
-        }
+        Self { creds, bundle: Arc::new(bundle), metrics }
     }
 
     fn checker(&self) -> Checker {
@@ -344,10 +312,7 @@ impl TlsFactory {
     }
 
     pub fn server(&self, allowed: Allowed) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier = Arc::new(AcceptVerifier {
-            checker: self.checker(),
-            allowed,
-        });
+        let verifier = Arc::new(AcceptVerifier { checker: self.checker(), allowed });
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -358,10 +323,7 @@ impl TlsFactory {
 
     /// A client configuration that accepts only `expected` as the server.
     pub fn client(&self, expected: Identity) -> Result<rustls::ClientConfig, TlsError> {
-        let verifier = Arc::new(DialVerifier {
-            checker: self.checker(),
-            expected,
-        });
+        let verifier = Arc::new(DialVerifier { checker: self.checker(), expected });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -383,10 +345,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<Identity> {
 pub fn spiffe_id_any(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| Refusal::BadCertificate)?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| Refusal::BadCertificate)?
-        .ok_or(Refusal::NoSpiffeId)?;
+    let san = cert.subject_alternative_name().map_err(|_| Refusal::BadCertificate)?.ok_or(Refusal::NoSpiffeId)?;
     san.value
         .general_names
         .iter()

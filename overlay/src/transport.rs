@@ -40,10 +40,7 @@ pub struct Timers {
 
 impl Default for Timers {
     fn default() -> Self {
-        Self {
-            keep_alive: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(5),
-        }
+        Self { keep_alive: Duration::from_secs(1), idle_timeout: Duration::from_secs(5) }
     }
 }
 

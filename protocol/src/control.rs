@@ -195,11 +195,7 @@ fn check_ad(ad: &ServiceAd) -> Result<(), DecodeError> {
     if ad.labels.len() > MAX_LABELS {
         return Err(DecodeError::Limit("too many labels"));
     }
-    if ad
-        .labels
-        .iter()
-        .any(|(k, v)| k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN)
-    {
+    if ad.labels.iter().any(|(k, v)| k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN) {
         return Err(DecodeError::Limit("label too long"));
     }
     Ok(())
@@ -385,10 +381,7 @@ mod tests {
                 more: false,
             }),
             Message::Ping(Ping { nonce: 9 }),
-            Message::Goodbye(Goodbye {
-                drain_ms: 5000,
-                reason: "shutdown".into(),
-            }),
+            Message::Goodbye(Goodbye { drain_ms: 5000, reason: "shutdown".into() }),
         ];
         let bytes = stream_of(&msgs);
         let mut d = Decoder::new();
@@ -429,12 +422,7 @@ mod tests {
         d.feed(&preface(VERSION)[..]).unwrap();
         assert_eq!(d.next_event(), Ok(Some(Event::Preface)));
         let len = (MAX_CONTROL_FRAME_LEN as u32 + 1).to_be_bytes();
-        assert_eq!(
-            d.feed(&len[..]),
-            Err(DecodeError::Oversized {
-                len: MAX_CONTROL_FRAME_LEN + 1
-            })
-        );
+        assert_eq!(d.feed(&len[..]), Err(DecodeError::Oversized { len: MAX_CONTROL_FRAME_LEN + 1 }));
         assert!(d.buf.len() <= LEN_PREFIX);
     }
 

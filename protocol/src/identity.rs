@@ -35,11 +35,7 @@ impl TrustDomain {
         if s.is_empty() {
             return Err(IdentityError::EmptyTrustDomain);
         }
-        if s.len() > 255
-            || !s
-                .bytes()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c))
-        {
+        if s.len() > 255 || !s.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(&c)) {
             return Err(IdentityError::BadTrustDomain);
         }
         Ok(Self(s.into()))
@@ -93,10 +89,7 @@ impl Identity {
                 }
             }
         }
-        Ok(Self {
-            uri: s.into(),
-            td_end: SCHEME.len() + td.len(),
-        })
+        Ok(Self { uri: s.into(), td_end: SCHEME.len() + td.len() })
     }
 
     pub fn trust_domain(&self) -> TrustDomain {

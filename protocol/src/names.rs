@@ -30,9 +30,8 @@ fn check_dns_like(s: &str, max: usize, dots: bool) -> Result<(), NameError> {
     if s.len() > max {
         return Err(NameError::TooLong { max });
     }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || (dots && *c == '.')))
+    if let Some(c) =
+        s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || (dots && *c == '.')))
     {
         return Err(NameError::BadChar(c, dots));
     }

@@ -23,30 +23,18 @@ impl TraceParent {
         }
         let hex = |r: std::ops::Range<usize>| {
             let part = s.get(r)?;
-            part.bytes()
-                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-                .then_some(part)
+            part.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)).then_some(part)
         };
         let trace_id = u128::from_str_radix(hex(3..35)?, 16).ok()?;
         let span_id = u64::from_str_radix(hex(36..52)?, 16).ok()?;
         let flags = u8::from_str_radix(hex(53..55)?, 16).ok()?;
-        (trace_id != 0 && span_id != 0).then_some(Self {
-            trace_id,
-            span_id,
-            sampled: flags & 1 == 1,
-        })
+        (trace_id != 0 && span_id != 0).then_some(Self { trace_id, span_id, sampled: flags & 1 == 1 })
     }
 }
 
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id,
-            self.span_id,
-            u8::from(self.sampled)
-        )
+        write!(f, "00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, u8::from(self.sampled))
     }
 }
 
@@ -56,11 +44,8 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let t = TraceParent {
-            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
-            span_id: 0x00f067aa0ba902b7,
-            sampled: true,
-        };
+        let t =
+            TraceParent { trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736, span_id: 0x00f067aa0ba902b7, sampled: true };
         let s = t.to_string();
         assert_eq!(s, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         assert_eq!(TraceParent::parse(&s), Some(t));
@@ -68,14 +53,8 @@ mod tests {
 
     #[test]
     fn refuses_invalid() {
-        assert_eq!(
-            TraceParent::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-            None
-        );
-        assert_eq!(
-            TraceParent::parse("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
-            None
-        );
+        assert_eq!(TraceParent::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(TraceParent::parse("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
         assert_eq!(TraceParent::parse("garbage"), None);
     }
 }

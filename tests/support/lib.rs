@@ -53,10 +53,7 @@ use tracing_subscriber::Layer as _;
 fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
     unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
@@ -145,11 +142,7 @@ impl TestMesh {
                 overlay: addrs[i],
                 admin: Some("127.0.0.1:0".parse()?),
                 peers,
-                exports: z
-                    .exports
-                    .iter()
-                    .map(|(s, e)| (s.to_string(), SERVICE_PORT, e.clone()))
-                    .collect(),
+                exports: z.exports.iter().map(|(s, e)| (s.to_string(), SERVICE_PORT, e.clone())).collect(),
                 imports: z
                     .imports
                     .iter()
@@ -164,13 +157,7 @@ impl TestMesh {
                 extra: extra.to_string(),
             });
         }
-        Ok(Self {
-            pki,
-            ids,
-            addrs,
-            gateways: specs.iter().map(|_| None).collect(),
-            specs,
-        })
+        Ok(Self { pki, ids, addrs, gateways: specs.iter().map(|_| None).collect(), specs })
     }
 
     /// Starts every planned gateway in this process.

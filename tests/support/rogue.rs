@@ -54,25 +54,19 @@ pub async fn open_control(conn: &quinn::Connection) -> anyhow::Result<Control> {
     tokio::spawn(async move {
         let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
     });
-    let mut stream = requests
-        .send_request(http::Request::connect(CONTROL_AUTHORITY).body(())?)
-        .await?;
+    let mut stream = requests.send_request(http::Request::connect(CONTROL_AUTHORITY).body(())?).await?;
     let resp = stream.recv_response().await?;
     anyhow::ensure!(resp.status() == 200, "control stream refused: {}", resp.status());
-    Ok(Control {
-        stream,
-        _requests: requests,
-    })
+    Ok(Control { stream, _requests: requests })
 }
 
 /// Waits for the connection to close and returns the application error code and reason it was
 /// closed with, if it was closed by the peer with one.
 pub async fn close_code(conn: &quinn::Connection, timeout: Duration) -> Option<(u64, String)> {
     match tokio::time::timeout(timeout, conn.closed()).await.ok()? {
-        quinn::ConnectionError::ApplicationClosed(c) => Some((
-            c.error_code.into_inner(),
-            String::from_utf8_lossy(&c.reason).into_owned(),
-        )),
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            Some((c.error_code.into_inner(), String::from_utf8_lossy(&c.reason).into_owned()))
+        }
         quinn::ConnectionError::ConnectionClosed(c) => {
             Some((u64::from(c.error_code), String::from_utf8_lossy(&c.reason).into_owned()))
         }
