@@ -19,7 +19,8 @@ const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub mesh: Mesh,
+    /// The gateway's mesh; `None` for a redirector (no /peers, /services).
+    pub mesh: Option<Mesh>,
     pub metrics: PrometheusHandle,
     pub ready: Arc<AtomicBool>,
 }
@@ -90,7 +91,7 @@ fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Fu
         }
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/ready" => {
-            if state.mesh.is_draining() {
+            if state.mesh.as_ref().is_some_and(|m| m.is_draining()) {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
             } else if state.ready.load(Ordering::Relaxed) {
                 respond(StatusCode::OK, "text/plain", "ready\n")
@@ -98,8 +99,12 @@ fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Fu
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
             }
         }
-        "/peers" => respond(StatusCode::OK, JSON, pretty(&state.mesh.peers_json())),
-        "/services" => respond(StatusCode::OK, JSON, pretty(&state.mesh.services_json())),
+        "/peers" if state.mesh.is_some() => {
+            respond(StatusCode::OK, JSON, pretty(&state.mesh.as_ref().map(Mesh::peers_json).unwrap_or_default()))
+        }
+        "/services" if state.mesh.is_some() => {
+            respond(StatusCode::OK, JSON, pretty(&state.mesh.as_ref().map(Mesh::services_json).unwrap_or_default()))
+        }
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -63,6 +63,8 @@ impl Gateway {
             peers: cfg.peers.clone(),
             exports: cfg.exports.clone(),
             preferences: cfg.preferences.clone(),
+            redirectors: cfg.redirectors.clone(),
+            workloads: cfg.workloads.clone(),
             timing: cfg.timing,
             metrics,
         })
@@ -81,7 +83,7 @@ impl Gateway {
         }
         let admin_addr = match cfg.admin {
             Some(addr) => {
-                let state = AdminState { mesh: mesh.clone(), metrics: handle.clone(), ready: ready.clone() };
+                let state = AdminState { mesh: Some(mesh.clone()), metrics: handle.clone(), ready: ready.clone() };
                 let admin =
                     Admin::bind(addr, state).await.with_context(|| format!("listen.admin: cannot bind {addr}"))?;
                 let bound = admin.local_addr();

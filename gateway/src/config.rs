@@ -33,9 +33,29 @@ pub struct RawConfig {
     #[serde(default)]
     pub imports: Vec<RawImport>,
     #[serde(default)]
+    pub redirectors: Vec<RawRedirector>,
+    #[serde(default)]
+    pub workloads: Vec<RawWorkload>,
+    #[serde(default)]
     pub timing: RawTiming,
     #[serde(default)]
     pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedirector {
+    /// SPIFFE ID prefix of the node agents allowed to hand flows to this gateway.
+    pub id_prefix: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWorkload {
+    /// Source addresses (an address or CIDR) of the workload.
+    pub cidr: String,
+    /// Its SPIFFE ID, carried across the overlay for flows from those addresses.
+    pub id: String,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -179,6 +199,8 @@ pub struct Config {
     pub exports: Vec<Export>,
     pub imports: Vec<Import>,
     pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
+    pub redirectors: Vec<String>,
+    pub workloads: Vec<(ipnet::IpNet, Identity)>,
     pub timing: Timing,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -221,14 +243,14 @@ pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
     validate(&raw)
 }
 
-struct Errors(Vec<ConfigError>);
+pub(crate) struct Errors(pub(crate) Vec<ConfigError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, reason: impl fmt::Display) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, reason: impl fmt::Display) {
         self.0.push(ConfigError { path: path.into(), reason: reason.to_string() });
     }
 
-    fn parse<T, E: fmt::Display>(&mut self, path: impl Into<String>, r: Result<T, E>) -> Option<T> {
+    pub(crate) fn parse<T, E: fmt::Display>(&mut self, path: impl Into<String>, r: Result<T, E>) -> Option<T> {
         match r {
             Ok(v) => Some(v),
             Err(e) => {
@@ -239,11 +261,11 @@ impl Errors {
     }
 }
 
-fn addr(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:port address"))
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"))
 }
 
@@ -349,6 +371,35 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         }
     }
 
+    let mut redirectors = Vec::new();
+    for (i, r) in raw.redirectors.iter().enumerate() {
+        let path = format!("redirectors[{i}].id_prefix");
+        // A prefix must name at least a trust domain and end at a segment boundary, so that
+        // `spiffe://td/zone/eu/node/` cannot match `spiffe://td/zone/eu/node-evil/...`.
+        match Identity::parse(r.id_prefix.trim_end_matches('/')) {
+            Ok(id) if r.id_prefix.ends_with('/') => {
+                if let Some(td) = trust_domain.as_ref().filter(|td| **td != id.trust_domain()) {
+                    e.push(path, format!("trust domain {} differs from trust_domain {td}", id.trust_domain()));
+                } else {
+                    redirectors.push(r.id_prefix.clone());
+                }
+            }
+            Ok(_) => e.push(path, "must end with '/' (a whole path segment)"),
+            Err(err) => e.push(path, err),
+        }
+    }
+    let mut workloads = Vec::new();
+    for (i, w) in raw.workloads.iter().enumerate() {
+        let net =
+            w.cidr.parse::<ipnet::IpNet>().or_else(|_| w.cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        let net =
+            e.parse(format!("workloads[{i}].cidr"), net.map_err(|_| format!("{:?} is not an address or CIDR", w.cidr)));
+        let id = e.parse(format!("workloads[{i}].id"), Identity::parse(&w.id));
+        if let (Some(net), Some(id)) = (net, id) {
+            workloads.push((net.trunc(), id));
+        }
+    }
+
     let mut timing = Timing::default();
     {
         let t = &raw.timing;
@@ -420,6 +471,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             exports,
             imports,
             preferences,
+            redirectors,
+            workloads,
             timing,
             log_format,
             log_level,

@@ -11,6 +11,20 @@ pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod listeners;
+pub mod redirect;
 pub mod telemetry;
 
 pub use app::Gateway;
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can only be killed; run until then.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

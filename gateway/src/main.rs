@@ -29,8 +29,23 @@ enum Cmd {
     },
     /// Validate a configuration file (and the TLS files it names); exit 2 on any error.
     Check {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// A gateway configuration.
+        #[arg(long, short, required_unless_present = "redirect")]
+        config: Option<PathBuf>,
+        /// A redirector configuration.
+        #[arg(long, conflicts_with = "config")]
+        redirect: Option<PathBuf>,
+    },
+    /// Run the node agent: capture connections to mesh VIPs (iptables), hand them to the zone
+    /// gateway, answer mesh DNS. Removes its iptables rules when it stops.
+    Redirect {
+        #[arg(long, short, required_unless_present = "cleanup")]
+        config: Option<PathBuf>,
+        /// Remove every iptables rule a redirector installed (after a crash) and exit.
+        #[arg(long)]
+        cleanup: bool,
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Make a CA or issue SPIFFE certificates.
     Certs {
@@ -80,7 +95,21 @@ enum CertsCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Check { config } => check(&config),
+        Cmd::Check { config: Some(config), .. } => check(&config),
+        Cmd::Check { redirect: Some(path), .. } => check_redirect(&path),
+        Cmd::Check { .. } => ExitCode::from(2),
+        Cmd::Redirect { cleanup: true, .. } => match causeway::redirect::iptables::cleanup() {
+            Ok(n) => {
+                println!("removed {n} iptables rule(s) tagged {}", causeway::redirect::iptables::TAG);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cleanup: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Redirect { config: Some(config), workers, .. } => redirect(&config, workers),
+        Cmd::Redirect { .. } => ExitCode::from(2),
         Cmd::Gateway { config, workers } => gateway(&config, workers),
         Cmd::Certs { cmd } => certs_cmd(cmd),
         Cmd::Demo { flows, bytes } => {
@@ -176,15 +205,55 @@ fn gateway(path: &std::path::Path, workers: Option<usize>) -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the process can only be killed; run until then.
-        return std::future::pending().await;
+use causeway::wait_for_signal;
+
+fn load_redirect(path: &std::path::Path) -> Result<causeway::redirect::RedirectConfig, ExitCode> {
+    causeway::redirect::load(path).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+fn check_redirect(path: &std::path::Path) -> ExitCode {
+    let cfg = match load_redirect(path) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    match causeway::redirect::check(&cfg) {
+        Ok(id) => {
+            println!(
+                "{}: ok (redirector {id}, gateway {} at {}, VIPs {})",
+                path.display(),
+                cfg.gateway_id,
+                cfg.gateway,
+                cfg.vip_range
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprint!("{}", config::ConfigErrors { file: path.display().to_string(), errors });
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn redirect(path: &std::path::Path, workers: Option<usize>) -> ExitCode {
+    let cfg = match load_redirect(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(errors) = causeway::redirect::check(&cfg) {
+        eprint!("{}", config::ConfigErrors { file: path.display().to_string(), errors });
+        return ExitCode::from(2);
+    }
+    telemetry::init(cfg.log_format, &cfg.log_level);
+    let res = runtime(workers).and_then(|rt| rt.block_on(causeway::redirect::run(cfg)));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redirect: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -10,8 +10,10 @@
 
 pub mod flow;
 pub mod h3q;
+mod handoff;
 pub mod mesh;
 pub mod metrics;
+pub mod redirector;
 pub mod relay;
 pub mod routes;
 pub mod session;

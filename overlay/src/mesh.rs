@@ -96,6 +96,10 @@ pub struct MeshConfig {
     pub peers: Vec<PeerSpec>,
     pub exports: Vec<Export>,
     pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
+    /// SPIFFE ID prefixes of the redirectors allowed to hand flows to this gateway.
+    pub redirectors: Vec<String>,
+    /// Source address ranges of workloads and their identities (longest prefix wins).
+    pub workloads: Vec<(ipnet::IpNet, Identity)>,
     pub timing: Timing,
     pub metrics: Metrics,
 }
@@ -150,6 +154,8 @@ pub(crate) struct Inner {
     pub endpoint: quinn::Endpoint,
     pub tls: TlsFactory,
     pub peers: HashMap<Identity, PeerSpec>,
+    pub allowed: crate::tls::Allowed,
+    pub workloads: Vec<(ipnet::IpNet, Identity)>,
     pub routes: RwLock<RouteTable>,
     pub conns: Mutex<HashMap<Identity, PeerConn>>,
     /// Signalled whenever a peer connection is registered or ends.
@@ -172,8 +178,14 @@ impl Mesh {
     pub fn bind(cfg: MeshConfig) -> Result<Self, MeshError> {
         let identity = cfg.credentials.identity()?;
         let tls = TlsFactory::new(cfg.credentials, cfg.bundle, cfg.metrics.clone());
-        let allowed: HashSet<Identity> = cfg.peers.iter().map(|p| p.id.clone()).collect();
-        let server_tls = tls.server(Arc::new(RwLock::new(allowed)))?;
+        let allowed = Arc::new(RwLock::new(crate::tls::AllowedSet {
+            peers: cfg.peers.iter().map(|p| p.id.clone()).collect::<HashSet<Identity>>(),
+            redirector_prefixes: cfg.redirectors,
+        }));
+        let server_tls = tls.server(allowed.clone())?;
+        let mut workloads = cfg.workloads;
+        // Longest prefix first, so the first match is the most specific.
+        workloads.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
         let endpoint = transport::bind(cfg.listen, transport::server_config(server_tls, cfg.timing.transport)?)?;
         let exports: BTreeMap<_, _> = cfg
             .exports
@@ -195,6 +207,8 @@ impl Mesh {
             endpoint,
             tls,
             peers: cfg.peers.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            allowed,
+            workloads,
             routes: RwLock::new(routes),
             conns: Mutex::new(HashMap::new()),
             conn_changed: Notify::new(),
@@ -259,6 +273,28 @@ impl Mesh {
     /// Waits until every QUIC connection is closed and its close has been sent.
     pub async fn wait_closed(&self) {
         self.0.endpoint.wait_idle().await;
+    }
+
+    /// The workload identity of a source address, from the configured ranges.
+    pub fn workload_identity(&self, ip: std::net::IpAddr) -> Option<&Identity> {
+        self.0.workloads.iter().find(|(net, _)| net.contains(&ip)).map(|(_, id)| id)
+    }
+
+    pub(crate) fn is_redirector(&self, id: &Identity) -> bool {
+        self.0.allowed.read().map(|a| a.is_redirector(id)).unwrap_or(false)
+    }
+
+    /// Every service known in the mesh (ours and our peers', reachable or not) and its port: what
+    /// redirectors assign VIPs to.
+    pub fn known_services(&self) -> BTreeMap<ServiceName, u16> {
+        let routes = self.routes();
+        let mut out: BTreeMap<ServiceName, u16> = routes.local().map(|a| (a.name.clone(), a.port)).collect();
+        for (_, e) in routes.peers() {
+            for ad in e.services.values() {
+                out.entry(ad.name.clone()).or_insert(ad.port);
+            }
+        }
+        out
     }
 
     /// Resolves once [`Mesh::shutdown`] ran.

@@ -22,6 +22,12 @@ pub const FLOW_DURATION: &str = "causeway_flow_duration_seconds";
 pub const FLOW_CONNECT: &str = "causeway_flow_connect_seconds";
 pub const INBOUND_FLOWS: &str = "causeway_inbound_flows_total";
 pub const FAILOVERS: &str = "causeway_flow_failovers_total";
+pub const REDIRECTORS: &str = "causeway_redirectors_connected";
+pub const REDIRECT_FLOWS: &str = "causeway_redirector_flows_total";
+pub const CAPTURED: &str = "causeway_captured_flows_total";
+pub const GATEWAY_UP: &str = "causeway_redirect_gateway_up";
+pub const DNS_QUERIES: &str = "causeway_dns_queries_total";
+pub const VIPS: &str = "causeway_redirect_vips";
 
 const META: Metadata<'static> = Metadata::new("causeway", Level::INFO, Some(module_path!()));
 
@@ -87,5 +93,11 @@ impl Metrics {
         h(FLOW_CONNECT, Some(Unit::Seconds), "Time from accepting a client to the flow being established.");
         c(INBOUND_FLOWS, None, "Flows served for peers, by service, source zone and outcome.");
         c(FAILOVERS, None, "Flow attempts moved to another zone, by service and reason.");
+        g(REDIRECTORS, None, "Redirectors (node agents) connected to this gateway.");
+        c(REDIRECT_FLOWS, None, "Flows handed over by redirectors, by outcome of the hand-off.");
+        c(CAPTURED, None, "Redirector: captured connections, by outcome.");
+        g(GATEWAY_UP, None, "Redirector: 1 while its gateway connection is up.");
+        c(DNS_QUERIES, None, "Redirector: mesh DNS queries, by result.");
+        g(VIPS, None, "Redirector: services with a virtual IP.");
     }
 }

@@ -160,6 +160,9 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
                 conn.close(quinn::VarInt::from_u32(ErrorCode::PEER_MISMATCH.0 as u32), b"no identity");
                 return;
             };
+            if !mesh.0.peers.contains_key(&id) && mesh.is_redirector(&id) {
+                return crate::handoff::serve_redirector(mesh, conn, id).await;
+            }
             let zone = mesh.0.peers.get(&id).and_then(|p| p.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
             mesh.0
                 .metrics

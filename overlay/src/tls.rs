@@ -95,7 +95,7 @@ impl Credentials {
 }
 
 /// CA certificates trusted for peers.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TrustBundle {
     anchors: Vec<TrustAnchor<'static>>,
 }
@@ -118,8 +118,26 @@ impl TrustBundle {
     }
 }
 
-/// Identities allowed to connect to this gateway. Shared so configuration reloads can change it.
-pub type Allowed = Arc<RwLock<HashSet<Identity>>>;
+/// Identities allowed to connect to this gateway: configured peers exactly, redirectors by prefix.
+#[derive(Debug, Default, Clone)]
+pub struct AllowedSet {
+    pub peers: HashSet<Identity>,
+    /// SPIFFE ID prefixes of redirectors (node agents), e.g. `spiffe://td/zone/eu/node/`.
+    pub redirector_prefixes: Vec<String>,
+}
+
+impl AllowedSet {
+    pub fn allows(&self, id: &Identity) -> bool {
+        self.peers.contains(id) || self.is_redirector(id)
+    }
+
+    pub fn is_redirector(&self, id: &Identity) -> bool {
+        self.redirector_prefixes.iter().any(|p| id.as_str().starts_with(p.as_str()))
+    }
+}
+
+/// Shared so configuration reloads can change it.
+pub type Allowed = Arc<RwLock<AllowedSet>>;
 
 /// Extracts the SPIFFE ID of a leaf: exactly one URI SAN, and the leaf must not be a CA.
 pub fn spiffe_id(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
@@ -258,7 +276,7 @@ impl ClientCertVerifier for AcceptVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.checker.verify(end_entity, intermediates, now, true, |id| {
-            self.allowed.read().map(|a| a.contains(id)).unwrap_or(false)
+            self.allowed.read().map(|a| a.allows(id)).unwrap_or(false)
         })?;
         Ok(ClientCertVerified::assertion())
     }

@@ -69,3 +69,10 @@ impl FlowError {
         !matches!(self, Self::BadRequest)
     }
 }
+
+/// `:authority` of the catalog stream a redirector opens to its gateway (`SPEC.md` §Redirectors).
+pub const CATALOG_AUTHORITY: &str = "catalog.causeway.invalid:1";
+/// Header a redirector sets: the captured connection's original destination (VIP:port).
+pub const ORIGINAL_DST: &str = "causeway-original-dst";
+/// Header a redirector sets: the captured connection's source address (pod IP:port).
+pub const SOURCE_ADDRESS: &str = "causeway-source-address";

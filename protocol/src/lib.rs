@@ -16,6 +16,7 @@ pub mod identity;
 pub mod limits;
 pub mod names;
 pub mod trace;
+pub mod vip;
 
 pub use codes::ErrorCode;
 pub use identity::{Identity, IdentityError, TrustDomain};

@@ -1,0 +1,348 @@
+//! `causeway redirect`: the node agent. It installs the iptables rules that send TCP bound for the
+//! VIP range to its capture port, recovers each captured connection's original destination
+//! (`SO_ORIGINAL_DST`), hands it to the zone gateway ([`Redirector`]), and answers mesh DNS.
+//! It removes its rules when it stops.
+
+pub mod dns;
+pub mod iptables;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use causeway_overlay::metrics::{Metrics, CAPTURED};
+use causeway_overlay::redirector::{RedirectTiming, Redirector, RedirectorConfig};
+use causeway_protocol::vip::VipRange;
+use causeway_protocol::{Identity, ServiceName, TrustDomain};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{addr, duration, ConfigError, ConfigErrors, Errors, LogFormat, RawLog, RawTls};
+use iptables::Chain;
+
+/// Captured connections handled at once; more wait in the kernel's accept queue.
+pub const MAX_CAPTURED: usize = 10_000;
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedirect {
+    #[serde(default)]
+    pub node: Option<String>,
+    pub trust_domain: String,
+    pub tls: RawTls,
+    pub gateway: RawGateway,
+    pub capture: RawCapture,
+    #[serde(default)]
+    pub dns: Option<RawDns>,
+    #[serde(default)]
+    pub admin: Option<String>,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    pub address: String,
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCapture {
+    pub listen: String,
+    #[serde(default)]
+    pub vip_range: Option<String>,
+    /// `output` (the node's own processes) and/or `prerouting` (pods routed through the node).
+    #[serde(default)]
+    pub chains: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub listen: String,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    pub upstream: String,
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub listen: SocketAddr,
+    pub suffix: String,
+    pub upstream: SocketAddr,
+    pub ttl: Duration,
+}
+
+/// A validated redirector configuration.
+#[derive(Debug, Clone)]
+pub struct RedirectConfig {
+    pub node: String,
+    pub trust_domain: TrustDomain,
+    pub tls: crate::config::TlsPaths,
+    pub gateway: SocketAddr,
+    pub gateway_id: Identity,
+    pub capture: SocketAddr,
+    pub vip_range: VipRange,
+    pub chains: Vec<Chain>,
+    pub dns: Option<DnsConfig>,
+    pub admin: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+pub fn load(path: &Path) -> Result<RedirectConfig, ConfigErrors> {
+    let file = path.display().to_string();
+    let fail = |errors| ConfigErrors { file: file.clone(), errors };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(vec![ConfigError { path: String::new(), reason: format!("cannot read: {e}") }]))?;
+    let mut cfg = parse(&text).map_err(fail)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.bundle] {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(cfg)
+}
+
+pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let raw: RawRedirect = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        vec![ConfigError { path: if path == "." { String::new() } else { path }, reason: e.into_inner().to_string() }]
+    })?;
+    let mut e = Errors(Vec::new());
+    let trust_domain = e.parse("trust_domain", TrustDomain::new(&raw.trust_domain));
+    let gateway = e.parse("gateway.address", addr(&raw.gateway.address));
+    let gateway_id = e.parse("gateway.id", Identity::parse(&raw.gateway.id));
+    let capture = e.parse("capture.listen", addr(&raw.capture.listen));
+    let vip_range =
+        e.parse("capture.vip_range", VipRange::parse(raw.capture.vip_range.as_deref().unwrap_or(VipRange::DEFAULT)));
+    let mut chains = Vec::new();
+    for (i, c) in
+        raw.capture.chains.clone().unwrap_or_else(|| vec!["output".into(), "prerouting".into()]).iter().enumerate()
+    {
+        match c.as_str() {
+            "output" => chains.push(Chain::Output),
+            "prerouting" => chains.push(Chain::Prerouting),
+            other => e.push(format!("capture.chains[{i}]"), format!("{other:?} is not one of output, prerouting")),
+        }
+    }
+    let dns = raw.dns.as_ref().and_then(|d| {
+        let listen = e.parse("dns.listen", addr(&d.listen));
+        let upstream = e.parse("dns.upstream", addr(&d.upstream));
+        let suffix = d.suffix.clone().unwrap_or_else(|| "mesh".into());
+        if ServiceName::new(&suffix).is_err() {
+            e.push("dns.suffix", format!("{suffix:?} is not a DNS name"));
+        }
+        let ttl = match &d.ttl {
+            Some(t) => e.parse("dns.ttl", duration(t))?,
+            None => Duration::from_secs(5),
+        };
+        Some(DnsConfig { listen: listen?, suffix, upstream: upstream?, ttl })
+    });
+    let admin = raw.admin.as_deref().and_then(|a| e.parse("admin", addr(a)));
+    let log_format = match raw.log.format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            e.push("log.format", format!("{other:?} is not one of text, json"));
+            LogFormat::Text
+        }
+    };
+    for (k, p) in [("tls.cert", &raw.tls.cert), ("tls.key", &raw.tls.key), ("tls.bundle", &raw.tls.bundle)] {
+        if p.as_os_str().is_empty() {
+            e.push(k, "must name a file");
+        }
+    }
+    if !e.0.is_empty() {
+        return Err(e.0);
+    }
+    match (trust_domain, gateway, gateway_id, capture, vip_range) {
+        (Some(trust_domain), Some(gateway), Some(gateway_id), Some(capture), Some(vip_range)) => Ok(RedirectConfig {
+            node: raw.node.clone().unwrap_or_else(|| "node".into()),
+            trust_domain,
+            tls: crate::config::TlsPaths {
+                cert: raw.tls.cert.clone(),
+                key: raw.tls.key.clone(),
+                bundle: raw.tls.bundle.clone(),
+            },
+            gateway,
+            gateway_id,
+            capture,
+            vip_range,
+            chains,
+            dns,
+            admin,
+            log_format,
+            log_level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
+        }),
+        _ => Err(vec![ConfigError { path: String::new(), reason: "incomplete configuration".into() }]),
+    }
+}
+
+/// A running redirector.
+pub struct Redirect {
+    pub redirector: Redirector,
+    pub capture_addr: SocketAddr,
+    pub dns_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics: PrometheusHandle,
+    rules: bool,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Redirect {
+    /// Installs the iptables rules (when `rules`), binds the capture port, DNS and admin, and starts
+    /// the gateway connection.
+    pub async fn start(cfg: &RedirectConfig, rules: bool) -> anyhow::Result<Self> {
+        let (creds, bundle) = load_tls(cfg)
+            .map_err(|e| anyhow::anyhow!("{}", e.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
+        if rules {
+            iptables::check_privilege()?;
+        }
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let metrics = Metrics::new(Arc::new(recorder));
+        let redirector = Redirector::new(RedirectorConfig {
+            gateway: cfg.gateway,
+            gateway_id: cfg.gateway_id.clone(),
+            credentials: creds,
+            bundle,
+            vip_range: cfg.vip_range,
+            timing: RedirectTiming::default(),
+            metrics: metrics.clone(),
+        })?;
+        let capture = crate::listeners::listen(cfg.capture)
+            .with_context(|| format!("capture.listen: cannot bind {}", cfg.capture))?;
+        let capture_addr = capture.local_addr()?;
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let dns_addr = match &cfg.dns {
+            Some(d) => {
+                let server = dns::MeshDns::bind(d.listen, &d.suffix, d.upstream, d.ttl)
+                    .await
+                    .with_context(|| format!("dns.listen: cannot bind {}", d.listen))?;
+                let a = server.local_addr();
+                tasks.spawn(server.run(redirector.clone(), metrics.clone(), stop.clone()));
+                Some(a)
+            }
+            None => None,
+        };
+        let admin_addr = match cfg.admin {
+            Some(a) => {
+                let state = crate::admin::AdminState {
+                    mesh: None,
+                    metrics: handle.clone(),
+                    ready: Arc::new(AtomicBool::new(true)),
+                };
+                let admin =
+                    crate::admin::Admin::bind(a, state).await.with_context(|| format!("admin: cannot bind {a}"))?;
+                let bound = admin.local_addr();
+                tasks.spawn(admin.run(stop.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
+        if rules {
+            iptables::install(&cfg.chains, &cfg.vip_range.to_string(), capture_addr)?;
+        }
+        tasks.spawn(redirector.clone().run());
+        tasks.spawn(capture_loop(capture, redirector.clone(), metrics, stop.clone()));
+        tasks.close();
+        tracing::info!(node = %cfg.node, identity = %redirector.identity(), capture = %capture_addr, dns = ?dns_addr,
+            vip_range = %cfg.vip_range, gateway = %cfg.gateway, rules, "redirect.started");
+        Ok(Self { redirector, capture_addr, dns_addr, admin_addr, metrics: handle, rules, stop, tasks })
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.metrics.run_upkeep();
+        self.metrics.render()
+    }
+
+    /// Stops capturing, removes the rules, closes the gateway connection.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let removed = if self.rules { iptables::cleanup() } else { Ok(0) };
+        self.stop.cancel();
+        self.redirector.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        let removed = removed?;
+        tracing::info!(rules_removed = removed, "redirect.stopped");
+        Ok(())
+    }
+}
+
+fn load_tls(
+    cfg: &RedirectConfig,
+) -> Result<(causeway_overlay::Credentials, causeway_overlay::TrustBundle), Vec<ConfigError>> {
+    let err = |path: &str, reason: String| vec![ConfigError { path: path.into(), reason }];
+    let read =
+        |path: &str, p: &PathBuf| std::fs::read(p).map_err(|e| err(path, format!("cannot read {}: {e}", p.display())));
+    let creds = crate::certs::credentials_from_pem(&read("tls.cert", &cfg.tls.cert)?, &read("tls.key", &cfg.tls.key)?)
+        .map_err(|e| err("tls.cert", format!("{e:#}")))?;
+    let id = creds.identity().map_err(|e| err("tls.cert", e.to_string()))?;
+    if id.trust_domain() != cfg.trust_domain {
+        return Err(err("tls.cert", format!("certificate identity {id} is not in trust_domain {}", cfg.trust_domain)));
+    }
+    let bundle = crate::certs::bundle_from_pem(&read("tls.bundle", &cfg.tls.bundle)?)
+        .map_err(|e| err("tls.bundle", format!("{e:#}")))?;
+    Ok((creds, bundle))
+}
+
+/// Validates a redirector config and its TLS files (for `causeway check --redirect`).
+pub fn check(cfg: &RedirectConfig) -> Result<Identity, Vec<ConfigError>> {
+    let (creds, _) = load_tls(cfg)?;
+    creds.identity().map_err(|e| vec![ConfigError { path: "tls.cert".into(), reason: e.to_string() }])
+}
+
+async fn capture_loop(listener: TcpListener, redirector: Redirector, metrics: Metrics, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CAPTURED));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.cancelled() => return,
+        };
+        let (tcp, src) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "capture.accept.failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        // SO_ORIGINAL_DST: where the client meant to go before the nat REDIRECT.
+        let dst = socket2::SockRef::from(&tcp).original_dst().ok().and_then(|a| a.as_socket());
+        let Some(dst) = dst else {
+            metrics.counter(CAPTURED, &[("outcome", "no_original_dst")]).increment(1);
+            causeway_overlay::relay::abort(tcp);
+            continue;
+        };
+        let r = redirector.clone();
+        tokio::spawn(async move {
+            r.serve_captured(tcp, dst, src).await;
+            drop(permit);
+        });
+    }
+}
+
+/// `causeway redirect --config F`: runs until SIGTERM/SIGINT, then removes its rules.
+pub async fn run(cfg: RedirectConfig) -> anyhow::Result<()> {
+    let r = Redirect::start(&cfg, true).await?;
+    crate::wait_for_signal().await;
+    r.stop().await
+}

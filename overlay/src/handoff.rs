@@ -1,0 +1,152 @@
+//! The gateway's side of redirector hand-off. A redirector (node agent) holds one QUIC connection to
+//! its zone gateway, authenticated by its node SPIFFE ID, and opens one HTTP/3 CONNECT per captured
+//! connection (`:authority` = `<service>:<port>`, plus the original destination and the source
+//! address), and one long-lived catalog stream from which it derives service VIPs.
+//!
+//! Identity rule (`SPEC.md` §Redirectors): a redirector never names an identity. It reports the
+//! source address it captured; the gateway maps that address to a workload identity from its own
+//! configuration (`workloads`), or, for an unmapped address, uses the redirector's own node
+//! identity. Only gateway peers may send `causeway-source-identity`, and only to a destination
+//! gateway; from a redirector that header is ignored.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use causeway_protocol::control::{self, Catalog, Message, Protocol, ServiceAd};
+use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ERROR, SOURCE_ADDRESS, TRACEPARENT};
+use causeway_protocol::limits::MAX_SERVICES_PER_FRAME;
+use causeway_protocol::trace::TraceParent;
+use causeway_protocol::{Identity, ServiceName};
+use tracing::Instrument;
+
+use crate::flow::{Downstream, ServerStream, Source};
+use crate::h3q;
+use crate::mesh::Mesh;
+use crate::metrics::{REDIRECTORS, REDIRECT_FLOWS};
+use crate::relay::ByteSink;
+use crate::session::MAX_FIELD_SECTION;
+
+/// How often the catalog stream checks for changes.
+const CATALOG_POLL: Duration = Duration::from_millis(250);
+
+/// Serves one redirector connection until it closes.
+pub(crate) async fn serve_redirector(mesh: Mesh, conn: quinn::Connection, node: Identity) {
+    let span = tracing::info_span!("redirector", node = %node, remote = %conn.remote_address());
+    async move {
+        let gauge = mesh.0.metrics.gauge(REDIRECTORS, &[]);
+        gauge.increment(1.0);
+        tracing::info!("redirector.connected");
+        let (_reverse, server_sess, demux) = h3q::split(&conn, false);
+        tokio::spawn(demux);
+        match h3::server::builder().max_field_section_size(MAX_FIELD_SECTION).build::<_, Bytes>(server_sess).await {
+            Ok(mut server) => loop {
+                let resolver = tokio::select! {
+                    r = server.accept() => match r {
+                        Ok(Some(r)) => r,
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = mesh.0.shutdown.cancelled() => break,
+                };
+                let (mesh, node) = (mesh.clone(), node.clone());
+                let header_timeout = mesh.0.timing.header_timeout;
+                tokio::spawn(async move {
+                    let Ok(Ok((req, stream))) = tokio::time::timeout(header_timeout, resolver.resolve_request()).await
+                    else {
+                        return;
+                    };
+                    handle(mesh, node, req, stream).await;
+                });
+            },
+            Err(e) => tracing::debug!(error = %e, "redirector.h3.failed"),
+        }
+        gauge.decrement(1.0);
+        tracing::info!(reason = ?conn.close_reason(), "redirector.disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+async fn refuse(mut stream: ServerStream, e: FlowError) {
+    let resp = http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
+    if stream.send_response(resp).await.is_ok() {
+        let _ = stream.finish().await;
+    }
+}
+
+async fn handle(mesh: Mesh, node: Identity, req: http::Request<()>, stream: ServerStream) {
+    let authority = req.uri().authority().cloned();
+    if req.method() != http::Method::CONNECT {
+        return refuse(stream, FlowError::BadRequest).await;
+    }
+    if authority.as_ref().is_some_and(|a| a.as_str() == CATALOG_AUTHORITY) {
+        return catalog_stream(mesh, stream).await;
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let service = authority.as_ref().and_then(|a| ServiceName::new(a.host()).ok());
+    let src = header(SOURCE_ADDRESS).and_then(|s| s.parse::<SocketAddr>().ok());
+    let (Some(service), Some(src)) = (service, src) else {
+        mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "bad_request")]).increment(1);
+        return refuse(stream, FlowError::BadRequest).await;
+    };
+    let identity = mesh.workload_identity(src.ip()).cloned().unwrap_or(node);
+    let trace = header(TRACEPARENT).and_then(TraceParent::parse);
+    mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "accepted")]).increment(1);
+    let span = tracing::info_span!("flow", service = %service, client = %src, via = "redirector");
+    mesh.serve(Downstream::Stream(Box::new(stream)), service, Source { identity, addr: src }, trace)
+        .instrument(span)
+        .await;
+}
+
+/// Streams the mesh's service names and ports as control-framed catalog snapshots, a new snapshot
+/// whenever the set changes.
+async fn catalog_stream(mesh: Mesh, mut stream: ServerStream) {
+    if stream.send_response(http::Response::builder().status(200).body(()).unwrap_or_default()).await.is_err() {
+        return;
+    }
+    let (mut tx, _rx) = stream.split();
+    let mut out = BytesMut::new();
+    out.put_slice(&control::preface(control::VERSION));
+    let mut sent = None;
+    let mut version = 0u64;
+    let mut tick = tokio::time::interval(CATALOG_POLL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = mesh.0.shutdown.cancelled() => return,
+        }
+        let now = mesh.known_services();
+        if sent.as_ref() == Some(&now) {
+            continue;
+        }
+        version += 1;
+        let ads: Vec<ServiceAd> = now
+            .iter()
+            .map(|(name, port)| ServiceAd {
+                name: name.clone(),
+                protocol: Protocol::Tcp,
+                port: *port,
+                healthy_endpoints: 0,
+                labels: vec![],
+            })
+            .collect();
+        let mut chunks = ads.chunks(MAX_SERVICES_PER_FRAME).peekable();
+        let mut frames = vec![];
+        if chunks.peek().is_none() {
+            frames.push(Catalog { version, services: vec![], more: false });
+        }
+        while let Some(c) = chunks.next() {
+            frames.push(Catalog { version, services: c.to_vec(), more: chunks.peek().is_some() });
+        }
+        for f in frames {
+            match control::encode(&Message::Catalog(f)) {
+                Ok(b) => out.put_slice(&b),
+                Err(_) => return,
+            }
+        }
+        if tx.send(out.split().freeze()).await.is_err() {
+            return;
+        }
+        sent = Some(now);
+    }
+}

@@ -1,0 +1,292 @@
+//! The redirector's overlay side: one QUIC connection (mutual TLS with the node's identity) to the
+//! zone gateway, a catalog stream from which it derives service VIPs, and one HTTP/3 CONNECT per
+//! captured connection. It makes no routing or policy decision: capture and hand-off only.
+//!
+//! This module does NOT install iptables rules, accept captured sockets or answer DNS; the
+//! `causeway redirect` command does, and hands each captured connection to [`Redirector::serve_captured`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use causeway_protocol::control::{Decoder, Event, Message};
+use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ERROR, ORIGINAL_DST, SOURCE_ADDRESS, TRACEPARENT};
+use causeway_protocol::trace::TraceParent;
+use causeway_protocol::vip::{VipRange, VipTable};
+use causeway_protocol::{Identity, ServiceName};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::h3q::{self, Opener};
+use crate::metrics::{Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, VIPS};
+use crate::relay::{self, ByteSource, Counters};
+use crate::session::{Backoff, MAX_FIELD_SECTION};
+use crate::tls::{Credentials, TlsFactory, TrustBundle, SERVER_NAME};
+use crate::transport::{self, Timers};
+
+/// Timers of the redirector. The gateway is on the same network, so a dead gateway is noticed fast:
+/// a connection silent for `idle_timeout` is dropped and captured connections are reset at once.
+#[derive(Debug, Clone, Copy)]
+pub struct RedirectTiming {
+    pub handshake_timeout: Duration,
+    /// Waiting for the gateway's answer to a CONNECT (it may try several zones).
+    pub flow_timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub transport: Timers,
+}
+
+impl Default for RedirectTiming {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(2),
+            flow_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            transport: Timers { keep_alive: Duration::from_millis(200), idle_timeout: Duration::from_millis(800) },
+        }
+    }
+}
+
+pub struct RedirectorConfig {
+    pub gateway: SocketAddr,
+    pub gateway_id: Identity,
+    pub credentials: Credentials,
+    pub bundle: TrustBundle,
+    pub vip_range: VipRange,
+    pub timing: RedirectTiming,
+    pub metrics: Metrics,
+}
+
+/// Services and their VIPs and ports, as the gateway last reported them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RedirectTable {
+    pub vips: VipTable,
+    pub ports: BTreeMap<ServiceName, u16>,
+}
+
+struct Inner {
+    cfg: RedirectorConfig,
+    identity: Identity,
+    endpoint: quinn::Endpoint,
+    tls: TlsFactory,
+    session: watch::Sender<Option<h3::client::SendRequest<Opener, Bytes>>>,
+    table: watch::Sender<Arc<RedirectTable>>,
+    shutdown: CancellationToken,
+}
+
+#[derive(Clone)]
+pub struct Redirector(Arc<Inner>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectorError {
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("UDP socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Redirector {
+    pub fn new(cfg: RedirectorConfig) -> Result<Self, RedirectorError> {
+        let identity = cfg.credentials.identity()?;
+        let tls = TlsFactory::new(cfg.credentials.clone(), cfg.bundle.clone(), cfg.metrics.clone());
+        let bind =
+            if cfg.gateway.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+        let endpoint = quinn::Endpoint::client(bind)?;
+        Ok(Self(Arc::new(Inner {
+            cfg,
+            identity,
+            endpoint,
+            tls,
+            session: watch::channel(None).0,
+            table: watch::channel(Arc::new(RedirectTable::default())).0,
+            shutdown: CancellationToken::new(),
+        })))
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.0.identity
+    }
+
+    pub fn table(&self) -> Arc<RedirectTable> {
+        self.0.table.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RedirectTable>> {
+        self.0.table.subscribe()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.0.session.borrow().is_some()
+    }
+
+    pub fn shutdown(&self) {
+        self.0.shutdown.cancel();
+        self.0.endpoint.close(quinn::VarInt::from_u32(causeway_protocol::ErrorCode::SHUTDOWN.0 as u32), b"shutdown");
+    }
+
+    /// Keeps one connection to the gateway, reconnecting with backoff, until shutdown.
+    pub async fn run(self) {
+        let t = self.0.cfg.timing;
+        let mut backoff = Backoff::new(t.backoff_min, t.backoff_max);
+        let up = self.0.cfg.metrics.gauge(GATEWAY_UP, &[]);
+        while !self.0.shutdown.is_cancelled() {
+            match self.connect().await {
+                Ok(conn) => {
+                    backoff.reset();
+                    up.set(1.0);
+                    tracing::info!(gateway = %self.0.cfg.gateway, "redirect.gateway.connected");
+                    let end = self.session(&conn).await;
+                    self.0.session.send_replace(None);
+                    up.set(0.0);
+                    tracing::warn!(reason = %end, "redirect.gateway.disconnected");
+                }
+                Err(e) => tracing::debug!(gateway = %self.0.cfg.gateway, error = %e, "redirect.gateway.dial_failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = self.0.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<quinn::Connection, String> {
+        let tls = self.0.tls.client(self.0.cfg.gateway_id.clone()).map_err(|e| e.to_string())?;
+        let cfg = transport::client_config(tls, self.0.cfg.timing.transport).map_err(|e| e.to_string())?;
+        let connecting =
+            self.0.endpoint.connect_with(cfg, self.0.cfg.gateway, SERVER_NAME).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(self.0.cfg.timing.handshake_timeout, connecting).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("handshake timed out".into()),
+        }
+    }
+
+    /// Runs one connection: publishes it for flows and applies catalog snapshots until it ends.
+    async fn session(&self, conn: &quinn::Connection) -> String {
+        let (client, _server, demux) = h3q::split(conn, true);
+        tokio::spawn(demux);
+        let built = h3::client::builder().max_field_section_size(MAX_FIELD_SECTION).build::<_, _, Bytes>(client).await;
+        let (mut driver, mut requests) = match built {
+            Ok(x) => x,
+            Err(e) => return format!("HTTP/3: {e}"),
+        };
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        let open = async {
+            let mut s = requests
+                .send_request(http::Request::connect(CATALOG_AUTHORITY).body(()).map_err(|e| e.to_string())?)
+                .await
+                .map_err(|e| e.to_string())?;
+            let resp = s.recv_response().await.map_err(|e| e.to_string())?;
+            if resp.status() != http::StatusCode::OK {
+                return Err(format!("catalog refused: {}", resp.status()));
+            }
+            Ok(s)
+        };
+        let stream = match tokio::time::timeout(self.0.cfg.timing.handshake_timeout, open).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return e,
+            Err(_) => return "catalog stream not answered".into(),
+        };
+        self.0.session.send_replace(Some(requests));
+        let (_tx, mut rx) = stream.split();
+        let mut dec = Decoder::new();
+        let mut pending: BTreeMap<ServiceName, u16> = BTreeMap::new();
+        loop {
+            let data = tokio::select! {
+                d = rx.recv() => d,
+                _ = self.0.shutdown.cancelled() => return "shutdown".into(),
+            };
+            let data = match data {
+                Ok(Some(d)) => d,
+                Ok(None) | Err(()) => {
+                    return conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| "catalog stream ended".into())
+                }
+            };
+            if let Err(e) = dec.feed(data) {
+                return e.to_string();
+            }
+            loop {
+                match dec.next_event() {
+                    Ok(Some(Event::Message(Message::Catalog(c)))) => {
+                        pending.extend(c.services.into_iter().map(|a| (a.name, a.port)));
+                        if !c.more {
+                            let ports = std::mem::take(&mut pending);
+                            let vips = VipTable::assign(self.0.cfg.vip_range, ports.keys());
+                            self.0.cfg.metrics.gauge(VIPS, &[]).set(vips.len() as f64);
+                            self.0.table.send_replace(Arc::new(RedirectTable { vips, ports }));
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(e) => return e.to_string(),
+                }
+            }
+        }
+    }
+
+    /// Hands one captured connection to the gateway and relays it. `dst` is its original destination.
+    pub async fn serve_captured(&self, tcp: TcpStream, dst: SocketAddr, src: SocketAddr) {
+        let start = Instant::now();
+        let m = &self.0.cfg.metrics;
+        let table = self.table();
+        let service = match dst.ip() {
+            IpAddr::V4(ip) => table.vips.service(ip).cloned(),
+            IpAddr::V6(_) => None,
+        };
+        let fail = |outcome: &'static str, tcp: TcpStream| {
+            m.counter(CAPTURED, &[("outcome", outcome)]).increment(1);
+            tracing::info!(target: "causeway::access", %src, %dst, outcome, "captured");
+            relay::abort(tcp);
+        };
+        let Some(service) = service else { return fail("unknown_vip", tcp) };
+        if table.ports.get(&service) != Some(&dst.port()) {
+            return fail("unknown_port", tcp);
+        }
+        let Some(mut requests) = self.0.session.borrow().clone() else { return fail("gateway_down", tcp) };
+        let _ = tcp.set_nodelay(true);
+        let trace = {
+            let mut rng = rand::rng();
+            TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
+        };
+        let req = http::Request::connect(format!("{service}:{}", dst.port()))
+            .header(ORIGINAL_DST, dst.to_string())
+            .header(SOURCE_ADDRESS, src.to_string())
+            .header(TRACEPARENT, trace.to_string())
+            .body(());
+        let Ok(req) = req else { return fail("bad_request", tcp) };
+        let attempt = async {
+            let mut s = requests.send_request(req).await.map_err(|_| "gateway_error")?;
+            let resp = s.recv_response().await.map_err(|_| "gateway_error")?;
+            if resp.status() != http::StatusCode::OK {
+                let e = resp.headers().get(ERROR).and_then(|v| v.to_str().ok()).and_then(FlowError::parse);
+                return Err(e.map(FlowError::as_str).unwrap_or("refused"));
+            }
+            Ok(s.split())
+        };
+        let (mut tx, mut rx) = match tokio::time::timeout(self.0.cfg.timing.flow_timeout, attempt).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(why)) => return fail(why, tcp),
+            Err(_) => return fail("timeout", tcp),
+        };
+        let counters = Counters {
+            up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", "redirect"), ("direction", "up")]),
+            down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", "redirect"), ("direction", "down")]),
+        };
+        let (mut cs, mut ck) = relay::tcp(tcp);
+        let (outcome, up, down) = relay::relay((&mut cs, &mut ck), (&mut rx, &mut tx), &counters).await;
+        m.counter(CAPTURED, &[("outcome", outcome.as_str())]).increment(1);
+        tracing::info!(
+            target: "causeway::access", %src, %dst, service = %service, traceparent = %trace,
+            outcome = outcome.as_str(), bytes_up = up, bytes_down = down,
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0, "captured"
+        );
+    }
+}
