@@ -1,1 +1,359 @@
-//! placeholder
+//! The transparent path over real network namespaces, iptables and clients. Topology (created and
+//! removed by the test):
+//!
+//! ```text
+//!  cluster a                                                cluster b
+//!  [pod 10.11.0.2] -- [node 10.11.0.1 | 10.12.0.1] -- [gw-a 10.12.0.2 | 10.99.0.1] == WAN == [gw-b 10.99.0.2 | 10.21.0.1] -- [svc 10.21.0.2]
+//!                      causeway redirect                causeway gateway                     causeway gateway           http, redis, echo
+//! ```
+//!
+//! The pod is unmodified: its resolver is the node's mesh DNS, and iptables on the node captures its
+//! connections to VIPs. Needs root (CI runs as root) and iptables, curl, redis-tools, redis-server,
+//! python3; `tests/run.sh` installs them.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use causeway::certs::Validity;
+use causeway::demo::{GatewaySpec, Pki};
+use causeway_tests::causeway_bin;
+use causeway_tests::netns::{available, link, Netns, Proc};
+
+const TD: &str = "test.causeway";
+const FRONTEND: &str = "spiffe://test.causeway/ns/shop/sa/frontend";
+
+const ECHO_PY: &str = r#"
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.21.0.2", 9000)); s.listen(128)
+def serve(c):
+    while True:
+        d = c.recv(262144)
+        if not d: break
+        c.sendall(d)
+    c.shutdown(socket.SHUT_WR); c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+const BULK_PY: &str = r#"
+import socket, hashlib, os, sys, threading
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = os.urandom(n)
+s = socket.create_connection((host, port), timeout=60)
+got = bytearray()
+def rd():
+    while True:
+        d = s.recv(262144)
+        if not d: break
+        got.extend(d)
+t = threading.Thread(target=rd); t.start()
+s.sendall(data); s.shutdown(socket.SHUT_WR); t.join()
+ok = len(got) == n and hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+print("OK" if ok else "MISMATCH %d" % len(got))
+"#;
+
+/// Connects and reads; prints RESET, EOF, DATA, TIMEOUT or ERR and the seconds it took.
+const PROBE_PY: &str = r#"
+import socket, sys, time
+t = time.time()
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3); s.settimeout(3)
+    d = s.recv(10)
+    print("EOF" if not d else "DATA", time.time() - t)
+except ConnectionResetError:
+    print("RESET", time.time() - t)
+except socket.timeout:
+    print("TIMEOUT", time.time() - t)
+except OSError as e:
+    print("ERR", e, time.time() - t)
+"#;
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+fn wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+struct World {
+    pod: Netns,
+    node: Netns,
+    gwa: Netns,
+    gwb: Netns,
+    svc: Netns,
+    dir: std::path::PathBuf,
+    pki: Pki,
+}
+
+fn world() -> World {
+    let id = std::process::id() % 10_000;
+    let ns = |n: &str| Netns::new(&format!("cw{id}-{n}")).unwrap();
+    let (pod, node, gwa, gwb, svc) = (ns("pod"), ns("node"), ns("gwa"), ns("gwb"), ns("svc"));
+    let v = |n: &str| format!("c{id}{n}");
+    link(&pod, &v("p0"), "10.11.0.2/24", &node, &v("p1"), "10.11.0.1/24").unwrap();
+    link(&node, &v("n0"), "10.12.0.1/24", &gwa, &v("n1"), "10.12.0.2/24").unwrap();
+    link(&gwa, &v("w0"), "10.99.0.1/24", &gwb, &v("w1"), "10.99.0.2/24").unwrap();
+    link(&gwb, &v("s0"), "10.21.0.1/24", &svc, &v("s1"), "10.21.0.2/24").unwrap();
+    pod.exec(&["ip", "route", "add", "default", "via", "10.11.0.1"]).unwrap();
+    node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    gwa.exec(&["ip", "route", "add", "10.11.0.0/24", "via", "10.12.0.1"]).unwrap();
+    svc.exec(&["ip", "route", "add", "default", "via", "10.21.0.1"]).unwrap();
+    pod.set_resolver("10.11.0.1").unwrap();
+    let pki = Pki::new(TD).unwrap();
+    let dir = pki.dir.clone();
+    World { pod, node, gwa, gwb, svc, dir, pki }
+}
+
+fn gateway_yaml(w: &World, zone: &str) -> std::path::PathBuf {
+    let id = w.pki.identity(zone, "gw-1");
+    let tls = w.pki.issue(&format!("gw-{zone}"), &id, Validity::for_duration(Duration::from_secs(3600))).unwrap();
+    let (peer_zone, peer_addr, own) =
+        if zone == "a" { ("b", "10.99.0.2:4433", "10.99.0.1") } else { ("a", "10.99.0.1:4433", "10.99.0.2") };
+    let _ = own;
+    let svc = |p: u16| vec![format!("10.21.0.2:{p}").parse().unwrap()];
+    let spec = GatewaySpec {
+        zone: zone.into(),
+        gateway: "gw-1".into(),
+        trust_domain: TD.into(),
+        tls,
+        overlay: "0.0.0.0:4433".parse().unwrap(),
+        admin: Some("0.0.0.0:9901".parse().unwrap()),
+        peers: vec![(w.pki.identity(peer_zone, "gw-1"), Some(peer_addr.parse().unwrap()), peer_zone.into())],
+        exports: if zone == "b" {
+            vec![
+                ("orders.shop".into(), 8080, svc(8080)),
+                ("redis.shop".into(), 6379, svc(6379)),
+                ("bulk.shop".into(), 9000, svc(9000)),
+            ]
+        } else {
+            vec![]
+        },
+        imports: vec![],
+        extra: if zone == "a" {
+            format!(
+                "redirectors:\n  - {{ id_prefix: \"spiffe://{TD}/zone/a/node/\" }}\nworkloads:\n  - {{ cidr: 10.11.0.0/24, id: \"{FRONTEND}\" }}\n"
+            )
+        } else {
+            String::new()
+        },
+    };
+    let path = w.dir.join(format!("gw-{zone}.yaml"));
+    std::fs::write(&path, spec.yaml()).unwrap();
+    path
+}
+
+fn redirect_yaml(w: &World) -> std::path::PathBuf {
+    let id = causeway_protocol::Identity::parse(&format!("spiffe://{TD}/zone/a/node/node-1")).unwrap();
+    let (cert, key, bundle) = w.pki.issue("node-1", &id, Validity::for_duration(Duration::from_secs(3600))).unwrap();
+    let yaml = format!(
+        "node: node-1\ntrust_domain: {TD}\ntls: {{ cert: \"{}\", key: \"{}\", bundle: \"{}\" }}\n\
+         gateway: {{ address: \"10.12.0.2:4433\", id: \"{}\" }}\n\
+         capture: {{ listen: \"0.0.0.0:15001\", vip_range: \"240.240.0.0/16\", chains: [prerouting, output] }}\n\
+         dns: {{ listen: \"10.11.0.1:53\", suffix: mesh, upstream: \"10.12.0.2:53\" }}\nadmin: \"127.0.0.1:9902\"\n",
+        cert.display(),
+        key.display(),
+        bundle.display(),
+        w.pki.identity("a", "gw-1")
+    );
+    let path = w.dir.join("redirect.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn bin() -> String {
+    causeway_bin().display().to_string()
+}
+
+fn spawn_redirector(w: &World, cfg: &Path, n: u32) -> Proc {
+    w.node
+        .spawn(&[&bin(), "redirect", "--config", cfg.to_str().unwrap()], &w.dir.join(format!("redirect-{n}.log")))
+        .unwrap()
+}
+
+fn causeway_rules(ns: &Netns) -> usize {
+    ns.exec(&["iptables-save", "-t", "nat"]).unwrap().lines().filter(|l| l.contains("causeway-redirect")).count()
+}
+
+fn metric(ns: &Netns, port: u16, name: &str, label: &str) -> Option<f64> {
+    let text = ns.exec(&["curl", "-s", "--max-time", "2", &format!("http://127.0.0.1:{port}/metrics")]).ok()?;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+fn resolves(pod: &Netns, name: &str) -> Option<String> {
+    let o = pod.output(&["python3", "-c", &format!("import socket; print(socket.gethostbyname('{name}'))")]).ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn probe(pod: &Netns, host: &str, port: u16) -> (String, f64) {
+    let out = pod.exec(&["python3", "-c", PROBE_PY, host, &port.to_string()]).unwrap();
+    let mut it = out.split_whitespace();
+    let kind = it.next().unwrap_or("").to_string();
+    let secs = out.split_whitespace().last().and_then(|s| s.parse().ok()).unwrap_or(f64::MAX);
+    (kind, secs)
+}
+
+#[test]
+fn unmodified_pods_reach_services_in_another_cluster_by_name() {
+    if !available() {
+        assert!(
+            std::env::var_os("CAUSEWAY_SKIP_NETNS").is_some(),
+            "network-namespace tests need root and iproute2 (set CAUSEWAY_SKIP_NETNS=1 to skip them knowingly)"
+        );
+        eprintln!("skipping: CAUSEWAY_SKIP_NETNS is set");
+        return;
+    }
+    let w = world();
+    // Backends in cluster b.
+    let www = w.dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello from orders in cluster b\n").unwrap();
+    let _http = w
+        .svc
+        .spawn(
+            &["python3", "-m", "http.server", "8080", "--bind", "10.21.0.2", "--directory", www.to_str().unwrap()],
+            &w.dir.join("http.log"),
+        )
+        .unwrap();
+    let _redis = w
+        .svc
+        .spawn(
+            &[
+                "redis-server",
+                "--bind",
+                "10.21.0.2",
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            &w.dir.join("redis.log"),
+        )
+        .unwrap();
+    let _echo = w.svc.spawn(&["python3", "-c", ECHO_PY], &w.dir.join("echo.log")).unwrap();
+
+    let listening = |port: u16| {
+        w.svc
+            .output(&[
+                "python3",
+                "-c",
+                &format!("import socket; socket.create_connection(('10.21.0.2', {port}), timeout=1)"),
+            ])
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(wait(Duration::from_secs(10), || [8080, 6379, 9000].into_iter().all(listening)), "backends did not start");
+    let (cfg_a, cfg_b) = (gateway_yaml(&w, "a"), gateway_yaml(&w, "b"));
+    let gw_b = w.gwb.spawn(&[&bin(), "gateway", "--config", cfg_b.to_str().unwrap()], &w.dir.join("gw-b.log")).unwrap();
+    let mut gw_a =
+        w.gwa.spawn(&[&bin(), "gateway", "--config", cfg_a.to_str().unwrap()], &w.dir.join("gw-a.log")).unwrap();
+    let red_cfg = redirect_yaml(&w);
+    let mut red = spawn_redirector(&w, &red_cfg, 1);
+
+    // Ready when the pod resolves a mesh name (the redirector has the catalog from gateway a, which
+    // has it from gateway b) and the backends listen.
+    assert!(
+        wait(Duration::from_secs(20), || resolves(&w.pod, "orders.shop.mesh")
+            .is_some_and(|ip| ip.starts_with("240.240."))),
+        "orders.shop.mesh never resolved\nredirect: {}\ngw-a: {}",
+        red.log_text(),
+        gw_a.log_text()
+    );
+    let routed = || {
+        let s = w.gwa.exec(&["curl", "-s", "--max-time", "2", "http://127.0.0.1:9901/services"]).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+        let n = v["services"]
+            .as_array()
+            .map(|a| a.iter().filter(|s| s["route_order"].as_array().is_some_and(|r| r.len() == 1)).count());
+        n == Some(3)
+    };
+    assert!(wait(Duration::from_secs(10), routed), "gateway a never routed all three services");
+    assert_eq!(causeway_rules(&w.node), 2, "one rule each in OUTPUT and PREROUTING");
+
+    // 1. An unmodified curl by name.
+    let body = w.pod.exec(&["curl", "-sS", "--max-time", "10", "http://orders.shop.mesh:8080/"]);
+    let body = body.unwrap_or_else(|e| {
+        panic!("{e}\nredirect: {}\ngw-a: {}\ngw-b: {}", red.log_text(), gw_a.log_text(), gw_b.log_text())
+    });
+    assert_eq!(body, "hello from orders in cluster b\n");
+
+    // 2. 32 MiB through redirector and both gateways, checksum-verified.
+    let bulk = w.pod.exec(&["python3", "-c", BULK_PY, "bulk.shop.mesh", "9000", &(32 << 20).to_string()]).unwrap();
+    assert_eq!(bulk.trim(), "OK");
+
+    // 3. redis-benchmark through the mesh.
+    let bench = w
+        .pod
+        .output(&[
+            "redis-benchmark",
+            "-h",
+            "redis.shop.mesh",
+            "-p",
+            "6379",
+            "-n",
+            "10000",
+            "-c",
+            "8",
+            "-t",
+            "ping,set,get",
+            "-q",
+        ])
+        .unwrap();
+    let out = String::from_utf8_lossy(&bench.stdout).to_string() + &String::from_utf8_lossy(&bench.stderr);
+    assert!(bench.status.success() && !out.to_lowercase().contains("error"), "redis-benchmark: {out}");
+    assert!(out.contains("SET:") && out.contains("GET:"), "redis-benchmark: {out}");
+
+    // 4. The destination sees the caller's workload identity.
+    assert!(
+        wait(Duration::from_secs(5), || gw_b.log_text().contains(&format!("source_identity={FRONTEND}"))),
+        "gateway b's access log lacks the workload identity:\n{}",
+        gw_b.log_text()
+    );
+    assert!(metric(&w.gwa, 9901, "causeway_redirector_flows_total", "outcome=\"accepted\"").unwrap_or(0.0) >= 3.0);
+
+    // 5. Non-mesh destinations are not captured.
+    let captured_before = metric(&w.node, 9902, "causeway_captured_flows_total", "").unwrap_or(0.0);
+    let health = w.pod.exec(&["curl", "-sS", "--max-time", "5", "http://10.12.0.2:9901/healthz"]).unwrap();
+    assert_eq!(health, "ok\n");
+    assert_eq!(metric(&w.node, 9902, "causeway_captured_flows_total", "").unwrap_or(0.0), captured_before);
+
+    // 6. An unknown VIP is reset within a second.
+    let (kind, secs) = probe(&w.pod, "240.240.255.254", 8080);
+    assert_eq!(kind, "RESET");
+    assert!(secs < 1.0, "unknown VIP reset after {secs} s");
+    assert!(metric(&w.node, 9902, "causeway_captured_flows_total", "outcome=\"unknown_vip\"") >= Some(1.0));
+
+    // 7. Gateway down: a new connection is reset within a second.
+    let orders = resolves(&w.pod, "orders.shop.mesh").unwrap();
+    gw_a.signal("KILL");
+    let (kind, secs) = probe(&w.pod, &orders, 8080);
+    assert_eq!(kind, "RESET", "with the gateway down");
+    assert!(secs < 1.0, "gateway-down reset after {secs} s");
+
+    // 8. The redirector removes exactly its rules on SIGTERM...
+    let status = red.signal("TERM").unwrap();
+    assert!(status.success(), "redirect exited with {status}: {}", red.log_text());
+    assert_eq!(causeway_rules(&w.node), 0, "rules left after a clean exit");
+    // ...and --cleanup removes a killed redirector's leftovers.
+    let mut red2 = spawn_redirector(&w, &red_cfg, 2);
+    assert!(wait(Duration::from_secs(10), || causeway_rules(&w.node) == 2));
+    red2.signal("KILL");
+    assert_eq!(causeway_rules(&w.node), 2);
+    w.node.exec(&[&bin(), "redirect", "--cleanup"]).unwrap();
+    assert_eq!(causeway_rules(&w.node), 0);
+    drop(gw_b);
+    let _ = (&w.gwa, &w.gwb);
+}

@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the suites use. Installed only when missing.
-debs=(iproute2 procps)
+# Debian packages the suites use (network namespaces, iptables capture, real clients and servers).
+# Installed only when missing.
+debs=(iproute2 procps iptables curl redis-server redis-tools python3)
 missing=()
 for p in "${debs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -23,4 +24,6 @@ cargo build --bins
 echo "== unit and property tests"
 cargo test --workspace --lib --bins
 echo "== integration tests (loopback meshes, gateway processes)"
-cargo test -p causeway-tests
+cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect
+echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"
+cargo test -p causeway-tests --test netns
