@@ -123,13 +123,49 @@ fn every_example_config_parses() {
         let p = entry.unwrap().path();
         if p.extension().is_some_and(|e| e == "yaml") {
             let text = std::fs::read_to_string(&p).unwrap();
-            if let Err(errs) = causeway::config::parse(&text) {
+            let redirector = p.file_name().unwrap().to_string_lossy().starts_with("redirect-");
+            let res = if redirector {
+                causeway::redirect::parse(&text).map(|_| ())
+            } else {
+                causeway::config::parse(&text).map(|_| ())
+            };
+            if let Err(errs) = res {
                 panic!("{}: {errs:?}", p.display());
             }
             n += 1;
         }
     }
-    assert!(n >= 3, "expected the 3-zone example in {}", dir.display());
+    assert!(n >= 4, "expected the 3-zone example and a redirector in {}", dir.display());
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_embed_valid_configs() {
+    let dir = repo().join("deploy/kubernetes");
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut configs = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
+            let Some(data) = v.get("data") else { continue };
+            if let Some(g) = data.get("gateway.yaml").and_then(|x| x.as_str()) {
+                causeway::config::parse(g).unwrap_or_else(|e| panic!("{}: gateway.yaml: {e:?}", f.display()));
+                configs += 1;
+            }
+            if let Some(r) = data.get("redirect.yaml").and_then(|x| x.as_str()) {
+                causeway::redirect::parse(r).unwrap_or_else(|e| panic!("{}: redirect.yaml: {e:?}", f.display()));
+                configs += 1;
+            }
+        }
+    }
+    assert_eq!(configs, 2, "the gateway and redirector ConfigMaps");
+    // Schema validation, offline (PyPI kubernetes-validate; tests/run.sh installs it).
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate is missing: pip install kubernetes-validate (tests/run.sh does)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -19,6 +19,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
+# PyPI tools: offline Kubernetes schema validation of deploy/kubernetes.
+command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+
 # The process-level tests (kill -9, CLI) run the real binary.
 cargo build --bins
 echo "== unit and property tests"

@@ -54,7 +54,9 @@ impl Default for RedirectTiming {
 }
 
 pub struct RedirectorConfig {
-    pub gateway: SocketAddr,
+    /// `IP:port` or `host:port` (resolved at every connection attempt, so a Kubernetes Service name
+    /// or a DNS name that moves is followed).
+    pub gateway: String,
     pub gateway_id: Identity,
     pub credentials: Credentials,
     pub bundle: TrustBundle,
@@ -95,9 +97,9 @@ impl Redirector {
     pub fn new(cfg: RedirectorConfig) -> Result<Self, RedirectorError> {
         let identity = cfg.credentials.identity()?;
         let tls = TlsFactory::new(cfg.credentials.clone(), cfg.bundle.clone(), cfg.metrics.clone());
-        let bind =
-            if cfg.gateway.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
-        let endpoint = quinn::Endpoint::client(bind)?;
+        // A dual-stack socket reaches IPv4 and IPv6 gateways alike.
+        let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
+            .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))?;
         Ok(Self(Arc::new(Inner {
             cfg,
             identity,
@@ -158,9 +160,19 @@ impl Redirector {
     async fn connect(&self) -> Result<quinn::Connection, String> {
         let tls = self.0.tls.client(self.0.cfg.gateway_id.clone()).map_err(|e| e.to_string())?;
         let cfg = transport::client_config(tls, self.0.cfg.timing.transport).map_err(|e| e.to_string())?;
-        let connecting =
-            self.0.endpoint.connect_with(cfg, self.0.cfg.gateway, SERVER_NAME).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(self.0.cfg.timing.handshake_timeout, connecting).await {
+        let t = self.0.cfg.timing.handshake_timeout;
+        let addr = match tokio::time::timeout(t, tokio::net::lookup_host(self.0.cfg.gateway.as_str())).await {
+            Ok(Ok(mut addrs)) => addrs.next().ok_or("gateway name has no address")?,
+            Ok(Err(e)) => return Err(format!("resolving {}: {e}", self.0.cfg.gateway)),
+            Err(_) => return Err(format!("resolving {} timed out", self.0.cfg.gateway)),
+        };
+        // On a dual-stack socket IPv4 destinations are written as v4-mapped IPv6.
+        let addr = match (addr, self.0.endpoint.local_addr()) {
+            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+            (a, _) => a,
+        };
+        let connecting = self.0.endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(t, connecting).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("handshake timed out".into()),

@@ -90,7 +90,8 @@ pub struct RedirectConfig {
     pub node: String,
     pub trust_domain: TrustDomain,
     pub tls: crate::config::TlsPaths,
-    pub gateway: SocketAddr,
+    /// `IP:port` or `host:port`.
+    pub gateway: String,
     pub gateway_id: Identity,
     pub capture: SocketAddr,
     pub vip_range: VipRange,
@@ -124,7 +125,7 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
     })?;
     let mut e = Errors(Vec::new());
     let trust_domain = e.parse("trust_domain", TrustDomain::new(&raw.trust_domain));
-    let gateway = e.parse("gateway.address", addr(&raw.gateway.address));
+    let gateway = e.parse("gateway.address", host_port(&raw.gateway.address));
     let gateway_id = e.parse("gateway.id", Identity::parse(&raw.gateway.id));
     let capture = e.parse("capture.listen", addr(&raw.capture.listen));
     let vip_range =
@@ -192,6 +193,24 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
     }
 }
 
+/// `IP:port`, `[IPv6]:port` or `host:port`.
+fn host_port(s: &str) -> Result<String, String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    let bad = || format!("{s:?} is not IP:port or host:port");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'));
+    match (host_ok, port.parse::<u16>()) {
+        (true, Ok(p)) if p > 0 => Ok(s.to_string()),
+        _ => Err(bad()),
+    }
+}
+
 /// A running redirector.
 pub struct Redirect {
     pub redirector: Redirector,
@@ -217,7 +236,7 @@ impl Redirect {
         let handle = recorder.handle();
         let metrics = Metrics::new(Arc::new(recorder));
         let redirector = Redirector::new(RedirectorConfig {
-            gateway: cfg.gateway,
+            gateway: cfg.gateway.clone(),
             gateway_id: cfg.gateway_id.clone(),
             credentials: creds,
             bundle,
