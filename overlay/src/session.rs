@@ -481,6 +481,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut hello_seen = false;
     let hello_deadline = Instant::now() + t.handshake_timeout;
     let mut last_heard = Instant::now();
+    let mut last_rx = conn.stats().udp_rx.datagrams;
     let mut ping = tokio::time::interval(t.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
@@ -563,6 +564,14 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
             _ = ping.tick() => {
                 if !hello_seen && Instant::now() > hello_deadline {
                     return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "no hello in time");
+                }
+                // Any datagram from the peer also proves it alive: a peer whose control task is
+                // starved of CPU (while its QUIC stack still answers) is busy, not dead. A stopped
+                // or killed process, or a cut link, sends nothing at all.
+                let rx = conn.stats().udp_rx.datagrams;
+                if rx != last_rx {
+                    last_rx = rx;
+                    last_heard = last_heard.max(Instant::now() - t.ping_interval);
                 }
                 if last_heard.elapsed() > t.peer_timeout {
                     return SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, format!("silent for {:?}", last_heard.elapsed()));
