@@ -354,6 +354,22 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
     assert_eq!(causeway_rules(&w.node), 2);
     w.node.exec(&[&bin(), "redirect", "--cleanup"]).unwrap();
     assert_eq!(causeway_rules(&w.node), 0);
+    // 9. Without NET_ADMIN it refuses to start, and says why.
+    let out = w
+        .node
+        .output(&[
+            "setpriv",
+            "--bounding-set=-net_admin",
+            "--inh-caps=-net_admin",
+            &bin(),
+            "redirect",
+            "--config",
+            red_cfg.to_str().unwrap(),
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs NET_ADMIN"), "{}: {err}", out.status);
+    assert_eq!(causeway_rules(&w.node), 0);
     drop(gw_b);
     let _ = (&w.gwa, &w.gwb);
 }
