@@ -24,6 +24,8 @@ use quinn::VarInt;
 use tokio::sync::mpsc;
 use tokio_util::sync::ReusableBoxFuture;
 
+use crate::frame_guard::{FrameGuard, StreamKind};
+
 /// Extension unidirectional stream type that prefixes every unidirectional stream of the reverse
 /// session (a 4-byte varint: 0x435752, "CWR").
 pub const REVERSE_UNI_TYPE: u64 = 0x43_5752;
@@ -53,41 +55,61 @@ pub struct Session {
     accepting_bi:
         Option<ReusableBoxFuture<'static, Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>>>,
     opener: Opener,
+    ctx: Arc<GuardCtx>,
 }
 
 /// Splits a connection into its two sessions and returns the task that routes unidirectional streams.
 /// `is_client` is the QUIC role of this side. Returns `(client_session, server_session, demux)`: the
 /// first is given to `h3::client`, the second to `h3::server`.
-pub fn split(conn: &quinn::Connection, is_client: bool) -> (Session, Session, impl std::future::Future<Output = ()>) {
+/// `refused` counts HTTP/3 frames the frame guard refused (`frame_guard`).
+pub fn split(
+    conn: &quinn::Connection,
+    is_client: bool,
+    refused: metrics::Counter,
+) -> (Session, Session, impl std::future::Future<Output = ()>) {
+    let ctx = GuardCtx::new(conn, refused);
     let (fwd_tx, fwd_rx) = mpsc::channel(UNI_QUEUE);
     let (rev_tx, rev_rx) = mpsc::channel(UNI_QUEUE);
+    let mk = |half, accepts_bidi, rx| Session::new(conn, half, accepts_bidi, rx, ctx.clone());
     // QUIC client: its HTTP/3 client is the forward session and its server the reverse one.
     let (client, server) = if is_client {
-        (Session::new(conn, Half::Forward, false, fwd_rx), Session::new(conn, Half::Reverse, true, rev_rx))
+        (mk(Half::Forward, false, fwd_rx), mk(Half::Reverse, true, rev_rx))
     } else {
-        (Session::new(conn, Half::Reverse, false, rev_rx), Session::new(conn, Half::Forward, true, fwd_rx))
+        (mk(Half::Reverse, false, rev_rx), mk(Half::Forward, true, fwd_rx))
     };
-    let demux = demux_uni(conn.clone(), fwd_tx, rev_tx);
+    let demux = demux_uni(conn.clone(), fwd_tx, rev_tx, ctx);
     (client, server, demux)
 }
 
 impl Session {
-    fn new(conn: &quinn::Connection, half: Half, accepts_bidi: bool, uni: mpsc::Receiver<RecvStream>) -> Self {
+    fn new(
+        conn: &quinn::Connection,
+        half: Half,
+        accepts_bidi: bool,
+        uni: mpsc::Receiver<RecvStream>,
+        ctx: Arc<GuardCtx>,
+    ) -> Self {
         Self {
             conn: conn.clone(),
             half,
             accepts_bidi,
             uni,
             accepting_bi: None,
-            opener: Opener::new(conn.clone(), half),
+            opener: Opener::new(conn.clone(), half, ctx.clone()),
+            ctx,
         }
     }
 }
 
 /// Accepts unidirectional streams and hands each to its session by its first varint.
-async fn demux_uni(conn: quinn::Connection, fwd: mpsc::Sender<RecvStream>, rev: mpsc::Sender<RecvStream>) {
+async fn demux_uni(
+    conn: quinn::Connection,
+    fwd: mpsc::Sender<RecvStream>,
+    rev: mpsc::Sender<RecvStream>,
+    ctx: Arc<GuardCtx>,
+) {
     while let Ok(mut recv) = conn.accept_uni().await {
-        let (fwd, rev) = (fwd.clone(), rev.clone());
+        let (fwd, rev, ctx) = (fwd.clone(), rev.clone(), ctx.clone());
         tokio::spawn(async move {
             let mut first = [0u8; 8];
             let read = async {
@@ -101,10 +123,10 @@ async fn demux_uni(conn: quinn::Connection, fwd: mpsc::Sender<RecvStream>, rev: 
                 return;
             };
             if first[..len] == REVERSE_UNI_PREFIX {
-                let _ = rev.send(RecvStream::new(recv, None)).await;
+                let _ = rev.send(RecvStream::new(recv, None, StreamKind::Unidirectional, ctx)).await;
             } else {
                 let prefix = Bytes::copy_from_slice(&first[..len]);
-                let _ = fwd.send(RecvStream::new(recv, Some(prefix))).await;
+                let _ = fwd.send(RecvStream::new(recv, Some(prefix), StreamKind::Unidirectional, ctx)).await;
             }
         });
     }
@@ -172,11 +194,14 @@ impl quic::Connection<Bytes> for Session {
         let conn = self.conn.clone();
         fut.set(async move { conn.accept_bi().await });
         let (send, recv) = res.map_err(conn_err)?;
-        Poll::Ready(Ok(BidiStream { send: SendStream::new(send), recv: RecvStream::new(recv, None) }))
+        Poll::Ready(Ok(BidiStream {
+            send: SendStream::new(send),
+            recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone()),
+        }))
     }
 
     fn opener(&self) -> Opener {
-        Opener::new(self.conn.clone(), self.half)
+        Opener::new(self.conn.clone(), self.half, self.ctx.clone())
     }
 }
 
@@ -204,13 +229,14 @@ type OpenUniFut = ReusableBoxFuture<'static, Result<quinn::SendStream, StreamErr
 pub struct Opener {
     conn: quinn::Connection,
     half: Half,
+    ctx: Arc<GuardCtx>,
     opening_bi: Option<OpenBiFut>,
     opening_uni: Option<OpenUniFut>,
 }
 
 impl Opener {
-    fn new(conn: quinn::Connection, half: Half) -> Self {
-        Self { conn, half, opening_bi: None, opening_uni: None }
+    fn new(conn: quinn::Connection, half: Half, ctx: Arc<GuardCtx>) -> Self {
+        Self { conn, half, ctx, opening_bi: None, opening_uni: None }
     }
 
     async fn open_uni(conn: quinn::Connection, half: Half) -> Result<quinn::SendStream, StreamErrorIncoming> {
@@ -233,7 +259,10 @@ impl quic::OpenStreams<Bytes> for Opener {
         let conn = self.conn.clone();
         fut.set(async move { conn.open_bi().await });
         let (send, recv) = res.map_err(stream_conn_err)?;
-        Poll::Ready(Ok(BidiStream { send: SendStream::new(send), recv: RecvStream::new(recv, None) }))
+        Poll::Ready(Ok(BidiStream {
+            send: SendStream::new(send),
+            recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone()),
+        }))
     }
 
     fn poll_open_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<SendStream, StreamErrorIncoming>> {
@@ -251,7 +280,7 @@ impl quic::OpenStreams<Bytes> for Opener {
 
 impl Clone for Opener {
     fn clone(&self) -> Self {
-        Self::new(self.conn.clone(), self.half)
+        Self::new(self.conn.clone(), self.half, self.ctx.clone())
     }
 }
 
@@ -263,12 +292,46 @@ pub struct RecvStream {
     stream: Option<quinn::RecvStream>,
     id: StreamId,
     reading: Option<ReadFut>,
+    guard: FrameGuard,
+    ctx: Arc<GuardCtx>,
+}
+
+/// What a refused frame needs: the connection (a refused control-stream frame ends it) and a counter.
+pub struct GuardCtx {
+    conn: quinn::Connection,
+    refused: metrics::Counter,
+}
+
+impl GuardCtx {
+    pub fn new(conn: &quinn::Connection, refused: metrics::Counter) -> Arc<Self> {
+        Arc::new(Self { conn: conn.clone(), refused })
+    }
 }
 
 impl RecvStream {
-    fn new(stream: quinn::RecvStream, prefix: Option<Bytes>) -> Self {
+    fn new(stream: quinn::RecvStream, prefix: Option<Bytes>, kind: StreamKind, ctx: Arc<GuardCtx>) -> Self {
         let id = stream_id(stream.id());
-        Self { prefix, stream: Some(stream), id, reading: None }
+        Self { prefix, stream: Some(stream), id, reading: None, guard: FrameGuard::new(kind), ctx }
+    }
+
+    /// Passes `data` through the frame guard; refuses the stream (or, for the control stream, the
+    /// connection) with H3_EXCESSIVE_LOAD when a frame declares too much.
+    fn check(&mut self, data: &Bytes) -> Result<(), StreamErrorIncoming> {
+        let Err(o) = self.guard.inspect(data) else { return Ok(()) };
+        self.ctx.refused.increment(1);
+        tracing::warn!(
+            frame_type = o.frame_type, length = o.length, limit = o.limit, control = o.control,
+            remote = %self.ctx.conn.remote_address(), "h3.frame.refused"
+        );
+        if o.control {
+            self.ctx.conn.close(varint(Code::H3_EXCESSIVE_LOAD.value()), b"HTTP/3 frame over the limit");
+        }
+        if let Some(s) = self.stream.as_mut() {
+            let _ = s.stop(varint(Code::H3_EXCESSIVE_LOAD.value()));
+        }
+        self.stream = None;
+        self.reading = None;
+        Err(StreamErrorIncoming::StreamTerminated { error_code: Code::H3_EXCESSIVE_LOAD.value() })
     }
 }
 
@@ -282,6 +345,7 @@ impl quic::RecvStream for RecvStream {
 
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, StreamErrorIncoming>> {
         if let Some(p) = self.prefix.take() {
+            self.check(&p)?;
             return Poll::Ready(Ok(Some(p)));
         }
         if let Some(mut stream) = self.stream.take() {
@@ -299,7 +363,11 @@ impl quic::RecvStream for RecvStream {
         };
         let (stream, res) = ready!(fut.poll(cx));
         self.stream = Some(stream);
-        Poll::Ready(res.map(|c| c.map(|c| c.bytes)).map_err(read_err))
+        let chunk = res.map(|c| c.map(|c| c.bytes)).map_err(read_err)?;
+        if let Some(b) = &chunk {
+            self.check(b)?;
+        }
+        Poll::Ready(Ok(chunk))
     }
 
     fn stop_sending(&mut self, error_code: u64) {

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::flow::{Downstream, ServerStream, Source};
 use crate::h3q;
 use crate::mesh::Mesh;
-use crate::metrics::{REDIRECTORS, REDIRECT_FLOWS};
+use crate::metrics::{H3_FRAMES_REFUSED, REDIRECTORS, REDIRECT_FLOWS};
 use crate::relay::ByteSink;
 use crate::session::MAX_FIELD_SECTION;
 
@@ -37,7 +37,8 @@ pub(crate) async fn serve_redirector(mesh: Mesh, conn: quinn::Connection, node: 
         let gauge = mesh.0.metrics.gauge(REDIRECTORS, &[]);
         gauge.increment(1.0);
         tracing::info!("redirector.connected");
-        let (_reverse, server_sess, demux) = h3q::split(&conn, false);
+        let refused = mesh.0.metrics.counter(H3_FRAMES_REFUSED, &[]);
+        let (_reverse, server_sess, demux) = h3q::split(&conn, false, refused);
         tokio::spawn(demux);
         match h3::server::builder().max_field_section_size(MAX_FIELD_SECTION).build::<_, Bytes>(server_sess).await {
             Ok(mut server) => loop {

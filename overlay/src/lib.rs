@@ -9,6 +9,7 @@
 //! for clients: the `causeway` binary does that and hands accepted connections to [`Mesh`].
 
 pub mod flow;
+pub mod frame_guard;
 pub mod h3q;
 mod handoff;
 pub mod mesh;

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::h3q::{self, Opener};
-use crate::metrics::{Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, VIPS};
+use crate::metrics::{Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, H3_FRAMES_REFUSED, VIPS};
 use crate::relay::{self, ByteSource, Counters};
 use crate::session::{Backoff, MAX_FIELD_SECTION};
 use crate::tls::{Credentials, TlsFactory, TrustBundle, SERVER_NAME};
@@ -181,7 +181,8 @@ impl Redirector {
 
     /// Runs one connection: publishes it for flows and applies catalog snapshots until it ends.
     async fn session(&self, conn: &quinn::Connection) -> String {
-        let (client, _server, demux) = h3q::split(conn, true);
+        let refused = self.0.cfg.metrics.counter(H3_FRAMES_REFUSED, &[]);
+        let (client, _server, demux) = h3q::split(conn, true, refused);
         tokio::spawn(demux);
         let built = h3::client::builder().max_field_section_size(MAX_FIELD_SECTION).build::<_, _, Bytes>(client).await;
         let (mut driver, mut requests) = match built {

@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::h3q;
 use crate::mesh::{LocalCatalog, Mesh, PeerConn, PeerSpec};
-use crate::metrics::{PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_RTT, PEER_UP};
+use crate::metrics::{H3_FRAMES_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_RTT, PEER_UP};
 use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
 
@@ -269,7 +269,8 @@ async fn run_connection(mesh: Mesh, conn: quinn::Connection, dialed: bool, peer:
 }
 
 async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Identity) -> SessionEnd {
-    let (client_sess, server_sess, demux) = h3q::split(conn, dialed);
+    let refused = mesh.0.metrics.counter(H3_FRAMES_REFUSED, &[]);
+    let (client_sess, server_sess, demux) = h3q::split(conn, dialed, refused);
     tokio::spawn(demux);
     let setup = async {
         let (mut driver, requests) = h3::client::builder()

@@ -48,7 +48,7 @@ pub struct Control {
 }
 
 pub async fn open_control(conn: &quinn::Connection) -> anyhow::Result<Control> {
-    let (client, _server, demux) = h3q::split(conn, true);
+    let (client, _server, demux) = h3q::split(conn, true, metrics::Counter::noop());
     tokio::spawn(demux);
     let (mut driver, mut requests) = h3::client::builder().build::<_, _, Bytes>(client).await?;
     tokio::spawn(async move {

@@ -1,0 +1,133 @@
+//! Hostile peers against a gateway process: HTTP/3 frames declaring a terabyte are stopped before
+//! they are buffered, the gateway's memory stays within its per-peer budget, and its other peers
+//! keep flowing.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use causeway_overlay::transport::CONNECTION_WINDOW;
+use causeway_tests::rogue;
+use causeway_tests::*;
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 =
+        s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+fn varint(v: u64) -> Vec<u8> {
+    match v {
+        0..=63 => vec![v as u8],
+        64..=16383 => ((v as u16) | 0x4000).to_be_bytes().to_vec(),
+        16384..=1_073_741_823 => ((v as u32) | 0x8000_0000).to_be_bytes().to_vec(),
+        _ => (v | 0xc000_0000_0000_0000).to_be_bytes().to_vec(),
+    }
+}
+
+/// Writes a frame header declaring 1 TiB, then up to `limit` bytes of payload; returns how many
+/// payload bytes the gateway let through before stopping the stream (None: it never did).
+async fn flood(mut send: quinn::SendStream, prefix: Vec<u8>, frame_type: u64, limit: u64) -> Option<(u64, u64)> {
+    let mut head = prefix;
+    head.extend(varint(frame_type));
+    head.extend(varint(1 << 40));
+    send.write_all(&head).await.ok()?;
+    let chunk = vec![0x5a_u8; 1 << 20];
+    let mut sent = 0u64;
+    while sent < limit {
+        match send.write(&chunk).await {
+            Ok(n) => sent += n as u64,
+            Err(quinn::WriteError::Stopped(code)) => return Some((sent, code.into_inner())),
+            Err(_) => return None,
+        }
+    }
+    // Everything fit in the flow-control window: the STOP_SENDING must still come.
+    match tokio::time::timeout(Duration::from_secs(5), send.stopped()).await {
+        Ok(Ok(Some(code))) => Some((sent, code.into_inner())),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terabyte_frames_are_stopped_before_buffering() {
+    init();
+    let bin = causeway_bin();
+    assert!(bin.exists(), "run `cargo build --bins` first");
+    let (echo, _) = echo_server("b".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    let cfg_b = m.write_config(1).unwrap();
+    let child = Command::new(&bin)
+        .args(["gateway", "--config"])
+        .arg(&cfg_b)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let b = Process(child);
+    m.start(0).await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    echo_flow(listen, b"warm up").await.unwrap();
+    let before = rss(b.0.id());
+
+    // Zone c's identity (configured on b) turns hostile.
+    let creds =
+        rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
+    let (_ep, conn) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await.unwrap();
+    const H3_EXCESSIVE_LOAD: u64 = 0x107;
+    const ATTEMPT: u64 = 300 << 20;
+    // HEADERS (0x1) and a reserved type (0x21) on one request stream each, then HEADERS on 100.
+    for ty in [0x1, 0x21] {
+        let (send, _recv) = conn.open_bi().await.unwrap();
+        let (through, code) = flood(send, vec![], ty, ATTEMPT).await.expect("stream never stopped");
+        assert_eq!(code, H3_EXCESSIVE_LOAD);
+        assert!(through <= 16 << 20, "{through} bytes let through on one stream");
+    }
+    let floods: Vec<_> = (0..100)
+        .map(|_| {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let (send, _recv) = conn.open_bi().await.unwrap();
+                flood(send, vec![], 0x1, ATTEMPT / 100).await
+            })
+        })
+        .collect();
+    for f in floods {
+        let (_, code) = f.await.unwrap().expect("one of 100 streams never stopped");
+        assert_eq!(code, H3_EXCESSIVE_LOAD);
+    }
+    // The other peer keeps flowing meanwhile.
+    let data = payload(4 << 20, 3);
+    assert_eq!(echo_flow(listen, &data).await.unwrap().0, "b");
+    // SETTINGS of 1 TiB on the control stream (unidirectional, type 0x00): the connection is closed.
+    let uni = conn.open_uni().await.unwrap();
+    let _ = flood(uni, vec![0x00], 0x4, ATTEMPT).await;
+    let (code, _) =
+        rogue::close_code(&conn, Duration::from_secs(5)).await.expect("control flood did not close the connection");
+    assert_eq!(code, H3_EXCESSIVE_LOAD);
+    let grown = rss(b.0.id()).saturating_sub(before);
+    assert!(grown < u64::from(CONNECTION_WINDOW), "gateway grew by {grown} bytes, budget {CONNECTION_WINDOW}");
+    eprintln!("gateway b RSS grew by {} KiB under the floods", grown / 1024);
+    assert_eq!(echo_flow(listen, &data).await.unwrap().0, "b");
+    m.shutdown().await;
+}
