@@ -131,3 +131,118 @@ async fn terabyte_frames_are_stopped_before_buffering() {
     assert_eq!(echo_flow(listen, &data).await.unwrap().0, "b");
     m.shutdown().await;
 }
+
+async fn pair_with_c(extra_b: &str) -> (TestMesh, std::net::SocketAddr) {
+    init();
+    let (echo, _) = echo_server("b".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    m.specs[1].extra = extra_b.to_string();
+    m.start(0).await.unwrap();
+    m.start(1).await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    (m, listen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_targets_outside_the_catalog_are_forbidden() {
+    let (m, listen) = pair_with_c("").await;
+    // A sentinel listener: nothing may ever connect to it through the gateway.
+    let sentinel = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sentinel_addr = sentinel.local_addr().unwrap();
+    let creds =
+        rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
+    let (_ep, conn) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await.unwrap();
+    let mut ctl = rogue::open_control(&conn).await.unwrap();
+    let admin = m.gw(1).admin_addr.unwrap();
+    let targets = [
+        sentinel_addr.to_string(),
+        "169.254.169.254:80".to_string(),
+        m.addrs[1].to_string(),
+        admin.to_string(),
+        "10.0.0.1:80".to_string(),
+        "nothere.svc:80".to_string(),
+        format!("echo.test:{}", SERVICE_PORT + 1),
+    ];
+    for t in &targets {
+        let mut s = ctl.requests.send_request(http::Request::connect(t.as_str()).body(()).unwrap()).await.unwrap();
+        let resp = s.recv_response().await.unwrap();
+        assert_eq!(resp.status(), 403, "{t}");
+        assert_eq!(resp.headers()["causeway-error"], "forbidden_target", "{t}");
+    }
+    let accepted = tokio::time::timeout(Duration::from_millis(200), sentinel.accept()).await;
+    assert!(accepted.is_err(), "the sentinel saw a connection");
+    let t = m.gw(1).metrics_text();
+    assert_eq!(
+        metric(&t, "causeway_inbound_flows_total", &[("outcome", "forbidden_target")]),
+        Some(targets.len() as f64)
+    );
+    assert_eq!(echo_flow(listen, b"still fine").await.unwrap().0, "b");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_from_unlisted_sources_are_refused_before_crypto() {
+    // b accepts handshakes only from 127.0.0.2 and its configured peers' addresses (127.0.0.1).
+    let (m, listen) = pair_with_c("allowed_sources: [127.0.0.2/32]\n").await;
+    let creds =
+        || rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
+    let (c1, b1) = creds();
+    let refused = rogue::dial_from("127.0.0.3:0".parse().unwrap(), c1, b1, &m.ids[1], m.addrs[1]).await;
+    assert!(refused.is_err(), "a handshake from 127.0.0.3 went through");
+    let t = m.gw(1).metrics_text();
+    assert_eq!(metric(&t, "causeway_quic_initials_refused_total", &[("reason", "source_not_allowed")]), Some(1.0));
+    assert_eq!(metric(&t, "causeway_peer_handshake_failures_total", &[]), None, "no crypto was spent");
+    let (c2, b2) = creds();
+    let (_ep, conn) = rogue::dial_from("127.0.0.2:0".parse().unwrap(), c2, b2, &m.ids[1], m.addrs[1]).await.unwrap();
+    assert!(conn.close_reason().is_none());
+    assert_eq!(echo_flow(listen, b"peers unaffected").await.unwrap().0, "b");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_drip_control_frame_is_cut_at_its_deadline() {
+    use causeway_protocol::control::{self, Hello, Message};
+    let (m, _) = pair_with_c("").await;
+    let creds =
+        rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
+    let (_ep, conn) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await.unwrap();
+    let mut ctl = rogue::open_control(&conn).await.unwrap();
+    let mut start = control::preface(control::VERSION).to_vec();
+    start.extend_from_slice(
+        &control::encode(&Message::Hello(Hello {
+            zone: "c".parse().unwrap(),
+            gateway: "gw-1".parse().unwrap(),
+            features: 0,
+        }))
+        .unwrap(),
+    );
+    // A frame of 1,000 bytes, one byte a second.
+    start.extend_from_slice(&1000u32.to_be_bytes());
+    ctl.stream.send_data(bytes::Bytes::from(start)).await.unwrap();
+    let started = std::time::Instant::now();
+    let drip = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if ctl.stream.send_data(bytes::Bytes::from_static(&[0])).await.is_err() {
+                return;
+            }
+        }
+    };
+    let closed = tokio::select! {
+        c = rogue::close_code(&conn, Duration::from_secs(20)) => c,
+        _ = drip => rogue::close_code(&conn, Duration::from_secs(1)).await,
+    };
+    let (code, reason) = closed.expect("the slow drip was never cut");
+    assert_eq!(causeway_protocol::ErrorCode(code), causeway_protocol::ErrorCode::CONTROL_TRUNCATED, "{reason}");
+    assert!(started.elapsed() >= Duration::from_secs(10) && started.elapsed() < Duration::from_secs(13));
+    m.shutdown().await;
+}

@@ -248,14 +248,18 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
 
     let listening = |port: u16| {
         w.svc
-            .output(&[
-                "python3",
-                "-c",
-                &format!("import socket; socket.create_connection(('10.21.0.2', {port}), timeout=1)"),
-            ])
+            .output(&["timeout", "1", "bash", "-c", &format!("exec 3<>/dev/tcp/10.21.0.2/{port}")])
             .is_ok_and(|o| o.status.success())
     };
-    assert!(wait(Duration::from_secs(10), || [8080, 6379, 9000].into_iter().all(listening)), "backends did not start");
+    let started = wait(Duration::from_secs(20), || [8080, 6379, 9000].into_iter().all(listening));
+    assert!(
+        started,
+        "backends did not start ({:?}): http {} redis {} echo {}",
+        [8080, 6379, 9000].map(listening),
+        _http.log_text(),
+        _redis.log_text(),
+        _echo.log_text()
+    );
     let (cfg_a, cfg_b) = (gateway_yaml(&w, "a"), gateway_yaml(&w, "b"));
     let gw_b = w.gwb.spawn(&[&bin(), "gateway", "--config", cfg_b.to_str().unwrap()], &w.dir.join("gw-b.log")).unwrap();
     let mut gw_a =
@@ -292,7 +296,7 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
 
     // 2. 32 MiB through redirector and both gateways, checksum-verified.
     let bulk = w.pod.exec(&["python3", "-c", BULK_PY, "bulk.shop.mesh", "9000", &(32 << 20).to_string()]).unwrap();
-    assert_eq!(bulk.trim(), "OK");
+    assert_eq!(bulk.trim(), "OK", "redirect: {}\ngw-a: {}\ngw-b: {}", red.log_text(), gw_a.log_text(), gw_b.log_text());
 
     // 3. redis-benchmark through the mesh.
     let bench = w

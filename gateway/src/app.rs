@@ -65,6 +65,7 @@ impl Gateway {
             preferences: cfg.preferences.clone(),
             redirectors: cfg.redirectors.clone(),
             workloads: cfg.workloads.clone(),
+            allowed_sources: cfg.allowed_sources.clone(),
             timing: cfg.timing,
             metrics,
         })

@@ -34,6 +34,9 @@ pub struct RawConfig {
     pub imports: Vec<RawImport>,
     #[serde(default)]
     pub redirectors: Vec<RawRedirector>,
+    /// Addresses or CIDRs allowed to start a QUIC handshake (besides configured peer addresses).
+    #[serde(default)]
+    pub allowed_sources: Vec<String>,
     #[serde(default)]
     pub workloads: Vec<RawWorkload>,
     #[serde(default)]
@@ -201,6 +204,7 @@ pub struct Config {
     pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
     pub redirectors: Vec<String>,
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
+    pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -263,6 +267,14 @@ impl Errors {
 
 pub(crate) fn addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:port address"))
+}
+
+/// An address or CIDR, host bits cleared.
+fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| format!("{s:?} is not an address or CIDR"))
 }
 
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
@@ -396,9 +408,16 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             e.parse(format!("workloads[{i}].cidr"), net.map_err(|_| format!("{:?} is not an address or CIDR", w.cidr)));
         let id = e.parse(format!("workloads[{i}].id"), Identity::parse(&w.id));
         if let (Some(net), Some(id)) = (net, id) {
-            workloads.push((net.trunc(), id));
+            workloads.push((net, id));
         }
     }
+
+    let allowed_sources: Vec<ipnet::IpNet> = raw
+        .allowed_sources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| e.parse(format!("allowed_sources[{i}]"), cidr(s)))
+        .collect();
 
     let mut timing = Timing::default();
     {
@@ -473,6 +492,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             preferences,
             redirectors,
             workloads,
+            allowed_sources,
             timing,
             log_format,
             log_level,

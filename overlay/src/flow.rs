@@ -400,21 +400,19 @@ pub(crate) async fn serve_inbound(
         attempts: 1,
     };
     let guard = mesh.flow_guard();
-    let target = match (req.method() == http::Method::CONNECT, service, guard.is_some()) {
-        (false, _, _) | (_, None, _) => Err(FlowError::BadRequest),
-        (_, _, false) => Err(FlowError::Draining),
-        (true, Some(s), true) => {
-            let port_ok = mesh
-                .0
-                .exports
-                .get(&s)
-                .is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port));
-            if !port_ok {
-                Err(FlowError::UnknownService)
-            } else {
-                mesh.connect_local(&s).await.map(|(tcp, addr)| (s, tcp, addr))
-            }
-        }
+    // Only services this gateway exports, on their advertised port, are reachable: an address, the
+    // gateway's own ports or an unexported name is refused before any connection is attempted.
+    let exported = service.as_ref().filter(|s| {
+        mesh.0.exports.get(*s).is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port))
+    });
+    let target = if req.method() != http::Method::CONNECT {
+        Err(FlowError::BadRequest)
+    } else if guard.is_none() {
+        Err(FlowError::Draining)
+    } else if let Some(s) = exported {
+        mesh.connect_local(s).await.map(|(tcp, addr)| (s.clone(), tcp, addr))
+    } else {
+        Err(FlowError::Forbidden)
     };
     let m = mesh.0.metrics.clone();
     let (service, tcp, addr) = match target {

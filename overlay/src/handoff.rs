@@ -45,7 +45,11 @@ pub(crate) async fn serve_redirector(mesh: Mesh, conn: quinn::Connection, node: 
                 let resolver = tokio::select! {
                     r = server.accept() => match r {
                         Ok(Some(r)) => r,
-                        Ok(None) | Err(_) => break,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(error = %e, "redirector.h3.closed");
+                            break;
+                        }
                     },
                     _ = mesh.0.shutdown.cancelled() => break,
                 };

@@ -100,6 +100,9 @@ pub struct MeshConfig {
     pub redirectors: Vec<String>,
     /// Source address ranges of workloads and their identities (longest prefix wins).
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
+    /// Addresses that may start a QUIC handshake with us, besides the configured peers' addresses.
+    /// Empty: anyone may try (the certificate is still checked).
+    pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
     pub metrics: Metrics,
 }
@@ -156,6 +159,8 @@ pub(crate) struct Inner {
     pub peers: HashMap<Identity, PeerSpec>,
     pub allowed: crate::tls::Allowed,
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
+    /// `None`: any source may start a handshake.
+    pub allowed_sources: Option<Vec<ipnet::IpNet>>,
     pub routes: RwLock<RouteTable>,
     pub conns: Mutex<HashMap<Identity, PeerConn>>,
     /// Signalled whenever a peer connection is registered or ends.
@@ -183,6 +188,12 @@ impl Mesh {
             redirector_prefixes: cfg.redirectors,
         }));
         let server_tls = tls.server(allowed.clone())?;
+        // Peers with a known address may always connect, from that address.
+        let allowed_sources = (!cfg.allowed_sources.is_empty()).then(|| {
+            let mut v = cfg.allowed_sources.clone();
+            v.extend(cfg.peers.iter().filter_map(|p| p.address).map(|a| ipnet::IpNet::from(a.ip())));
+            v
+        });
         let mut workloads = cfg.workloads;
         // Longest prefix first, so the first match is the most specific.
         workloads.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
@@ -209,6 +220,7 @@ impl Mesh {
             peers: cfg.peers.into_iter().map(|p| (p.id.clone(), p)).collect(),
             allowed,
             workloads,
+            allowed_sources,
             routes: RwLock::new(routes),
             conns: Mutex::new(HashMap::new()),
             conn_changed: Notify::new(),
@@ -278,6 +290,16 @@ impl Mesh {
     /// The workload identity of a source address, from the configured ranges.
     pub fn workload_identity(&self, ip: std::net::IpAddr) -> Option<&Identity> {
         self.0.workloads.iter().find(|(net, _)| net.contains(&ip)).map(|(_, id)| id)
+    }
+
+    /// Whether `ip` may start a QUIC handshake with this gateway.
+    pub(crate) fn source_allowed(&self, ip: std::net::IpAddr) -> bool {
+        // A v4-mapped address on a dual-stack socket is the IPv4 address it maps.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.0.allowed_sources.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
     }
 
     pub(crate) fn is_redirector(&self, id: &Identity) -> bool {

@@ -29,6 +29,7 @@ pub const GATEWAY_UP: &str = "causeway_redirect_gateway_up";
 pub const DNS_QUERIES: &str = "causeway_dns_queries_total";
 pub const VIPS: &str = "causeway_redirect_vips";
 pub const H3_FRAMES_REFUSED: &str = "causeway_h3_frames_refused_total";
+pub const INITIALS_REFUSED: &str = "causeway_quic_initials_refused_total";
 
 const META: Metadata<'static> = Metadata::new("causeway", Level::INFO, Some(module_path!()));
 
@@ -101,5 +102,6 @@ impl Metrics {
         c(DNS_QUERIES, None, "Redirector: mesh DNS queries, by result.");
         g(VIPS, None, "Redirector: services with a virtual IP.");
         c(H3_FRAMES_REFUSED, None, "HTTP/3 frames refused for declaring more than their type's limit.");
+        c(INITIALS_REFUSED, None, "QUIC connection attempts refused or sent a Retry before any crypto, by reason.");
     }
 }

@@ -39,6 +39,9 @@ pub struct RedirectTiming {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub transport: Timers,
+    /// No datagram from the gateway for this long (it acknowledges our keep-alives every
+    /// `transport.keep_alive`) means it is gone: its flows are reset and new ones refused at once.
+    pub silence: Duration,
 }
 
 impl Default for RedirectTiming {
@@ -48,7 +51,10 @@ impl Default for RedirectTiming {
             flow_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
-            transport: Timers { keep_alive: Duration::from_millis(200), idle_timeout: Duration::from_millis(800) },
+            // The QUIC idle timeout binds both ends (the smaller one wins), so it stays long enough
+            // for a busy gateway; a silent gateway is noticed by `silence` instead.
+            transport: Timers { keep_alive: Duration::from_millis(200), idle_timeout: Duration::from_secs(5) },
+            silence: Duration::from_millis(600),
         }
     }
 }
@@ -212,9 +218,22 @@ impl Redirector {
         let (_tx, mut rx) = stream.split();
         let mut dec = Decoder::new();
         let mut pending: BTreeMap<ServiceName, u16> = BTreeMap::new();
+        let mut watchdog = tokio::time::interval(Duration::from_millis(100));
+        let mut last_rx = (conn.stats().udp_rx.datagrams, Instant::now());
         loop {
             let data = tokio::select! {
                 d = rx.recv() => d,
+                _ = watchdog.tick() => {
+                    let rx = conn.stats().udp_rx.datagrams;
+                    if rx != last_rx.0 {
+                        last_rx = (rx, Instant::now());
+                    } else if last_rx.1.elapsed() > self.0.cfg.timing.silence {
+                        let why = format!("gateway silent for {:?}", last_rx.1.elapsed());
+                        conn.close(quinn::VarInt::from_u32(causeway_protocol::ErrorCode::PEER_UNRESPONSIVE.0 as u32), why.as_bytes());
+                        return why;
+                    }
+                    continue;
+                }
                 _ = self.0.shutdown.cancelled() => return "shutdown".into(),
             };
             let data = match data {

@@ -18,7 +18,7 @@ use causeway_protocol::control::{
     self, features, Catalog, Decoder, Event, Goodbye, Hello, Load, Message, Ping, ServiceUpdate, ServiceWithdraw,
 };
 use causeway_protocol::flow::CONTROL_AUTHORITY;
-use causeway_protocol::limits::MAX_SERVICES_PER_FRAME;
+use causeway_protocol::limits::{CONTROL_FRAME_DEADLINE_SECS, CONTROL_SILENCE_SECS, MAX_SERVICES_PER_FRAME};
 use causeway_protocol::{ErrorCode, Identity};
 use rand::Rng;
 use tokio::sync::oneshot;
@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::h3q;
 use crate::mesh::{LocalCatalog, Mesh, PeerConn, PeerSpec};
-use crate::metrics::{H3_FRAMES_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_RTT, PEER_UP};
+use crate::metrics::{H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_RTT, PEER_UP};
 use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
 
@@ -92,7 +92,25 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
             }
         }
         let started = Instant::now();
-        match dial(&mesh, &spec, addr).await {
+        // A connection the peer dialed may complete while our own dial is still retransmitting its
+        // Initial; then our dial is abandoned rather than completed as a duplicate.
+        let changed = mesh.0.conn_changed.notified();
+        let dialing = async {
+            let attempt = dial(&mesh, &spec, addr);
+            tokio::pin!(changed, attempt);
+            loop {
+                tokio::select! {
+                    r = &mut attempt => return r,
+                    _ = &mut changed => {
+                        if mesh.conns().contains_key(&spec.id) {
+                            return Err("the peer connected first".to_string());
+                        }
+                        changed.set(mesh.0.conn_changed.notified());
+                    }
+                }
+            }
+        };
+        match dialing.await {
             Ok(conn) => {
                 mesh.0
                     .metrics
@@ -132,15 +150,40 @@ async fn dial(mesh: &Mesh, spec: &PeerSpec, addr: std::net::SocketAddr) -> Resul
     }
 }
 
+/// Handshakes in progress above which new ones must first prove their address with a Retry
+/// (RFC 9000 §8.1.2), so a flood of spoofed Initials costs us no crypto.
+const RETRY_ABOVE: usize = 64;
+
 pub(crate) async fn accept_loop(mesh: Mesh) {
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
             i = mesh.0.endpoint.accept() => match i { Some(i) => i, None => return },
             _ = mesh.0.shutdown.cancelled() => return,
         };
+        let remote = incoming.remote_address();
+        // Refuse unknown sources before any handshake crypto.
+        if !mesh.source_allowed(remote.ip()) {
+            mesh.0.metrics.counter(INITIALS_REFUSED, &[("reason", "source_not_allowed")]).increment(1);
+            incoming.refuse();
+            continue;
+        }
+        if pending.load(std::sync::atomic::Ordering::Relaxed) >= RETRY_ABOVE && !incoming.remote_address_validated() {
+            mesh.0.metrics.counter(INITIALS_REFUSED, &[("reason", "retry")]).increment(1);
+            let _ = incoming.retry();
+            continue;
+        }
         let mesh = mesh.clone();
+        let pending = pending.clone();
+        pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
+            struct Done(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            let done = Done(pending);
             let res = match incoming.accept() {
                 Ok(connecting) => tokio::time::timeout(mesh.0.timing.handshake_timeout, connecting).await,
                 Err(e) => Ok(Err(e)),
@@ -156,6 +199,7 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
                     return;
                 }
             };
+            drop(done);
             let Some(id) = tls::peer_identity(&conn) else {
                 conn.close(quinn::VarInt::from_u32(ErrorCode::PEER_MISMATCH.0 as u32), b"no identity");
                 return;
@@ -179,15 +223,20 @@ fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 
 /// Registers `conn` unless it loses the tie-break against a live connection to the same peer.
 ///
-/// Rule (`SPEC.md` §Connections): a new connection dialed from the same side as the existing one
-/// replaces it (the peer re-dialed, so the old one is stale). Connections dialed from opposite sides
-/// at once are a simultaneous dial: both ends keep the one dialed by the gateway whose SPIFFE ID sorts
-/// lower, and close the other with DUPLICATE_CONNECTION.
+/// Rule (`SPEC.md` §2): an existing connection whose hello exchange is done is kept and the new one
+/// closed (a stale one is noticed by liveness within `peer_timeout`, after which the re-dial wins).
+/// Otherwise a new connection dialed from the same side as the existing one replaces it, and
+/// connections dialed from opposite sides at once (a simultaneous dial) resolve to the one dialed by
+/// the gateway whose SPIFFE ID sorts lower. Losers are closed with DUPLICATE_CONNECTION.
 fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool) -> bool {
+    // Whether the existing connection finished its hello exchange: then it may carry flows, and a
+    // late duplicate (say a dial that was retransmitting its Initial until the peer came up) must
+    // not replace it. Read before taking the connection lock (lock order: routes, then conns).
+    let old_up = mesh.routes().peer(peer).is_some_and(|e| e.state == crate::routes::PeerState::Up);
     let mut conns = mesh.conns();
     if let Some(old) = conns.get(peer) {
         if old.conn.close_reason().is_none() {
-            let keep_new = old.dialed == dialed || dialed == (mesh.0.identity < *peer);
+            let keep_new = !old_up && (old.dialed == dialed || dialed == (mesh.0.identity < *peer));
             let loser = if keep_new { &old.conn } else { conn };
             tracing::info!(kept = if keep_new { "new" } else { "existing" }, "peer.duplicate.closed");
             close(loser, ErrorCode::DUPLICATE_CONNECTION, "duplicate connection");
@@ -482,6 +531,8 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut hello_seen = false;
     let hello_deadline = Instant::now() + t.handshake_timeout;
     let mut last_heard = Instant::now();
+    let mut last_frame = Instant::now();
+    let mut frame_started: Option<Instant> = None;
     let mut last_rx = conn.stats().udp_rx.datagrams;
     let mut ping = tokio::time::interval(t.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -503,12 +554,17 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                     Err(()) => return SessionEnd::quiet(ErrorCode::H3_NO_ERROR, "control stream reset"),
                 };
                 last_heard = Instant::now();
+                last_frame = last_heard;
                 if let Err(e) = dec.feed(data) {
                     return SessionEnd::new(e.code(), e.to_string());
                 }
+                let mut decoded = false;
                 loop {
                     let ev = match dec.next_event() {
-                        Ok(Some(ev)) => ev,
+                        Ok(Some(ev)) => {
+                            decoded = true;
+                            ev
+                        }
                         Ok(None) => break,
                         Err(e) => return SessionEnd::new(e.code(), e.to_string()),
                     };
@@ -558,11 +614,24 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                         }
                     }
                 }
+                // Time a frame that is still incomplete from its first byte.
+                frame_started = match (dec.pending(), decoded) {
+                    (false, _) => None,
+                    (true, true) => Some(last_heard),
+                    (true, false) => frame_started.or(Some(last_heard)),
+                };
                 if let Err(e) = send(tx, &mut out).await {
                     return e;
                 }
             }
             _ = ping.tick() => {
+                if frame_started.is_some_and(|s| s.elapsed() > Duration::from_secs(CONTROL_FRAME_DEADLINE_SECS)) {
+                    return SessionEnd::new(ErrorCode::CONTROL_TRUNCATED, format!("control frame not completed within {CONTROL_FRAME_DEADLINE_SECS} s"));
+                }
+                // Datagrams keep a busy peer alive, but a healthy one also answers pings.
+                if last_frame.elapsed() > t.peer_timeout.max(Duration::from_secs(CONTROL_SILENCE_SECS)) {
+                    return SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, format!("no control frame for {:?}", last_frame.elapsed()));
+                }
                 if !hello_seen && Instant::now() > hello_deadline {
                     return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "no hello in time");
                 }

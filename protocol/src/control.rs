@@ -328,6 +328,11 @@ impl Decoder {
         }
     }
 
+    /// Whether part of a preface or frame is buffered (a frame has started and not finished).
+    pub fn pending(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// Called at end of stream: refuses a stream that ended inside the preface or a frame.
     pub fn finish(&self) -> Result<(), DecodeError> {
         if !self.saw_preface || !self.buf.is_empty() {

@@ -28,16 +28,20 @@ pub enum FlowError {
     BackendTimeout,
     /// The request itself was malformed (400).
     BadRequest,
+    /// The target is not a service this gateway exports (an address, its own ports, an unexported
+    /// name): refused before any connection is attempted (403).
+    Forbidden,
 }
 
 impl FlowError {
-    pub const ALL: [FlowError; 6] = [
+    pub const ALL: [FlowError; 7] = [
         Self::UnknownService,
         Self::NoHealthyEndpoint,
         Self::Draining,
         Self::BackendRefused,
         Self::BackendTimeout,
         Self::BadRequest,
+        Self::Forbidden,
     ];
 
     pub fn status(self) -> u16 {
@@ -46,6 +50,7 @@ impl FlowError {
             Self::BackendRefused => 502,
             Self::BackendTimeout => 504,
             Self::BadRequest => 400,
+            Self::Forbidden => 403,
         }
     }
 
@@ -57,6 +62,7 @@ impl FlowError {
             Self::BackendRefused => "backend_refused",
             Self::BackendTimeout => "backend_timeout",
             Self::BadRequest => "bad_request",
+            Self::Forbidden => "forbidden_target",
         }
     }
 

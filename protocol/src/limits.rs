@@ -23,3 +23,8 @@ pub const MAX_LABELS: usize = 16;
 pub const MAX_LABEL_LEN: usize = 63;
 /// Longest free-text reason in an error or goodbye message.
 pub const MAX_REASON_LEN: usize = 1024;
+
+/// A control frame must be complete within this long of its first byte (no slow drip).
+pub const CONTROL_FRAME_DEADLINE_SECS: u64 = 10;
+/// A peer that sends no control frame for this long is unresponsive, even if its QUIC stack answers.
+pub const CONTROL_SILENCE_SECS: u64 = 3;

@@ -34,9 +34,20 @@ pub async fn dial(
     server: &Identity,
     target: SocketAddr,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    dial_from("127.0.0.1:0".parse()?, creds, bundle, server, target).await
+}
+
+/// Like [`dial`], from a chosen local address (any 127.0.0.0/8 address works on loopback).
+pub async fn dial_from(
+    bind: SocketAddr,
+    creds: Credentials,
+    bundle: TrustBundle,
+    server: &Identity,
+    target: SocketAddr,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let tls = TlsFactory::new(creds, bundle, Metrics::noop()).client(server.clone())?;
     let cfg = transport::client_config(tls, Timers::default())?;
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let endpoint = quinn::Endpoint::client(bind)?;
     let conn = tokio::time::timeout(Duration::from_secs(5), endpoint.connect_with(cfg, target, "gateway")?).await??;
     Ok((endpoint, conn))
 }
@@ -44,7 +55,7 @@ pub async fn dial(
 /// The control stream of a hand-made session, opened as a real dialing gateway would.
 pub struct Control {
     pub stream: h3::client::RequestStream<h3q::BidiStream, Bytes>,
-    _requests: h3::client::SendRequest<h3q::Opener, Bytes>,
+    pub requests: h3::client::SendRequest<h3q::Opener, Bytes>,
 }
 
 pub async fn open_control(conn: &quinn::Connection) -> anyhow::Result<Control> {
@@ -57,7 +68,7 @@ pub async fn open_control(conn: &quinn::Connection) -> anyhow::Result<Control> {
     let mut stream = requests.send_request(http::Request::connect(CONTROL_AUTHORITY).body(())?).await?;
     let resp = stream.recv_response().await?;
     anyhow::ensure!(resp.status() == 200, "control stream refused: {}", resp.status());
-    Ok(Control { stream, _requests: requests })
+    Ok(Control { stream, requests })
 }
 
 /// Waits for the connection to close and returns the application error code and reason it was
