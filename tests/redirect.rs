@@ -155,7 +155,12 @@ async fn redirected_flows_dns_and_failure_resets() {
     assert!(eventually(Duration::from_secs(3), || !r.redirector.connected()).await);
     let down = capture(&r, dst).await;
     assert!(expect_reset(down).await < Duration::from_secs(1));
-    m.start(0).await.unwrap();
+    // The old gateway's UDP socket is released once its last connection task ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = m.start(0).await {
+        assert!(Instant::now() < deadline, "gateway a could not restart: {e:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(eventually(Duration::from_secs(10), || r.redirector.connected()).await, "redirector did not reconnect");
     assert!(m.wait_routes(0, "echo.test", 1).await);
     let again = capture(&r, dst).await;
