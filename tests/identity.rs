@@ -103,3 +103,111 @@ async fn a_dialing_gateway_refuses_a_peer_presenting_another_identity() {
     assert_eq!(m.gw(0).mesh.peers_json()["peers"][0]["state"], "down");
     m.shutdown().await;
 }
+
+/// A certificate from the mesh CA for `uris`, shaped by `tweak`.
+fn crafted(
+    pki: &Pki,
+    uris: &[&str],
+    tweak: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (causeway_overlay::Credentials, causeway_overlay::TrustBundle) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+    let ca_key = KeyPair::from_pem(&pki.ca.key_pem).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&pki.ca.cert_pem, ca_key).unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    tweak(&mut p);
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let chain = format!("{}{}", cert.pem(), pki.ca.cert_pem);
+    let creds = causeway::certs::credentials_from_pem(chain.as_bytes(), key.serialize_pem().as_bytes()).unwrap();
+    (creds, causeway::certs::bundle_from_pem(pki.ca.cert_pem.as_bytes()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_x509_svid_violation_is_refused_with_its_own_reason() {
+    use rcgen::{BasicConstraints, IsCa, KeyUsagePurpose, SanType};
+    let (m, listen) = serving_pair().await;
+    let good = m.ids[0].to_string();
+    let long = format!("spiffe://{TRUST_DOMAIN}/{}", "a".repeat(2100));
+    type Tweak = Box<dyn FnOnce(&mut rcgen::CertificateParams)>;
+    let none: fn() -> Tweak = || Box::new(|_| {});
+    let shapes: Vec<(&str, Vec<String>, Tweak, &str)> = vec![
+        (
+            "uppercase trust domain",
+            vec![format!("spiffe://TEST.causeway/zone/a/gateway/gw-1")],
+            none(),
+            "invalid_spiffe_id",
+        ),
+        ("port", vec![format!("spiffe://{TRUST_DOMAIN}:443/zone/a/gateway/gw-1")], none(), "invalid_spiffe_id"),
+        ("userinfo", vec![format!("spiffe://u@{TRUST_DOMAIN}/zone/a/gateway/gw-1")], none(), "invalid_spiffe_id"),
+        ("query", vec![format!("{good}?q=1")], none(), "invalid_spiffe_id"),
+        ("fragment", vec![format!("{good}#f")], none(), "invalid_spiffe_id"),
+        ("percent-encoding", vec![format!("spiffe://{TRUST_DOMAIN}/zone/a%2Fb")], none(), "invalid_spiffe_id"),
+        ("empty segment", vec![format!("spiffe://{TRUST_DOMAIN}/zone//a")], none(), "invalid_spiffe_id"),
+        ("dot segment", vec![format!("spiffe://{TRUST_DOMAIN}/zone/./a")], none(), "invalid_spiffe_id"),
+        ("over 2048 bytes", vec![long], none(), "invalid_spiffe_id"),
+        ("another scheme", vec![format!("https://{TRUST_DOMAIN}/zone/a")], none(), "invalid_spiffe_id"),
+        ("two URI SANs", vec![good.clone(), format!("spiffe://{TRUST_DOMAIN}/other")], none(), "multiple_uri_sans"),
+        (
+            "no URI SAN",
+            vec![],
+            Box::new(|p: &mut rcgen::CertificateParams| {
+                p.subject_alt_names = vec![SanType::DnsName("gw.example".try_into().unwrap())]
+            }),
+            "no_spiffe_id",
+        ),
+        (
+            "leaf is a CA",
+            vec![good.clone()],
+            Box::new(|p: &mut rcgen::CertificateParams| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
+            "ca_as_leaf",
+        ),
+        (
+            "keyCertSign on a leaf",
+            vec![good.clone()],
+            Box::new(|p: &mut rcgen::CertificateParams| {
+                p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign]
+            }),
+            "key_usage",
+        ),
+        (
+            "cRLSign on a leaf",
+            vec![good.clone()],
+            Box::new(|p: &mut rcgen::CertificateParams| {
+                p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign]
+            }),
+            "key_usage",
+        ),
+        (
+            "no digitalSignature",
+            vec![good.clone()],
+            Box::new(|p: &mut rcgen::CertificateParams| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]),
+            "key_usage",
+        ),
+    ];
+    let n = shapes.len();
+    for (what, uris, tweak, reason) in shapes {
+        let before = refusals(&m, 1, reason);
+        let uris: Vec<&str> = uris.iter().map(String::as_str).collect();
+        expect_refused(&m, crafted(&m.pki, &uris, tweak)).await;
+        assert!(
+            eventually(Duration::from_secs(5), || refusals(&m, 1, reason) == before + 1.0).await,
+            "{what}: expected reason {reason}\n{}",
+            m.gw(1).metrics_text()
+        );
+    }
+    assert!(n >= 12);
+    // A well-formed certificate of the same shape passes the handshake (the harness is not refusing
+    // everything); as a second connection of peer a it is then closed as a duplicate, not by TLS.
+    let (creds, bundle) = crafted(&m.pki, &[good.as_str()], |_| {});
+    let (_ep, conn) = rogue::dial(creds, bundle, &m.ids[1], m.addrs[1]).await.unwrap();
+    let code = rogue::close_code(&conn, Duration::from_secs(5)).await.map(|(c, _)| c);
+    assert_eq!(code, Some(causeway_protocol::ErrorCode::DUPLICATE_CONNECTION.0), "a valid SVID was refused");
+    echo_flow(listen, b"still serving").await.unwrap();
+    m.shutdown().await;
+}

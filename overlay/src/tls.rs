@@ -43,6 +43,9 @@ pub enum Refusal {
     NotYetValid,
     BadCertificate,
     NoSpiffeId,
+    MultipleUriSans,
+    InvalidSpiffeId,
+    KeyUsage,
     CaAsLeaf,
     UnexpectedIdentity,
     NoCertificate,
@@ -56,6 +59,9 @@ impl Refusal {
             Refusal::NotYetValid => "not_yet_valid",
             Refusal::BadCertificate => "bad_certificate",
             Refusal::NoSpiffeId => "no_spiffe_id",
+            Refusal::MultipleUriSans => "multiple_uri_sans",
+            Refusal::InvalidSpiffeId => "invalid_spiffe_id",
+            Refusal::KeyUsage => "key_usage",
             Refusal::CaAsLeaf => "ca_as_leaf",
             Refusal::UnexpectedIdentity => "unexpected_identity",
             Refusal::NoCertificate => "no_certificate",
@@ -67,7 +73,11 @@ impl Refusal {
             Refusal::UnknownCa => CertificateError::UnknownIssuer,
             Refusal::Expired => CertificateError::Expired,
             Refusal::NotYetValid => CertificateError::NotValidYet,
-            Refusal::UnexpectedIdentity | Refusal::NoSpiffeId => CertificateError::ApplicationVerificationFailure,
+            Refusal::UnexpectedIdentity
+            | Refusal::NoSpiffeId
+            | Refusal::MultipleUriSans
+            | Refusal::InvalidSpiffeId
+            | Refusal::KeyUsage => CertificateError::ApplicationVerificationFailure,
             Refusal::BadCertificate | Refusal::CaAsLeaf | Refusal::NoCertificate => CertificateError::BadEncoding,
         };
         rustls::Error::InvalidCertificate(e)
@@ -139,12 +149,18 @@ impl AllowedSet {
 /// Shared so configuration reloads can change it.
 pub type Allowed = Arc<RwLock<AllowedSet>>;
 
-/// Extracts the SPIFFE ID of a leaf: exactly one URI SAN, and the leaf must not be a CA.
+/// Extracts the SPIFFE ID of a leaf, applying the X.509-SVID rules (SPIFFE X509-SVID §4, §5):
+/// not a CA; a key usage extension with digitalSignature and without keyCertSign or cRLSign;
+/// exactly one URI SAN, which is a valid SPIFFE ID (`Identity::parse`).
 pub fn spiffe_id(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).map_err(|_| Refusal::BadCertificate)?;
-    if cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca) {
+    if cert.basic_constraints().map_err(|_| Refusal::BadCertificate)?.is_some_and(|bc| bc.value.ca) {
         return Err(Refusal::CaAsLeaf);
+    }
+    match cert.key_usage().map_err(|_| Refusal::BadCertificate)? {
+        Some(ku) if ku.value.digital_signature() && !ku.value.key_cert_sign() && !ku.value.crl_sign() => {}
+        _ => return Err(Refusal::KeyUsage),
     }
     let san = cert.subject_alternative_name().map_err(|_| Refusal::BadCertificate)?;
     let mut uris = san.iter().flat_map(|s| s.value.general_names.iter()).filter_map(|n| match n {
@@ -152,8 +168,9 @@ pub fn spiffe_id(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
         _ => None,
     });
     match (uris.next(), uris.next()) {
-        (Some(u), None) => Identity::parse(u).map_err(|_| Refusal::NoSpiffeId),
-        _ => Err(Refusal::NoSpiffeId),
+        (Some(u), None) => Identity::parse(u).map_err(|_| Refusal::InvalidSpiffeId),
+        (Some(_), Some(_)) => Err(Refusal::MultipleUriSans),
+        (None, _) => Err(Refusal::NoSpiffeId),
     }
 }
 
