@@ -319,6 +319,12 @@ impl Mesh {
         out
     }
 
+    /// Moves the overlay to a new UDP socket (a new local address or port, as after a NAT rebinding).
+    /// Connections this gateway dialed migrate to it (RFC 9000 §9); peers validate the new path.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self.0.endpoint.rebind(socket)
+    }
+
     /// Resolves once [`Mesh::shutdown`] ran.
     pub async fn stopped(&self) {
         self.0.shutdown.cancelled().await

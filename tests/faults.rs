@@ -1,0 +1,217 @@
+//! Faults: address changes mid-transfer, a stopped (SIGSTOP) gateway, and kill -9 under many
+//! flows. Every transfer is checked byte for byte at the far end.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use causeway_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(p: &Process, sig: &str) {
+    Command::new("kill").args([&format!("-{sig}"), &p.0.id().to_string()]).status().unwrap();
+}
+
+/// Zone a imports echo.test preferring b; b (a process, or in-process) and c export it.
+async fn three_zones() -> (TestMesh, std::net::SocketAddr, std::net::SocketAddr) {
+    init();
+    let (echo_b, _) = echo_server("b".into()).await.unwrap();
+    let (echo_c, _) = echo_server("c".into()).await.unwrap();
+    let m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo_b])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    (m, echo_b, echo_c)
+}
+
+fn spawn_b(m: &TestMesh) -> Process {
+    let bin = causeway_bin();
+    assert!(bin.exists(), "run `cargo build --bins` first");
+    let cfg = m.write_config(1).unwrap();
+    Process(
+        Command::new(bin)
+            .args(["gateway", "--config"])
+            .arg(cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebinding_client_gateway_keeps_its_flows() {
+    init();
+    let (echo, _) = echo_server("b".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    // Only a dials (b has no address for it), so a is the QUIC client that may migrate.
+    m.specs[1].peers[0].1 = None;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let data = payload(64 << 20, 11);
+    let transfer = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+            let (mut r, mut w) = s.split();
+            let send = async {
+                // Paced, so the transfer spans several rebinds.
+                for chunk in data.chunks(1 << 20) {
+                    w.write_all(chunk).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(60)).await;
+                }
+                w.shutdown().await.unwrap();
+            };
+            let recv = async {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.map(|_| got)
+            };
+            let (_, got) = tokio::join!(send, recv);
+            got
+        })
+    };
+    // New source port at 1 s, then every 1.5 s until the transfer ends.
+    let mut rebinds = 0;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    while !transfer.is_finished() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        m.gw(0).mesh.rebind(sock).unwrap();
+        rebinds += 1;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let got = transfer.await.unwrap().expect("the flow was reset by a rebinding");
+    assert!(rebinds >= 2, "only {rebinds} rebinds happened during the transfer");
+    assert_eq!(&got[..2], b"b\n");
+    assert_eq!(sha256(&got[2..]), sha256(&data), "bytes lost or corrupted across {rebinds} rebinds");
+    let t = m.gw(0).metrics_text();
+    assert_eq!(metric(&t, "causeway_flows_closed_total", &[("outcome", "complete")]), Some(1.0));
+    assert_eq!(
+        metric(&t, "causeway_peer_connects_total", &[("direction", "dial"), ("result", "ok")]),
+        Some(1.0),
+        "reconnected instead of migrating"
+    );
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly() {
+    let (mut m, _, _) = three_zones().await;
+    let b = spawn_b(&m);
+    m.start(0).await.unwrap();
+    m.start(2).await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    assert_eq!(echo_flow(listen, b"x").await.unwrap().0, "b");
+
+    signal(&b, "STOP");
+    let stopped = Instant::now();
+    // The event: a declares b down.
+    assert!(
+        eventually(Duration::from_secs(2), || m.gw(0).mesh.peer_state(&m.ids[1])
+            != causeway_overlay::routes::PeerState::Up)
+        .await
+    );
+    let detected = stopped.elapsed();
+    let served = loop {
+        if let Ok(Ok((banner, _))) = tokio::time::timeout(Duration::from_secs(1), echo_flow(listen, b"y")).await {
+            if banner == "c" {
+                break stopped.elapsed();
+            }
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(5), "no flow reached c");
+    };
+    assert!(served < Duration::from_secs(1), "b declared down after {detected:?}, first flow via c after {served:?}");
+
+    signal(&b, "CONT");
+    // b re-peers: one connection per pair, and a's catalog has echo.test once per zone.
+    assert!(m.wait_routes(0, "echo.test", 2).await, "b never came back");
+    let peers = m.gw(0).mesh.peers_json();
+    assert_eq!(peers["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "up").count(), 2);
+    let services = m.gw(0).mesh.services_json();
+    let offers = services["services"][0]["offers"].as_array().unwrap();
+    assert_eq!(offers.len(), 2, "duplicate catalog entries: {offers:?}");
+    assert_eq!(echo_flow(listen, b"z").await.unwrap().0, "b");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
+    let (mut m, _, _) = three_zones().await;
+    let b = spawn_b(&m);
+    m.start(0).await.unwrap();
+    m.start(2).await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    // 100 flows through b, each streaming until told to stop, counting what comes back.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(101));
+    let flows: Vec<_> = (0..100)
+        .map(|i| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+                let mut banner = [0u8; 2];
+                s.write_all(b"hi").await.unwrap();
+                s.read_exact(&mut banner).await.unwrap();
+                assert_eq!(&banner, b"b\n");
+                let mut echo = [0u8; 2];
+                s.read_exact(&mut echo).await.unwrap();
+                barrier.wait().await;
+                // Keep sending and reading until the flow ends; a clean end of stream would be a
+                // silent truncation (the client never half-closed).
+                let chunk = payload(16 * 1024, i);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    if let Err(e) = s.write_all(&chunk).await {
+                        return Err(e.kind());
+                    }
+                    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                        Ok(Ok(0)) => return Ok(()),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e.kind()),
+                        Err(_) => return Err(std::io::ErrorKind::TimedOut),
+                    }
+                }
+            })
+        })
+        .collect();
+    barrier.wait().await;
+    let mut b = b;
+    b.0.kill().unwrap();
+    let _ = b.0.wait();
+    let killed = Instant::now();
+    for f in flows {
+        let end = tokio::time::timeout(Duration::from_secs(10), f).await.unwrap().unwrap();
+        assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "a flow ended without an error");
+    }
+    assert!(killed.elapsed() < Duration::from_secs(3), "flows reset after {:?}", killed.elapsed());
+    // Flows opened again complete through c.
+    for i in 0..10 {
+        let data = payload(100_000, 100 + i);
+        assert_eq!(echo_flow(listen, &data).await.unwrap().0, "c");
+    }
+    m.shutdown().await;
+}
