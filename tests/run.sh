@@ -30,3 +30,5 @@ echo "== integration tests (loopback meshes, gateway processes)"
 cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults
 echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"
 cargo test -p causeway-tests --test netns
+echo "== fault suite (loss, bursts, reordering, duplication, corruption through the impairment relay)"
+cargo test -p causeway-tests --test impair

@@ -16,6 +16,7 @@ use causeway_protocol::Identity;
 pub use causeway::certs::Validity;
 pub use causeway::demo::{echo_flow, echo_server};
 
+pub mod impair;
 pub mod netns;
 pub mod rogue;
 
