@@ -175,3 +175,30 @@ fn the_demo_runs_to_completion() {
     assert!(out.contains("demo: all checks passed"), "{out}");
     assert!(out.contains("failover: first new orders.shop flow served by zone ap"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_running_gateways_peers_and_routes() {
+    use causeway_tests::*;
+    init();
+    let (echo, _) = echo_server("b".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await);
+    let admin = m.gw(0).admin_addr.unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || run(&["status", "--admin", &admin])).await.unwrap();
+    let (code, stdout, stderr) = out;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("in zone \"a\""), "{stdout}");
+    let peer_line = stdout.lines().find(|l| l.contains(m.ids[1].as_str())).expect("peer b listed");
+    assert!(peer_line.contains(" b ") && peer_line.contains("up"), "{peer_line}");
+    let route = stdout.lines().find(|l| l.starts_with("echo.test")).expect("echo.test listed");
+    assert!(route.contains(m.ids[1].as_str()), "{route}");
+    m.shutdown().await;
+}
