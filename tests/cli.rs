@@ -179,18 +179,7 @@ fn the_demo_runs_to_completion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_a_running_gateways_peers_and_routes() {
     use causeway_tests::*;
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
-    m.start_all().await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 1).await);
+    let (m, _) = echo_pair().await;
     let admin = m.gw(0).admin_addr.unwrap().to_string();
     let out = tokio::task::spawn_blocking(move || run(&["status", "--admin", &admin])).await.unwrap();
     let (code, stdout, stderr) = out;

@@ -4,26 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use causeway_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
     init();
-    let bin = causeway_bin();
-    assert!(bin.exists(), "{} is missing: run `cargo build --bins` before the tests", bin.display());
     let (echo_b, _) = echo_server("b".into()).await.unwrap();
     let (echo_c, _) = echo_server("c".into()).await.unwrap();
     let mut m = TestMesh::plan(
@@ -35,16 +23,7 @@ async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
         "",
     )
     .unwrap();
-    let cfg_b = m.write_config(1).unwrap();
-    let child = Command::new(&bin)
-        .args(["gateway", "--config"])
-        .arg(&cfg_b)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut b = Process(child);
+    let mut b = GatewayProcess::spawn(&m, 1, "warn");
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();
     // a prefers b, with c as the alternative.
@@ -60,8 +39,7 @@ async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
     assert_eq!(&buf, b"b\nping");
 
     let killed = Instant::now();
-    b.0.kill().unwrap(); // SIGKILL
-    let _ = b.0.wait();
+    b.kill(); // SIGKILL
 
     // New flows: keep trying until one is served by c; record when.
     let probe = async {

@@ -3,24 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use causeway_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(p: &Process, sig: &str) {
-    Command::new("kill").args([&format!("-{sig}"), &p.0.id().to_string()]).status().unwrap();
-}
 
 /// Zone a imports echo.test preferring b; b (a process, or in-process) and c export it.
 async fn three_zones() -> (TestMesh, std::net::SocketAddr, std::net::SocketAddr) {
@@ -37,22 +23,6 @@ async fn three_zones() -> (TestMesh, std::net::SocketAddr, std::net::SocketAddr)
     )
     .unwrap();
     (m, echo_b, echo_c)
-}
-
-fn spawn_b(m: &TestMesh) -> Process {
-    let bin = causeway_bin();
-    assert!(bin.exists(), "run `cargo build --bins` first");
-    let cfg = m.write_config(1).unwrap();
-    Process(
-        Command::new(bin)
-            .args(["gateway", "--config"])
-            .arg(cfg)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,14 +90,14 @@ async fn a_rebinding_client_gateway_keeps_its_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly() {
     let (mut m, _, _) = three_zones().await;
-    let b = spawn_b(&m);
+    let b = GatewayProcess::spawn(&m, 1, "warn");
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();
     assert!(m.wait_routes(0, "echo.test", 2).await);
     let listen = m.gw(0).import_addr("echo.test").unwrap();
     assert_eq!(echo_flow(listen, b"x").await.unwrap().0, "b");
 
-    signal(&b, "STOP");
+    b.signal("STOP");
     let stopped = Instant::now();
     // The event: a declares b down.
     assert!(
@@ -146,7 +116,7 @@ async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly(
     };
     assert!(served < Duration::from_secs(1), "b declared down after {detected:?}, first flow via c after {served:?}");
 
-    signal(&b, "CONT");
+    b.signal("CONT");
     // b re-peers: one connection per pair, and a's catalog has echo.test once per zone.
     assert!(m.wait_routes(0, "echo.test", 2).await, "b never came back");
     let peers = m.gw(0).mesh.peers_json();
@@ -161,7 +131,7 @@ async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
     let (mut m, _, _) = three_zones().await;
-    let b = spawn_b(&m);
+    let b = GatewayProcess::spawn(&m, 1, "warn");
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();
     assert!(m.wait_routes(0, "echo.test", 2).await);
@@ -200,8 +170,7 @@ async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
         .collect();
     barrier.wait().await;
     let mut b = b;
-    b.0.kill().unwrap();
-    let _ = b.0.wait();
+    b.kill();
     let killed = Instant::now();
     for f in flows {
         let end = tokio::time::timeout(Duration::from_secs(10), f).await.unwrap().unwrap();

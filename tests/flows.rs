@@ -8,27 +8,9 @@ use std::time::Duration;
 use causeway_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Zone a imports `echo.test`, zone b exports it.
-async fn pair() -> (TestMesh, std::net::SocketAddr) {
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
-    m.start_all().await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 1).await, "zone a never learned echo.test");
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
-    (m, listen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_cross_zone_flow_is_checksum_verified() {
-    let (m, listen) = pair().await;
+    let (m, listen) = echo_pair().await;
     let data = payload(64 << 20, 64);
     let want = sha256(&data);
     let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
@@ -73,7 +55,7 @@ async fn sixty_four_mib_cross_zone_flow_is_checksum_verified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_flows_over_one_gateway_pair() {
-    let (m, listen) = pair().await;
+    let (m, listen) = echo_pair().await;
     const N: usize = 1000;
     // Every flow sends and gets its echo, then waits until all N are open at once before closing.
     let open = std::sync::Arc::new(tokio::sync::Barrier::new(N + 1));
@@ -245,7 +227,7 @@ async fn a_flow_with_no_backend_is_reset_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_serves_metrics_peers_and_services() {
-    let (m, listen) = pair().await;
+    let (m, listen) = echo_pair().await;
     echo_flow(listen, b"hello").await.unwrap();
     let admin = m.gw(0).admin_addr.unwrap();
     let (status, body) = causeway::admin::get(admin, "/metrics").await.unwrap();

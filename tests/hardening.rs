@@ -4,21 +4,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use causeway_overlay::transport::CONNECTION_WINDOW;
 use causeway_tests::rogue;
 use causeway_tests::*;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn rss(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -62,8 +52,6 @@ async fn flood(mut send: quinn::SendStream, prefix: Vec<u8>, frame_type: u64, li
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terabyte_frames_are_stopped_before_buffering() {
     init();
-    let bin = causeway_bin();
-    assert!(bin.exists(), "run `cargo build --bins` first");
     let (echo, _) = echo_server("b".into()).await.unwrap();
     let mut m = TestMesh::plan(
         vec![
@@ -74,21 +62,12 @@ async fn terabyte_frames_are_stopped_before_buffering() {
         "",
     )
     .unwrap();
-    let cfg_b = m.write_config(1).unwrap();
-    let child = Command::new(&bin)
-        .args(["gateway", "--config"])
-        .arg(&cfg_b)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let b = Process(child);
+    let b = GatewayProcess::spawn(&m, 1, "error");
     m.start(0).await.unwrap();
     assert!(m.wait_routes(0, "echo.test", 1).await);
     let listen = m.gw(0).import_addr("echo.test").unwrap();
     echo_flow(listen, b"warm up").await.unwrap();
-    let before = rss(b.0.id());
+    let before = rss(b.pid());
 
     // Zone c's identity (configured on b) turns hostile.
     let creds =
@@ -125,7 +104,7 @@ async fn terabyte_frames_are_stopped_before_buffering() {
     let (code, _) =
         rogue::close_code(&conn, Duration::from_secs(5)).await.expect("control flood did not close the connection");
     assert_eq!(code, H3_EXCESSIVE_LOAD);
-    let grown = rss(b.0.id()).saturating_sub(before);
+    let grown = rss(b.pid()).saturating_sub(before);
     assert!(grown < u64::from(CONNECTION_WINDOW), "gateway grew by {grown} bytes, budget {CONNECTION_WINDOW}");
     eprintln!("gateway b RSS grew by {} KiB under the floods", grown / 1024);
     assert_eq!(echo_flow(listen, &data).await.unwrap().0, "b");

@@ -9,23 +9,6 @@ use causeway::demo::Pki;
 use causeway_tests::rogue;
 use causeway_tests::*;
 
-async fn serving_pair() -> (TestMesh, std::net::SocketAddr) {
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
-    m.start_all().await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 1).await);
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
-    (m, listen)
-}
-
 fn refusals(m: &TestMesh, i: usize, reason: &str) -> f64 {
     metric(&m.gw(i).metrics_text(), "causeway_peer_handshake_failures_total", &[("reason", reason)]).unwrap_or(0.0)
 }
@@ -43,7 +26,7 @@ async fn expect_refused(m: &TestMesh, creds: (causeway_overlay::Credentials, cau
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_another_ca_is_refused() {
-    let (m, listen) = serving_pair().await;
+    let (m, listen) = echo_pair().await;
     let other = Pki::new(TRUST_DOMAIN).unwrap();
     // Same SPIFFE ID as the real peer a, issued by a CA b does not trust.
     let creds =
@@ -63,7 +46,7 @@ async fn a_certificate_from_another_ca_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_right_ca_with_an_unexpected_spiffe_id_is_refused() {
-    let (m, listen) = serving_pair().await;
+    let (m, listen) = echo_pair().await;
     let stranger = m.pki.identity("a", "gw-9");
     let creds =
         rogue::credentials(&m.pki, &stranger, Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
@@ -75,7 +58,7 @@ async fn the_right_ca_with_an_unexpected_spiffe_id_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_is_refused() {
-    let (m, listen) = serving_pair().await;
+    let (m, listen) = echo_pair().await;
     let expired = Validity { not_before_secs: -7200, not_after_secs: -3600 };
     let creds = rogue::credentials(&m.pki, &m.ids[0], expired, &m.pki).unwrap();
     expect_refused(&m, creds).await;
@@ -131,7 +114,7 @@ fn crafted(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_x509_svid_violation_is_refused_with_its_own_reason() {
     use rcgen::{BasicConstraints, IsCa, KeyUsagePurpose, SanType};
-    let (m, listen) = serving_pair().await;
+    let (m, listen) = echo_pair().await;
     let good = m.ids[0].to_string();
     let long = format!("spiffe://{TRUST_DOMAIN}/{}", "a".repeat(2100));
     type Tweak = Box<dyn FnOnce(&mut rcgen::CertificateParams)>;

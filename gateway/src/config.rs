@@ -219,15 +219,24 @@ pub struct TlsPaths {
 
 /// Reads and validates a file. Relative TLS paths are resolved against the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, parse, |c| &mut c.tls)
+}
+
+/// Reads a YAML file, parses it with `parse`, and resolves the TLS paths it names against the
+/// file's directory. Shared by the gateway and redirector configurations.
+pub(crate) fn load_with<T>(
+    path: &Path,
+    parse: impl Fn(&str) -> Result<T, Vec<ConfigError>>,
+    tls: impl Fn(&mut T) -> &mut TlsPaths,
+) -> Result<T, ConfigErrors> {
     let file = path.display().to_string();
-    let fail = |path: &str, reason: String| ConfigErrors {
-        file: file.clone(),
-        errors: vec![ConfigError { path: path.into(), reason }],
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| fail("", format!("cannot read: {e}")))?;
-    let mut cfg = parse(&text).map_err(|errors| ConfigErrors { file: file.clone(), errors })?;
+    let fail = |errors| ConfigErrors { file: file.clone(), errors };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(vec![ConfigError { path: String::new(), reason: format!("cannot read: {e}") }]))?;
+    let mut cfg = parse(&text).map_err(fail)?;
     let base = path.parent().unwrap_or(Path::new("."));
-    for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.bundle] {
+    let t = tls(&mut cfg);
+    for p in [&mut t.cert, &mut t.key, &mut t.bundle] {
         if p.is_relative() {
             *p = base.join(&*p);
         }
@@ -235,16 +244,19 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     Ok(cfg)
 }
 
-/// Parses and validates YAML text.
-pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+/// Deserializes YAML into raw types; a structural error (unknown key, wrong type) carries its path.
+pub(crate) fn from_yaml<R: serde::de::DeserializeOwned>(text: &str) -> Result<R, Vec<ConfigError>> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
-    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        let inner = e.into_inner().to_string();
-        vec![ConfigError { path, reason: inner }]
-    })?;
-    validate(&raw)
+        vec![ConfigError { path, reason: e.into_inner().to_string() }]
+    })
+}
+
+/// Parses and validates YAML text.
+pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+    validate(&from_yaml::<RawConfig>(text)?)
 }
 
 pub(crate) struct Errors(pub(crate) Vec<ConfigError>);

@@ -234,3 +234,64 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
 pub fn sha256(data: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
 }
+
+/// Zone a imports `echo.test`, zone b exports it (an echo service answering with banner "b"); both
+/// started, routes learned. Returns the mesh and a's local listener for `echo.test`.
+pub async fn echo_pair() -> (TestMesh, SocketAddr) {
+    init();
+    let (echo, _) = echo_server("b".into()).await.expect("echo server");
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+        ],
+        "",
+    )
+    .expect("plan");
+    m.start_all().await.expect("start");
+    assert!(m.wait_routes(0, "echo.test", 1).await, "zone a never learned echo.test");
+    let listen = m.gw(0).import_addr("echo.test").expect("listener");
+    (m, listen)
+}
+
+/// A gateway running as a process (the `causeway` binary), killed when dropped.
+pub struct GatewayProcess(pub std::process::Child);
+
+impl GatewayProcess {
+    /// Runs gateway `i` of `m` as a process, its logs discarded below `log_level`.
+    pub fn spawn(m: &TestMesh, i: usize, log_level: &str) -> Self {
+        let bin = causeway_bin();
+        assert!(bin.exists(), "{} is missing: run `cargo build --bins` before the tests", bin.display());
+        let cfg = m.write_config(i).expect("config");
+        let child = std::process::Command::new(bin)
+            .args(["gateway", "--config"])
+            .arg(cfg)
+            .env("RUST_LOG", log_level)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn causeway gateway");
+        Self(child)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends a signal by name ("STOP", "CONT", "KILL", "TERM").
+    pub fn signal(&self, sig: &str) {
+        let _ = std::process::Command::new("kill").args([&format!("-{sig}"), &self.0.id().to_string()]).status();
+    }
+
+    /// kill -9 and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

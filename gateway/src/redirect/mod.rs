@@ -103,26 +103,11 @@ pub struct RedirectConfig {
 }
 
 pub fn load(path: &Path) -> Result<RedirectConfig, ConfigErrors> {
-    let file = path.display().to_string();
-    let fail = |errors| ConfigErrors { file: file.clone(), errors };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| fail(vec![ConfigError { path: String::new(), reason: format!("cannot read: {e}") }]))?;
-    let mut cfg = parse(&text).map_err(fail)?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.bundle] {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
-    }
-    Ok(cfg)
+    crate::config::load_with(path, parse, |c| &mut c.tls)
 }
 
 pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
-    let de = serde_yaml_ng::Deserializer::from_str(text);
-    let raw: RawRedirect = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        vec![ConfigError { path: if path == "." { String::new() } else { path }, reason: e.into_inner().to_string() }]
-    })?;
+    let raw: RawRedirect = crate::config::from_yaml(text)?;
     let mut e = Errors(Vec::new());
     let trust_domain = e.parse("trust_domain", TrustDomain::new(&raw.trust_domain));
     let gateway = e.parse("gateway.address", host_port(&raw.gateway.address));
