@@ -225,3 +225,32 @@ async fn a_slow_drip_control_frame_is_cut_at_its_deadline() {
     assert!(started.elapsed() >= Duration::from_secs(10) && started.elapsed() < Duration::from_secs(13));
     m.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pinned_by_one_byte_headers_are_released_at_the_header_timeout() {
+    // b gives request headers 1 s to complete (the default is 10 s).
+    let (m, listen) = pair_with_c("timing: { header_timeout: 1s }\n").await;
+    let creds =
+        rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
+    let (_ep, conn) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await.unwrap();
+    // 2,000 streams, each holding one byte of a HEADERS frame (its type) and nothing more.
+    let pinned: Vec<_> = (0..2000)
+        .map(|_| {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let (mut send, _recv) = conn.open_bi().await.unwrap();
+                send.write_all(&[0x01]).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(5), send.stopped()).await
+            })
+        })
+        .collect();
+    // Meanwhile another peer's flows are unaffected.
+    let started = std::time::Instant::now();
+    assert_eq!(echo_flow(listen, b"unaffected").await.unwrap().0, "b");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    for p in pinned {
+        let stopped = p.await.unwrap();
+        assert!(matches!(stopped, Ok(Ok(_))), "a pinned stream was not released: {stopped:?}");
+    }
+    m.shutdown().await;
+}
