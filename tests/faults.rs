@@ -184,3 +184,49 @@ async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
     }
     m.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_flows_and_exits_0_before_the_deadline() {
+    let (mut m, _, _) = three_zones().await;
+    let mut b = GatewayProcess::spawn(&m, 1, "warn");
+    m.start(0).await.unwrap();
+    m.start(2).await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let mut open = tokio::net::TcpStream::connect(listen).await.unwrap();
+    open.write_all(b"one").await.unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"b\none");
+
+    b.signal("TERM");
+    let termed = Instant::now();
+    // New flows go elsewhere at once (b said goodbye).
+    assert!(
+        eventually(Duration::from_secs(1), || m.gw(0).mesh.peer_state(&m.ids[1])
+            != causeway_overlay::routes::PeerState::Up)
+        .await
+    );
+    assert_eq!(echo_flow(listen, b"new").await.unwrap().0, "c");
+    // The open flow still completes through b.
+    open.write_all(b"two").await.unwrap();
+    let mut two = [0u8; 3];
+    open.read_exact(&mut two).await.unwrap();
+    assert_eq!(&two, b"two");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    // Then b exits 0, before the 5 s drain deadline.
+    let status = tokio::task::spawn_blocking(move || {
+        let s = b.0.wait();
+        (s, b)
+    })
+    .await
+    .unwrap()
+    .0
+    .unwrap();
+    assert!(status.success(), "b exited with {status}");
+    assert!(termed.elapsed() < Duration::from_secs(5), "b took {:?} to exit", termed.elapsed());
+    m.shutdown().await;
+}

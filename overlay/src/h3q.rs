@@ -381,14 +381,18 @@ impl quic::RecvStream for RecvStream {
     }
 }
 
+type AckedFut = Pin<Box<dyn std::future::Future<Output = Result<Option<VarInt>, quinn::StoppedError>> + Send + Sync>>;
+
 pub struct SendStream {
     stream: quinn::SendStream,
     writing: Option<WriteBuf<Bytes>>,
+    /// After `finish`: resolves once the peer acknowledged everything, FIN included.
+    acked: Option<AckedFut>,
 }
 
 impl SendStream {
     fn new(stream: quinn::SendStream) -> Self {
-        Self { stream, writing: None }
+        Self { stream, writing: None, acked: None }
     }
 }
 
@@ -414,8 +418,21 @@ impl quic::SendStream<Bytes> for SendStream {
         Ok(())
     }
 
-    fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
-        Poll::Ready(self.stream.finish().map_err(|e| StreamErrorIncoming::Unknown(Box::new(e))))
+    /// Finishes the stream and resolves once the peer has acknowledged all of it. A flow is then
+    /// delivered, not merely queued: a gateway that closes its connections right after its last
+    /// flow ended (a drain) cannot discard the end of that flow.
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StreamErrorIncoming>> {
+        if self.acked.is_none() {
+            self.stream.finish().map_err(|e| StreamErrorIncoming::Unknown(Box::new(e)))?;
+            self.acked = Some(Box::pin(self.stream.stopped()));
+        }
+        let Some(acked) = self.acked.as_mut() else { return Poll::Ready(Ok(())) };
+        Poll::Ready(match ready!(acked.as_mut().poll(cx)) {
+            Ok(None) => Ok(()),
+            Ok(Some(code)) => Err(StreamErrorIncoming::StreamTerminated { error_code: code.into_inner() }),
+            Err(quinn::StoppedError::ConnectionLost(e)) => Err(stream_conn_err(e)),
+            Err(e) => Err(StreamErrorIncoming::Unknown(Box::new(e))),
+        })
     }
 
     fn reset(&mut self, reset_code: u64) {
