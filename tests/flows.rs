@@ -247,3 +247,26 @@ async fn admin_api_serves_metrics_peers_and_services() {
     assert_eq!(services["services"][0]["route_order"][0], m.ids[1].as_str());
     m.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_named_by_host_is_resolved_at_each_dial() {
+    init();
+    let (echo, _) = echo_server("b".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    // a knows b only by name (as a cloud load balancer's DNS name would be); b does not dial a.
+    m.specs[0].peers[0].1 = Some(format!("localhost:{}", m.addrs[1].port()));
+    m.specs[1].peers[0].1 = None;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await, "a never reached b by name");
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    assert_eq!(echo_flow(listen, b"by name").await.unwrap().0, "b");
+    assert_eq!(m.gw(0).mesh.peers_json()["peers"][0]["address"], format!("localhost:{}", m.addrs[1].port()));
+    m.shutdown().await;
+}

@@ -23,7 +23,7 @@ async fn via_relay(imp: Impairment, seed: u64) -> (TestMesh, Relay, std::net::So
     )
     .unwrap();
     let relay = Relay::start(m.addrs[1], imp.clone(), imp, seed).await.unwrap();
-    m.specs[0].peers[0].1 = Some(relay.addr);
+    m.specs[0].peers[0].1 = Some(relay.addr.to_string());
     m.specs[1].peers[0].1 = None;
     m.start_all().await.unwrap();
     assert!(m.wait_routes(0, "echo.test", 1).await, "no route through the relay");

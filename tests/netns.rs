@@ -126,7 +126,7 @@ fn gateway_yaml(w: &World, zone: &str) -> std::path::PathBuf {
         tls,
         overlay: "0.0.0.0:4433".parse().unwrap(),
         admin: Some("0.0.0.0:9901".parse().unwrap()),
-        peers: vec![(w.pki.identity(peer_zone, "gw-1"), Some(peer_addr.parse().unwrap()), peer_zone.into())],
+        peers: vec![(w.pki.identity(peer_zone, "gw-1"), Some(peer_addr.to_string()), peer_zone.into())],
         exports: if zone == "b" {
             vec![
                 ("orders.shop".into(), 8080, svc(8080)),

@@ -277,6 +277,24 @@ impl Errors {
     }
 }
 
+/// `IP:port`, `[IPv6]:port` or `host:port`.
+pub(crate) fn host_port(s: &str) -> Result<String, String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    let bad = || format!("{s:?} is not IP:port or host:port");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'));
+    match (host_ok, port.parse::<u16>()) {
+        (true, Ok(p)) if p > 0 => Ok(s.to_string()),
+        _ => Err(bad()),
+    }
+}
+
 pub(crate) fn addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>().map_err(|_| format!("{s:?} is not an IP:port address"))
 }
@@ -310,7 +328,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     let mut seen_peers = HashSet::new();
     for (i, p) in raw.peers.iter().enumerate() {
         let id = e.parse(format!("peers[{i}].id"), Identity::parse(&p.id));
-        let address = p.address.as_deref().and_then(|a| e.parse(format!("peers[{i}].address"), addr(a)));
+        let address = p.address.as_deref().and_then(|a| e.parse(format!("peers[{i}].address"), host_port(a)));
         let pzone = p.zone.as_deref().and_then(|z| e.parse(format!("peers[{i}].zone"), ZoneName::new(z)));
         if let Some(id) = id {
             if !seen_peers.insert(id.clone()) {
@@ -555,7 +573,7 @@ timing: { ping_interval: 100ms, peer_timeout: 500ms }
     fn reports_every_semantic_error_with_its_path() {
         let bad = GOOD
             .replace("zone: eu-west", "zone: EU")
-            .replace("\"10.0.0.2:4433\"", "\"nowhere\"")
+            .replace("\"10.0.0.2:4433\"", "\"no where:x\"")
             .replace("127.0.0.1:18080", "localhost")
             .replace("ping_interval: 100ms", "ping_interval: soon");
         let errs = parse(&bad).unwrap_err();

@@ -126,8 +126,8 @@ pub struct GatewaySpec {
     pub tls: (PathBuf, PathBuf, PathBuf),
     pub overlay: SocketAddr,
     pub admin: Option<SocketAddr>,
-    /// (SPIFFE ID, address, zone)
-    pub peers: Vec<(Identity, Option<SocketAddr>, String)>,
+    /// (SPIFFE ID, address as IP:port or host:port, zone)
+    pub peers: Vec<(Identity, Option<String>, String)>,
     /// (service, port, endpoints)
     pub exports: Vec<(String, u16, Vec<SocketAddr>)>,
     /// (service, listen, preferred zones)
@@ -257,7 +257,7 @@ pub async fn run(flows: usize, bytes: usize) -> anyhow::Result<bool> {
         let tls = pki.issue(zone, &ids[i], Validity::for_duration(Duration::from_secs(3600)))?;
         let peers = (0..zones.len())
             .filter(|j| *j != i)
-            .map(|j| (ids[j].clone(), Some(SocketAddr::from(([127, 0, 0, 1], ports[j]))), zones[j].to_string()))
+            .map(|j| (ids[j].clone(), Some(format!("127.0.0.1:{}", ports[j])), zones[j].to_string()))
             .collect();
         let exports = match *zone {
             "us" => vec![("orders.shop".to_string(), 8080, vec![us_echo])],

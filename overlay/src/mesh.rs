@@ -29,8 +29,9 @@ use crate::transport::{self, EndpointError, Timers};
 pub struct PeerSpec {
     /// The SPIFFE ID the peer must present.
     pub id: Identity,
-    /// Where to dial it; `None` for a peer that only dials us.
-    pub address: Option<SocketAddr>,
+    /// Where to dial it, `IP:port` or `host:port` (resolved at every attempt); `None` for a peer
+    /// that only dials us.
+    pub address: Option<String>,
     /// The zone it must announce in its hello; `None` accepts whatever it says.
     pub zone: Option<ZoneName>,
 }
@@ -191,7 +192,13 @@ impl Mesh {
         // Peers with a known address may always connect, from that address.
         let allowed_sources = (!cfg.allowed_sources.is_empty()).then(|| {
             let mut v = cfg.allowed_sources.clone();
-            v.extend(cfg.peers.iter().filter_map(|p| p.address).map(|a| ipnet::IpNet::from(a.ip())));
+            // Peers named by host must be covered by `allowed_sources` themselves.
+            v.extend(
+                cfg.peers
+                    .iter()
+                    .filter_map(|p| p.address.as_deref()?.parse::<SocketAddr>().ok())
+                    .map(|a| ipnet::IpNet::from(a.ip())),
+            );
             v
         });
         let mut workloads = cfg.workloads;
@@ -369,7 +376,7 @@ impl Mesh {
                 let c = conns.get(id);
                 json!({
                     "id": id.to_string(),
-                    "address": spec.address.map(|a| a.to_string()),
+                    "address": spec.address,
                     "zone": e.and_then(|e| e.zone.as_ref()).or(spec.zone.as_ref()).map(|z| z.to_string()),
                     "gateway": e.and_then(|e| e.gateway.as_ref()).map(|g| g.to_string()),
                     "state": e.map(|e| e.state).unwrap_or(PeerState::Down).as_str(),

@@ -167,16 +167,8 @@ impl Redirector {
         let tls = self.0.tls.client(self.0.cfg.gateway_id.clone()).map_err(|e| e.to_string())?;
         let cfg = transport::client_config(tls, self.0.cfg.timing.transport).map_err(|e| e.to_string())?;
         let t = self.0.cfg.timing.handshake_timeout;
-        let addr = match tokio::time::timeout(t, tokio::net::lookup_host(self.0.cfg.gateway.as_str())).await {
-            Ok(Ok(mut addrs)) => addrs.next().ok_or("gateway name has no address")?,
-            Ok(Err(e)) => return Err(format!("resolving {}: {e}", self.0.cfg.gateway)),
-            Err(_) => return Err(format!("resolving {} timed out", self.0.cfg.gateway)),
-        };
-        // On a dual-stack socket IPv4 destinations are written as v4-mapped IPv6.
-        let addr = match (addr, self.0.endpoint.local_addr()) {
-            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
-            (a, _) => a,
-        };
+        let local = self.0.endpoint.local_addr().map_err(|e| e.to_string())?;
+        let addr = transport::resolve(&self.0.cfg.gateway, local, t).await?;
         let connecting = self.0.endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| e.to_string())?;
         match tokio::time::timeout(t, connecting).await {
             Ok(Ok(c)) => Ok(c),

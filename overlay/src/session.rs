@@ -74,7 +74,7 @@ impl Backoff {
 }
 
 pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
-    let Some(addr) = spec.address else { return };
+    let Some(addr) = spec.address.clone() else { return };
     let t = mesh.0.timing;
     let mut backoff = Backoff::new(t.backoff_min, t.backoff_max);
     let peer_zone = spec.zone.as_ref().map(|z| z.to_string()).unwrap_or_default();
@@ -96,7 +96,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
         // Initial; then our dial is abandoned rather than completed as a duplicate.
         let changed = mesh.0.conn_changed.notified();
         let dialing = async {
-            let attempt = dial(&mesh, &spec, addr);
+            let attempt = dial(&mesh, &spec, &addr);
             tokio::pin!(changed, attempt);
             loop {
                 tokio::select! {
@@ -139,7 +139,9 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
     }
 }
 
-async fn dial(mesh: &Mesh, spec: &PeerSpec, addr: std::net::SocketAddr) -> Result<quinn::Connection, String> {
+async fn dial(mesh: &Mesh, spec: &PeerSpec, target: &str) -> Result<quinn::Connection, String> {
+    let local = mesh.0.endpoint.local_addr().map_err(|e| e.to_string())?;
+    let addr = crate::transport::resolve(target, local, mesh.0.timing.handshake_timeout).await?;
     let tls = mesh.0.tls.client(spec.id.clone()).map_err(|e| e.to_string())?;
     let cfg = crate::transport::client_config(tls, mesh.0.timing.transport).map_err(|e| e.to_string())?;
     let connecting = mesh.0.endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| e.to_string())?;

@@ -112,3 +112,23 @@ pub fn client_config(tls: rustls::ClientConfig, timers: Timers) -> Result<quinn:
     c.transport_config(Arc::new(transport_config(timers)));
     Ok(c)
 }
+
+/// Resolves `host:port` (or `IP:port`) to an address the endpoint bound at `local` can send to:
+/// the first of the name's addresses in the socket's family, or, on a dual-stack IPv6 socket, an
+/// IPv4 address written as v4-mapped IPv6. Resolved at every attempt, so a name that moves is
+/// followed.
+pub async fn resolve(target: &str, local: SocketAddr, timeout: std::time::Duration) -> Result<SocketAddr, String> {
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, tokio::net::lookup_host(target)).await {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(e)) => return Err(format!("resolving {target}: {e}")),
+        Err(_) => return Err(format!("resolving {target} timed out")),
+    };
+    let same_family = addrs.iter().find(|a| a.is_ipv4() == local.is_ipv4()).copied();
+    match (same_family, addrs.first(), local) {
+        (Some(a), _, _) => Ok(a),
+        (None, Some(SocketAddr::V4(v4)), SocketAddr::V6(_)) => {
+            Ok(SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())))
+        }
+        _ => Err(format!("{target} has no address reachable from {local}")),
+    }
+}

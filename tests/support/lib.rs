@@ -134,7 +134,7 @@ impl TestMesh {
             let tls = pki.issue(z.zone, &ids[i], Validity::for_duration(Duration::from_secs(3600)))?;
             let peers = (0..zones.len())
                 .filter(|j| *j != i)
-                .map(|j| (ids[j].clone(), Some(addrs[j]), zones[j].zone.to_string()))
+                .map(|j| (ids[j].clone(), Some(addrs[j].to_string()), zones[j].zone.to_string()))
                 .collect();
             specs.push(GatewaySpec {
                 zone: z.zone.into(),

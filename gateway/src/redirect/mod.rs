@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{addr, duration, ConfigError, ConfigErrors, Errors, LogFormat, RawLog, RawTls};
+use crate::config::{addr, duration, host_port, ConfigError, ConfigErrors, Errors, LogFormat, RawLog, RawTls};
 use iptables::Chain;
 
 /// Captured connections handled at once; more wait in the kernel's accept queue.
@@ -175,24 +175,6 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
             log_level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
         }),
         _ => Err(vec![ConfigError { path: String::new(), reason: "incomplete configuration".into() }]),
-    }
-}
-
-/// `IP:port`, `[IPv6]:port` or `host:port`.
-fn host_port(s: &str) -> Result<String, String> {
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(s.to_string());
-    }
-    let bad = || format!("{s:?} is not IP:port or host:port");
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .split('.')
-            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'));
-    match (host_ok, port.parse::<u16>()) {
-        (true, Ok(p)) if p > 0 => Ok(s.to_string()),
-        _ => Err(bad()),
     }
 }
 
