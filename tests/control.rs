@@ -12,27 +12,6 @@ use causeway_protocol::{ErrorCode, GatewayId, ZoneName};
 use causeway_tests::rogue;
 use causeway_tests::*;
 
-/// Zone b serves echo.test to zone a; zone c's identity is configured on b but c is played by the
-/// test, by hand.
-async fn mesh() -> (TestMesh, std::net::SocketAddr) {
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-            ZoneSpec { zone: "c", exports: vec![], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
-    m.start(0).await.unwrap();
-    m.start(1).await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 1).await);
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
-    (m, listen)
-}
-
 /// Connects to b as zone c, sends `bytes` on the control stream (optionally finishing it), and
 /// returns the code b closed the connection with.
 async fn send_as_c(m: &TestMesh, bytes: Bytes, finish: bool) -> (u64, String) {
@@ -77,7 +56,7 @@ async fn assert_still_serving(m: &TestMesh, listen: std::net::SocketAddr, code: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_frame_closes_the_connection() {
-    let (m, listen) = mesh().await;
+    let (m, listen) = echo_pair_with_c("").await;
     // A frame of 3 bytes that are not a postcard Message.
     let bad = with_preface(&[&hello("c"), &[0, 0, 0, 3, 0xff, 0xff, 0xff]]);
     let (code, reason) = send_as_c(&m, bad, false).await;
@@ -88,7 +67,7 @@ async fn a_malformed_frame_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_frame_is_refused_from_its_length_alone() {
-    let (m, listen) = mesh().await;
+    let (m, listen) = echo_pair_with_c("").await;
     // Declares 16 MiB and sends nothing more: refused before any body is buffered.
     let bad = with_preface(&[&hello("c"), &(16u32 << 20).to_be_bytes()]);
     let (code, reason) = send_as_c(&m, bad, false).await;
@@ -100,7 +79,7 @@ async fn an_oversized_frame_is_refused_from_its_length_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_frame_closes_the_connection() {
-    let (m, listen) = mesh().await;
+    let (m, listen) = echo_pair_with_c("").await;
     let h = hello("c");
     let bad = with_preface(&[&h[..h.len() - 2]]);
     let (code, reason) = send_as_c(&m, bad, true).await;
@@ -111,7 +90,7 @@ async fn a_truncated_frame_closes_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_with_a_clear_reason() {
-    let (m, listen) = mesh().await;
+    let (m, listen) = echo_pair_with_c("").await;
     let mut b = BytesMut::new();
     b.put_slice(&control::preface(control::VERSION + 1));
     b.put_slice(&hello("c"));
@@ -124,7 +103,7 @@ async fn another_protocol_version_is_refused_with_a_clear_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_announcing_another_zone_is_refused() {
-    let (m, listen) = mesh().await;
+    let (m, listen) = echo_pair_with_c("").await;
     // c's identity claims to be zone b.
     let (code, reason) = send_as_c(&m, with_preface(&[&hello("b")]), false).await;
     assert_eq!(ErrorCode(code), ErrorCode::PEER_MISMATCH, "{reason}");

@@ -11,18 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
-    init();
-    let (echo_b, _) = echo_server("b".into()).await.unwrap();
-    let (echo_c, _) = echo_server("c".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo_b])], imports: vec![] },
-            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
+    let mut m = echo_three_zones().await;
     let mut b = GatewayProcess::spawn(&m, 1, "warn");
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();
@@ -78,18 +67,7 @@ async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_gateway_finishes_open_flows_while_new_ones_go_elsewhere() {
-    init();
-    let (echo_b, _) = echo_server("b".into()).await.unwrap();
-    let (echo_c, _) = echo_server("c".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo_b])], imports: vec![] },
-            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
+    let mut m = echo_three_zones().await;
     m.start_all().await.unwrap();
     assert!(m.wait_routes(0, "echo.test", 2).await);
     let listen = m.gw(0).import_addr("echo.test").unwrap();

@@ -8,23 +8,6 @@ use std::time::{Duration, Instant};
 use causeway_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Zone a imports echo.test preferring b; b (a process, or in-process) and c export it.
-async fn three_zones() -> (TestMesh, std::net::SocketAddr, std::net::SocketAddr) {
-    init();
-    let (echo_b, _) = echo_server("b".into()).await.unwrap();
-    let (echo_c, _) = echo_server("c".into()).await.unwrap();
-    let m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo_b])], imports: vec![] },
-            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
-    (m, echo_b, echo_c)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebinding_client_gateway_keeps_its_flows() {
     init();
@@ -89,7 +72,7 @@ async fn a_rebinding_client_gateway_keeps_its_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly() {
-    let (mut m, _, _) = three_zones().await;
+    let mut m = echo_three_zones().await;
     let b = GatewayProcess::spawn(&m, 1, "warn");
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();
@@ -130,7 +113,7 @@ async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
-    let (mut m, _, _) = three_zones().await;
+    let mut m = echo_three_zones().await;
     let b = GatewayProcess::spawn(&m, 1, "warn");
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();
@@ -187,7 +170,7 @@ async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_flows_and_exits_0_before_the_deadline() {
-    let (mut m, _, _) = three_zones().await;
+    let mut m = echo_three_zones().await;
     let mut b = GatewayProcess::spawn(&m, 1, "warn");
     m.start(0).await.unwrap();
     m.start(2).await.unwrap();

@@ -111,29 +111,9 @@ async fn terabyte_frames_are_stopped_before_buffering() {
     m.shutdown().await;
 }
 
-async fn pair_with_c(extra_b: &str) -> (TestMesh, std::net::SocketAddr) {
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-            ZoneSpec { zone: "c", exports: vec![], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
-    m.specs[1].extra = extra_b.to_string();
-    m.start(0).await.unwrap();
-    m.start(1).await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 1).await);
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
-    (m, listen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_targets_outside_the_catalog_are_forbidden() {
-    let (m, listen) = pair_with_c("").await;
+    let (m, listen) = echo_pair_with_c("").await;
     // A sentinel listener: nothing may ever connect to it through the gateway.
     let sentinel = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sentinel_addr = sentinel.local_addr().unwrap();
@@ -171,7 +151,7 @@ async fn connect_targets_outside_the_catalog_are_forbidden() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_from_unlisted_sources_are_refused_before_crypto() {
     // b accepts handshakes only from 127.0.0.2 and its configured peers' addresses (127.0.0.1).
-    let (m, listen) = pair_with_c("allowed_sources: [127.0.0.2/32]\n").await;
+    let (m, listen) = echo_pair_with_c("allowed_sources: [127.0.0.2/32]\n").await;
     let creds =
         || rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
     let (c1, b1) = creds();
@@ -190,7 +170,7 @@ async fn handshakes_from_unlisted_sources_are_refused_before_crypto() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_drip_control_frame_is_cut_at_its_deadline() {
     use causeway_protocol::control::{self, Hello, Message};
-    let (m, _) = pair_with_c("").await;
+    let (m, _) = echo_pair_with_c("").await;
     let creds =
         rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
     let (_ep, conn) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await.unwrap();
@@ -229,7 +209,7 @@ async fn a_slow_drip_control_frame_is_cut_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_pinned_by_one_byte_headers_are_released_at_the_header_timeout() {
     // b gives request headers 1 s to complete (the default is 10 s).
-    let (m, listen) = pair_with_c("timing: { header_timeout: 1s }\n").await;
+    let (m, listen) = echo_pair_with_c("timing: { header_timeout: 1s }\n").await;
     let creds =
         rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
     let (_ep, conn) = rogue::dial(creds.0, creds.1, &m.ids[1], m.addrs[1]).await.unwrap();

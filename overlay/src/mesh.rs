@@ -479,7 +479,6 @@ async fn health_loop(mesh: Mesh) {
 
 /// Runs futures concurrently and collects their outputs in order (no extra dependency for one use).
 async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut set = Vec::with_capacity(futs.len());
     let mut pinned: Vec<_> = futs.into_iter().map(Box::pin).collect();
     let mut outs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -499,6 +498,5 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
         }
     })
     .await;
-    set.extend(outs.into_iter().flatten());
-    set
+    outs.into_iter().flatten().collect()
 }

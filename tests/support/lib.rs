@@ -295,3 +295,42 @@ impl Drop for GatewayProcess {
         self.kill();
     }
 }
+
+/// Zone a imports `echo.test` preferring zone b; b and c export it (echo services answering with
+/// banners "b" and "c"). Planned, not started: tests start each zone in-process or as a process.
+pub async fn echo_three_zones() -> TestMesh {
+    init();
+    let (echo_b, _) = echo_server("b".into()).await.expect("echo server");
+    let (echo_c, _) = echo_server("c".into()).await.expect("echo server");
+    TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo_b])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
+        ],
+        "",
+    )
+    .expect("plan")
+}
+
+/// Like [`echo_pair`], plus a zone c that is configured on b but not started: tests play it by
+/// hand (`rogue`). `extra_b` is appended to b's configuration.
+pub async fn echo_pair_with_c(extra_b: &str) -> (TestMesh, SocketAddr) {
+    init();
+    let (echo, _) = echo_server("b".into()).await.expect("echo server");
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![], imports: vec![] },
+        ],
+        "",
+    )
+    .expect("plan");
+    m.specs[1].extra = extra_b.to_string();
+    m.start(0).await.expect("start a");
+    m.start(1).await.expect("start b");
+    assert!(m.wait_routes(0, "echo.test", 1).await, "zone a never learned echo.test");
+    let listen = m.gw(0).import_addr("echo.test").expect("listener");
+    (m, listen)
+}
