@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the suites use (network namespaces, iptables capture, real clients and servers).
 # Installed only when missing.
-debs=(iproute2 procps iptables curl redis-server redis-tools python3)
+debs=(iproute2 procps iptables curl redis-server redis-tools python3 haproxy)
 missing=()
 for p in "${debs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -32,3 +32,5 @@ echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchm
 cargo test -p causeway-tests --test netns
 echo "== fault suite (loss, bursts, reordering, duplication, corruption through the impairment relay)"
 cargo test -p causeway-tests --test impair
+echo "== benchmark harness, one short repetition (the figures are not checked: see BENCHMARKS.md)"
+bash tests/bench.sh --smoke --out target/bench-smoke

@@ -133,11 +133,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--workers 1` runs everything on the main thread (no cross-thread wake-ups: the cheapest setup on
+/// a small node, like one HAProxy thread); otherwise a work-stealing pool of that many threads
+/// (default: one per core).
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        b.worker_threads(n.max(1));
-    }
+    let mut b = match workers {
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     Ok(b.enable_all().build()?)
 }
 

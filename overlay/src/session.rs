@@ -536,6 +536,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut last_frame = Instant::now();
     let mut frame_started: Option<Instant> = None;
     let mut last_rx = conn.stats().udp_rx.datagrams;
+    let mut last_stream_frames = conn.stats().frame_rx.stream;
     let mut ping = tokio::time::interval(t.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
@@ -629,6 +630,17 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
             _ = ping.tick() => {
                 if frame_started.is_some_and(|s| s.elapsed() > Duration::from_secs(CONTROL_FRAME_DEADLINE_SECS)) {
                     return SessionEnd::new(ErrorCode::CONTROL_TRUNCATED, format!("control frame not completed within {CONTROL_FRAME_DEADLINE_SECS} s"));
+                }
+                // Flow data arriving proves the peer's gateway is working, not just its QUIC stack:
+                // its control frames may be queued behind that data (quinn admits stream writes
+                // against one connection-wide flow-control and send window, and wakes blocked
+                // writers last-blocked-first, so under sustained bulk load the control stream can
+                // wait seconds for room). Found by the benchmarks: 128 parallel bulk flows through
+                // a single-threaded gateway pair.
+                let stream_frames = conn.stats().frame_rx.stream;
+                if stream_frames != last_stream_frames {
+                    last_stream_frames = stream_frames;
+                    last_frame = last_frame.max(Instant::now() - t.ping_interval);
                 }
                 // Datagrams keep a busy peer alive, but a healthy one also answers pings.
                 if last_frame.elapsed() > t.peer_timeout.max(Duration::from_secs(CONTROL_SILENCE_SECS)) {
