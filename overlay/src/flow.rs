@@ -6,7 +6,9 @@
 //! Every flow ends in exactly one access-log event (written when its [`FlowLog`] drops) and one
 //! outcome in the metrics.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -22,7 +24,7 @@ use crate::metrics::{
     FAILOVERS, FLOWS_ACTIVE, FLOWS_CLOSED, FLOWS_FAILED, FLOWS_OPENED, FLOW_BYTES, FLOW_CONNECT, FLOW_DURATION,
     INBOUND_FLOWS,
 };
-use crate::relay::{self, Counters, Outcome};
+use crate::relay::{self, ByteSink, ByteSource, Counters, Outcome};
 use crate::routes::Target;
 
 /// Who opened a flow.
@@ -168,7 +170,7 @@ impl Mesh {
         let Some(_guard) = self.flow_guard() else {
             log.error = "draining";
             self.flow_failed(&service, "draining");
-            return down.refuse(FlowError::Draining).await;
+            return Box::pin(down.refuse(FlowError::Draining)).await;
         };
         let candidates = self.routes().candidates(&service);
         if candidates.is_empty() {
@@ -179,20 +181,20 @@ impl Mesh {
             };
             log.error = reason;
             self.flow_failed(&service, reason);
-            return down.refuse(e).await;
+            return Box::pin(down.refuse(e)).await;
         }
         let mut upstream = None;
         let mut last = FlowError::NoHealthyEndpoint;
         for target in candidates.into_iter().take(MAX_ATTEMPTS) {
             log.attempts += 1;
             let attempt = match target {
-                Target::Local => self
-                    .connect_local(&service)
+                // Establishment futures are boxed: they are large (header encoding, h3 request
+                // set-up) and would otherwise size every flow's future for its whole life.
+                Target::Local => Box::pin(self.connect_local(&service))
                     .await
                     .map(|(tcp, addr)| Upstream::Local(tcp, addr))
                     .map_err(|e| (e, e.as_str())),
-                Target::Peer(id) => self
-                    .open_remote(&service, &id, &source, &log.trace)
+                Target::Peer(id) => Box::pin(self.open_remote(&service, &id, &source, &log.trace))
                     .await
                     .map(|(tx, rx, zone)| Upstream::Remote(tx, rx, zone, id))
                     .map_err(|e| match e {
@@ -214,7 +216,7 @@ impl Mesh {
         let Some(upstream) = upstream else {
             log.error = "all_zones_failed";
             self.flow_failed(&service, "all_zones_failed");
-            return down.refuse(last).await;
+            return Box::pin(down.refuse(last)).await;
         };
         let zone = match &upstream {
             Upstream::Local(_, addr) => {
@@ -237,37 +239,20 @@ impl Mesh {
             down: m
                 .counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", zone.as_str()), ("direction", "down")]),
         };
-        let (outcome, up, down_bytes) = match (down, upstream) {
+        // The relay phase runs in its own boxed future that owns exactly the two sides: the flow's
+        // future then stays small for the flow's whole life (B6: memory per idle flow).
+        let phase: RelayPhase<'_> = match (down, upstream) {
             (Downstream::Tcp(tcp), Upstream::Local(b, _)) => {
-                let ((mut cs, mut ck), (mut us, mut uk)) = (relay::tcp(tcp), relay::tcp(b));
-                relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
+                let ((cs, ck), (us, uk)) = (relay::tcp(tcp), relay::tcp(b));
+                Box::pin(relay_owned(cs, ck, us, uk, counters))
             }
-            (Downstream::Tcp(tcp), Upstream::Remote(mut tx, mut rx, ..)) => {
-                let (mut cs, mut ck) = relay::tcp(tcp);
-                relay::relay((&mut cs, &mut ck), (&mut rx, &mut tx), &counters).await
+            (Downstream::Tcp(tcp), Upstream::Remote(tx, rx, ..)) => {
+                let (cs, ck) = relay::tcp(tcp);
+                Box::pin(relay_owned(cs, ck, rx, tx, counters))
             }
-            (Downstream::Stream(s), up) => {
-                let mut s = *s;
-                let ok = http::Response::builder().status(200).body(()).unwrap_or_default();
-                if s.send_response(ok).await.is_err() {
-                    if let Upstream::Local(b, _) = up {
-                        relay::abort(b);
-                    }
-                    (Outcome::ClientReset, 0, 0)
-                } else {
-                    let (mut ck, mut cs) = s.split();
-                    match up {
-                        Upstream::Local(b, _) => {
-                            let (mut us, mut uk) = relay::tcp(b);
-                            relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
-                        }
-                        Upstream::Remote(mut tx, mut rx, ..) => {
-                            relay::relay((&mut cs, &mut ck), (&mut rx, &mut tx), &counters).await
-                        }
-                    }
-                }
-            }
+            (Downstream::Stream(s), up) => Box::pin(relay_redirected(*s, up, counters)),
         };
+        let (outcome, up, down_bytes) = phase.await;
         m.counter(
             FLOWS_CLOSED,
             &[("service", service.as_str()), ("zone", zone.as_str()), ("outcome", outcome.as_str())],
@@ -372,6 +357,42 @@ impl Mesh {
 }
 
 /// Serves a peer's CONNECT for one of our exported services.
+type RelayPhase<'a> = Pin<Box<dyn Future<Output = (Outcome, u64, u64)> + Send + 'a>>;
+
+/// Relays between two sides it owns (arguments used in place: no second copy in the future).
+async fn relay_owned<CS: ByteSource, CK: ByteSink, US: ByteSource, UK: ByteSink>(
+    mut cs: CS,
+    mut ck: CK,
+    mut us: US,
+    mut uk: UK,
+    counters: Counters,
+) -> (Outcome, u64, u64) {
+    relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
+}
+
+/// A redirector's flow: answer its CONNECT once the upstream is established, then relay.
+async fn relay_redirected(
+    mut s: h3::server::RequestStream<crate::h3q::BidiStream, Bytes>,
+    up: Upstream,
+    counters: Counters,
+) -> (Outcome, u64, u64) {
+    let ok = http::Response::builder().status(200).body(()).unwrap_or_default();
+    if Box::pin(s.send_response(ok)).await.is_err() {
+        if let Upstream::Local(b, _) = up {
+            relay::abort(b);
+        }
+        return (Outcome::ClientReset, 0, 0);
+    }
+    let (mut ck, mut cs) = s.split();
+    match up {
+        Upstream::Local(b, _) => {
+            let (mut us, mut uk) = relay::tcp(b);
+            relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
+        }
+        Upstream::Remote(mut tx, mut rx, ..) => relay::relay((&mut cs, &mut ck), (&mut rx, &mut tx), &counters).await,
+    }
+}
+
 pub(crate) async fn serve_inbound(
     mesh: Mesh,
     req: http::Request<()>,
@@ -383,6 +404,7 @@ pub(crate) async fn serve_inbound(
     let source_zone = header(SOURCE_ZONE);
     let trace = TraceParent::parse(&header(TRACEPARENT)).unwrap_or_else(new_trace);
     let authority = req.uri().authority().cloned();
+    let is_connect = req.method() == http::Method::CONNECT;
     let service = authority.as_ref().and_then(|a| ServiceName::new(a.host()).ok());
     let mut log = FlowLog {
         direction: "inbound",
@@ -399,18 +421,20 @@ pub(crate) async fn serve_inbound(
         down: 0,
         attempts: 1,
     };
+    // The request's header map lives on the heap; a flow may stay open for days.
+    drop(req);
     let guard = mesh.flow_guard();
     // Only services this gateway exports, on their advertised port, are reachable: an address, the
     // gateway's own ports or an unexported name is refused before any connection is attempted.
     let exported = service.as_ref().filter(|s| {
         mesh.0.exports.get(*s).is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port))
     });
-    let target = if req.method() != http::Method::CONNECT {
+    let target = if !is_connect {
         Err(FlowError::BadRequest)
     } else if guard.is_none() {
         Err(FlowError::Draining)
     } else if let Some(s) = exported {
-        mesh.connect_local(s).await.map(|(tcp, addr)| (s.clone(), tcp, addr))
+        Box::pin(mesh.connect_local(s)).await.map(|(tcp, addr)| (s.clone(), tcp, addr))
     } else {
         Err(FlowError::Forbidden)
     };
@@ -426,26 +450,28 @@ pub(crate) async fn serve_inbound(
             .increment(1);
             let resp =
                 http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
-            if stream.send_response(resp).await.is_ok() {
-                let _ = stream.finish().await;
+            if Box::pin(stream.send_response(resp)).await.is_ok() {
+                let _ = Box::pin(stream.finish()).await;
             }
             return;
         }
     };
     log.peer = addr.to_string();
-    if stream.send_response(http::Response::builder().status(200).body(()).unwrap_or_default()).await.is_err() {
+    let ok = http::Response::builder().status(200).body(()).unwrap_or_default();
+    if Box::pin(stream.send_response(ok)).await.is_err() {
         relay::abort(tcp);
         return;
     }
-    let (mut tx, mut rx) = stream.split();
+    let (tx, rx) = stream.split();
     let zone = mesh.0.zone.to_string();
     let _active = Active::new(&mesh, m.gauge(FLOWS_ACTIVE, &[("service", service.as_str()), ("zone", "inbound")]));
     let counters = Counters {
         up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_up")]),
         down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_down")]),
     };
-    let (mut bs, mut bk) = relay::tcp(tcp);
-    let (outcome, up, down) = relay::relay((&mut rx, &mut tx), (&mut bs, &mut bk), &counters).await;
+    let (bs, bk) = relay::tcp(tcp);
+    let phase: RelayPhase<'_> = Box::pin(relay_owned(rx, tx, bs, bk, counters));
+    let (outcome, up, down) = phase.await;
     m.counter(
         INBOUND_FLOWS,
         &[("service", service.as_str()), ("source_zone", &source_zone), ("outcome", outcome.as_str())],

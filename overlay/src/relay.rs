@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use causeway_protocol::ErrorCode;
 use h3::error::Code;
 use metrics::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -26,9 +26,24 @@ pub trait ByteSource: Send {
     fn abort(&mut self, code: ErrorCode);
 }
 
+/// Chunks gathered into one write: QUIC hands a stream's data over packet by packet (~1.2 KB), and
+/// one `send` per chunk into a TCP socket costs a syscall and a wake-up of the reader each time —
+/// the receiving gateway's main cost before batching (perf: 16 % in tcp_sendmsg wake-ups).
+const BATCH_CHUNKS: usize = 64;
+const BATCH_BYTES: usize = 256 * 1024;
+
 /// Where a flow's bytes go.
 pub trait ByteSink: Send {
     fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), ()>> + Send;
+    /// Sends every chunk of `batch` in order, leaving it empty.
+    fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> impl Future<Output = Result<(), ()>> + Send {
+        async move {
+            for chunk in batch.drain(..) {
+                self.send(chunk).await?;
+            }
+            Ok(())
+        }
+    }
     /// End of stream: QUIC FIN or TCP FIN (half-close).
     fn finish(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
     /// Ends the stream with an error (RESET_STREAM, or a TCP reset).
@@ -44,7 +59,7 @@ macro_rules! impl_h3 {
     ($send:ty, $recv:ty) => {
         impl ByteSink for $send {
             async fn send(&mut self, data: Bytes) -> Result<(), ()> {
-                self.send_data(data).await.map_err(|_| ())
+                h3q::send_data_zero_copy(&data.clone(), self.send_data(data)).await.map_err(|_| ())
             }
             async fn finish(&mut self) -> Result<(), ()> {
                 <$send>::finish(self).await.map_err(|_| ())
@@ -98,17 +113,32 @@ fn reset_on_drop(s: &TcpStream) {
 
 impl ByteSource for TcpSource {
     async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
-        if self.buf.capacity() < self.size {
-            self.buf.reserve(self.size);
+        loop {
+            if self.buf.capacity() == 0 {
+                // An idle flow holds no buffer: wait for data before allocating one.
+                self.half.readable().await.map_err(|_| ())?;
+                self.buf.reserve(self.size);
+            }
+            match self.half.try_read_buf(&mut self.buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    if n == self.size && self.size < MAX_READ {
+                        self.size *= 2;
+                    }
+                    return Ok(Some(self.buf.split().freeze()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.size <= MIN_READ {
+                        // A small flow going quiet gives its buffer back (10,000 idle flows would
+                        // otherwise hold 80 MiB); bulk flows keep theirs.
+                        self.buf = BytesMut::new();
+                    } else {
+                        self.half.readable().await.map_err(|_| ())?;
+                    }
+                }
+                Err(_) => return Err(()),
+            }
         }
-        let n = self.half.read_buf(&mut self.buf).await.map_err(|_| ())?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if n == self.size && self.size < MAX_READ {
-            self.size *= 2;
-        }
-        Ok(Some(self.buf.split().freeze()))
     }
 
     fn abort(&mut self, _code: ErrorCode) {
@@ -120,6 +150,40 @@ impl ByteSink for TcpSink {
     async fn send(&mut self, data: Bytes) -> Result<(), ()> {
         let half = self.half.as_mut().ok_or(())?;
         half.write_all(&data).await.map_err(|_| ())
+    }
+
+    /// One `writev` for as many chunks as the socket takes.
+    async fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> Result<(), ()> {
+        let half = self.half.as_mut().ok_or(())?;
+        let mut first = 0;
+        while first < batch.len() {
+            // The slices live only inside the poll, not in the flow's future.
+            let mut written = std::future::poll_fn(|cx| {
+                let mut slices = [std::io::IoSlice::new(&[]); BATCH_CHUNKS];
+                let n = batch[first..].len().min(BATCH_CHUNKS);
+                for (s, b) in slices.iter_mut().zip(&batch[first..first + n]) {
+                    *s = std::io::IoSlice::new(b);
+                }
+                tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(&mut *half), cx, &slices[..n])
+            })
+            .await
+            .map_err(|_| ())?;
+            if written == 0 {
+                return Err(());
+            }
+            while written > 0 {
+                let len = batch[first].len();
+                if written >= len {
+                    written -= len;
+                    first += 1;
+                } else {
+                    batch[first].advance(written);
+                    written = 0;
+                }
+            }
+        }
+        batch.clear();
+        Ok(())
     }
 
     async fn finish(&mut self) -> Result<(), ()> {
@@ -176,18 +240,49 @@ async fn pump<S: ByteSource, K: ByteSink>(
     counter: &Counter,
     total: &mut u64,
 ) -> Result<(), End> {
+    let mut batch = Vec::new();
     loop {
-        match src.recv().await {
-            Ok(Some(chunk)) => {
-                let n = chunk.len() as u64;
-                sink.send(chunk).await.map_err(|_| End::Sink)?;
-                *total += n;
-                counter.increment(n);
-            }
+        let first = match src.recv().await {
+            Ok(Some(chunk)) => chunk,
             Ok(None) => return sink.finish().await.map_err(|_| End::Sink),
             Err(()) => return Err(End::Source),
+        };
+        // Gather what has already arrived, without waiting for more.
+        let mut n = first.len();
+        batch.push(first);
+        let mut ended = false;
+        while batch.len() < BATCH_CHUNKS && n < BATCH_BYTES {
+            match ready_now(src.recv()).await {
+                Some(Ok(Some(chunk))) => {
+                    n += chunk.len();
+                    batch.push(chunk);
+                }
+                Some(Ok(None)) => {
+                    ended = true;
+                    break;
+                }
+                Some(Err(())) => return Err(End::Source),
+                None => break,
+            }
+        }
+        sink.send_batch(&mut batch).await.map_err(|_| End::Sink)?;
+        *total += n as u64;
+        counter.increment(n as u64);
+        if ended {
+            return sink.finish().await.map_err(|_| End::Sink);
         }
     }
+}
+
+/// Polls `fut` once: its output if it is ready now, `None` if it would wait. Only for cancel-safe
+/// futures (both sources keep their state in the stream, not the future).
+async fn ready_now<F: Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
 }
 
 /// Relays until both directions end, or resets both sides when either fails. Returns the outcome

@@ -402,9 +402,9 @@ async fn serve_requests(
         };
         let (mesh, peer, slot) = (mesh.clone(), peer.clone(), slot.clone());
         let header_timeout = mesh.0.timing.header_timeout;
-        tokio::spawn(async move {
+        let fut = async move {
             // h3 hands out the resolver before any header byte arrived; bound the wait.
-            let (req, stream) = match tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
+            let (req, stream) = match tokio::time::timeout(header_timeout, Box::pin(resolver.resolve_request())).await {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "request.malformed");
@@ -435,8 +435,11 @@ async fn serve_requests(
                 }
                 return;
             }
-            crate::flow::serve_inbound(mesh, req, stream, peer).await;
-        });
+            // A task of its own: this one (and the resolver it holds) ends, and the flow keeps only
+            // its own state for as long as it runs.
+            tokio::spawn(crate::flow::serve_inbound(mesh, req, stream, peer));
+        };
+        tokio::spawn(fut);
     }
 }
 

@@ -12,6 +12,9 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 /// quinn ~1 KiB of state plus its unread data, which the connection window below bounds; 10,000 idle
 /// flows ≈ 10 MiB per peer.
 pub const MAX_FLOWS_PER_PEER: u32 = 10_000;
+/// Bidirectional streams beyond the flows: the control stream, and streams whose credit the peer
+/// has not yet seen returned (a stream's slot comes back only once its close is acknowledged).
+pub const STREAM_HEADROOM: u32 = 64;
 /// HTTP/3 opens three unidirectional streams per session and a connection carries two sessions.
 pub const MAX_UNI_STREAMS: u32 = 16;
 /// Per-flow receive window: 16 MiB sustains 1.3 Gbit/s per flow at 100 ms RTT (window / RTT), so a
@@ -59,7 +62,7 @@ pub fn transport_config(t: Timers) -> TransportConfig {
     // (tests/impair.rs, debug build): 64 MiB at 10 % loss took 126 s with Cubic and 5.4 s with BBR;
     // 0-20 ms per-packet jitter stalled Cubic outright. Benchmarks (issue 4) compare both.
     c.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
-    c.max_concurrent_bidi_streams(VarInt::from_u32(MAX_FLOWS_PER_PEER))
+    c.max_concurrent_bidi_streams(VarInt::from_u32(MAX_FLOWS_PER_PEER + STREAM_HEADROOM))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))

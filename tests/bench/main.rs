@@ -113,6 +113,9 @@ struct Opts {
     /// Only these measurements (comma-separated ids, e.g. B1,B3).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only these arms (comma-separated: direct, haproxy, quinn, causeway, causeway-redirect).
+    #[arg(long, value_delimiter = ',')]
+    arms: Vec<String>,
     /// Where the table and JSON go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -611,7 +614,11 @@ impl Bench {
     }
 
     fn arms(&self, names: &[&str]) -> Vec<(&'static str, SocketAddr)> {
-        self.arms.iter().filter(|a| names.contains(&a.name)).map(|a| (a.name, a.veth)).collect()
+        self.arms.iter().filter(|a| names.contains(&a.name) && self.runs(a.name)).map(|a| (a.name, a.veth)).collect()
+    }
+
+    fn runs(&self, arm: &str) -> bool {
+        self.o.arms.is_empty() || self.o.arms.iter().any(|a| a == arm)
     }
 
     fn measure(&mut self) -> anyhow::Result<Report> {
@@ -710,7 +717,7 @@ impl Bench {
 
     fn b1r(&mut self, rep: &mut Report) -> anyhow::Result<()> {
         let arms: Vec<(&'static str, SocketAddr)> =
-            self.arms.iter().filter_map(|a| a.wire.map(|w| (a.name, w))).collect();
+            self.arms.iter().filter(|a| self.runs(a.name)).filter_map(|a| a.wire.map(|w| (a.name, w))).collect();
         for rtt in [0u64, 10, 50] {
             if let Some(w) = &self.wire {
                 w.set_rtt(Duration::from_millis(rtt));
@@ -744,8 +751,9 @@ impl Bench {
         if hap_n < n {
             s.note = format!("haproxy held {hap_n} flows: two sockets per flow and the descriptor limit allow no more");
         }
+        let arms: Vec<&str> = arms.iter().copied().filter(|a| self.runs(a)).collect();
         for _ in 0..self.o.reps {
-            for arm in arms {
+            for arm in &arms {
                 let (procs, a) = {
                     let arm = self.arms.iter().find(|x| x.name == *arm).context("arm")?;
                     (arm.procs, arm.veth)
@@ -783,7 +791,7 @@ impl Bench {
         for p in ["gw-a", "gw-b", "redirector"] {
             self.spawn(p)?;
         }
-        for arm in arms {
+        for arm in &arms {
             let a = self.arms.iter().find(|x| x.name == *arm).context("arm")?.veth;
             self.load("ready", a, &["--secs", "30"])?;
         }

@@ -9,11 +9,10 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use bytes::BytesMut;
+use causeway_overlay::relay::{self, ByteSink, ByteSource};
 use causeway_overlay::tls::{AllowedSet, TlsFactory};
 use causeway_overlay::transport::{self, Timers};
 use causeway_protocol::Identity;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn factory(cert: &Path, key: &Path, bundle: &Path) -> anyhow::Result<TlsFactory> {
@@ -83,35 +82,29 @@ pub async fn client(
     }
 }
 
-/// Copies both ways, moving received chunks without copying them again, until both directions end.
+/// Copies both ways until both directions end, with the gateway's own TCP halves (adaptive reads,
+/// batched writev) so only the QUIC/HTTP/3 layer differs between this arm and Causeway.
 async fn splice(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let _ = tcp.set_nodelay(true);
-    let (mut tr, mut tw) = tcp.into_split();
+    let (mut src, mut sink) = relay::tcp(tcp);
     let up = async move {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        loop {
-            if buf.capacity() < 16 * 1024 {
-                buf.reserve(64 * 1024);
-            }
-            match tr.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if send.write_chunk(buf.split().freeze()).await.is_err() {
-                        return;
-                    }
-                }
+        while let Ok(Some(chunk)) = src.recv().await {
+            if send.write_chunk(chunk).await.is_err() {
+                return;
             }
         }
         let _ = send.finish();
         let _ = send.stopped().await;
     };
     let down = async move {
-        while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {
-            if tw.write_all(&chunk.bytes).await.is_err() {
+        let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); 64];
+        while let Ok(Some(n)) = recv.read_chunks(&mut chunks).await {
+            let mut batch: Vec<bytes::Bytes> = chunks[..n].iter_mut().map(std::mem::take).collect();
+            if sink.send_batch(&mut batch).await.is_err() {
                 return;
             }
         }
-        let _ = tw.shutdown().await;
+        let _ = sink.finish().await;
     };
     tokio::join!(up, down);
 }
