@@ -103,3 +103,57 @@ async fn a_draining_gateway_finishes_open_flows_while_new_ones_go_elsewhere() {
     assert_eq!(error_logs(), 0);
     m.shutdown().await;
 }
+
+/// A client that writes its request right after connecting has those bytes sent along with the
+/// CONNECT (early data). When the first zone refuses the flow (its backend is gone), the same bytes
+/// go to the next zone: nothing is lost or sent twice, and the counters include them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_is_replayed_to_the_next_zone_when_the_first_refuses() {
+    init();
+    // b's endpoint answers the first health check, then goes away; with health checks an hour
+    // apart, b keeps offering the service and refuses the flow when it cannot connect.
+    let doomed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let doomed_addr = doomed.local_addr().unwrap();
+    let (echo_c, _) = causeway::demo::echo_server("c".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec!["b"])] },
+            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![doomed_addr])], imports: vec![] },
+            ZoneSpec { zone: "c", exports: vec![("echo.test", vec![echo_c])], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    m.specs[1].extra = "timing: { health_interval: 1h }\n".into();
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await, "a never learned echo.test from both zones");
+    drop(doomed);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+
+    // Several flows: whether the request is already there when the gateway takes the connection is
+    // a race the client usually wins; over five flows at least one goes early.
+    let payload = payload(12_000, 7);
+    for _ in 0..5 {
+        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+        s.write_all(&payload).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await.unwrap().unwrap();
+        assert_eq!(&got[..2], b"c\n", "served by c");
+        assert_eq!(sha256(&got[2..]), sha256(&payload), "the request reached c intact, once");
+    }
+
+    let t = m.gw(0).metrics_text();
+    // (After the first refusal b is passed over for a while, so later flows may go to c directly.)
+    let failovers = metric(&t, "causeway_flow_failovers_total", &[("reason", "backend_refused")]).unwrap_or(0.0);
+    assert!(failovers >= 1.0, "{t}");
+    assert_eq!(
+        metric(&t, "causeway_flow_bytes_total", &[("zone", "c"), ("direction", "up")]),
+        Some(5.0 * payload.len() as f64),
+        "up bytes include what was sent early"
+    );
+    let early = metric(&t, "causeway_flow_early_bytes_total", &[("zone", "c")]).unwrap_or(0.0);
+    assert!(early > 0.0, "no flow sent its request with the CONNECT");
+    eprintln!("early bytes over 5 flows: {early}");
+    m.shutdown().await;
+}

@@ -22,9 +22,9 @@ use tokio::time::Instant;
 use crate::mesh::Mesh;
 use crate::metrics::{
     FAILOVERS, FLOWS_ACTIVE, FLOWS_CLOSED, FLOWS_FAILED, FLOWS_OPENED, FLOW_BYTES, FLOW_CONNECT, FLOW_DURATION,
-    INBOUND_FLOWS,
+    FLOW_EARLY_BYTES, INBOUND_FLOWS,
 };
-use crate::relay::{self, ByteSink, ByteSource, Counters, Outcome};
+use crate::relay::{self, Counters, Outcome};
 use crate::routes::Target;
 
 /// Who opened a flow.
@@ -183,6 +183,10 @@ impl Mesh {
             self.flow_failed(&service, reason);
             return Box::pin(down.refuse(e)).await;
         }
+        let early = match &down {
+            Downstream::Tcp(tcp) => relay::read_early(tcp),
+            Downstream::Stream(_) => Bytes::new(),
+        };
         let mut upstream = None;
         let mut last = FlowError::NoHealthyEndpoint;
         for target in candidates.into_iter().take(MAX_ATTEMPTS) {
@@ -190,11 +194,11 @@ impl Mesh {
             let attempt = match target {
                 // Establishment futures are boxed: they are large (header encoding, h3 request
                 // set-up) and would otherwise size every flow's future for its whole life.
-                Target::Local => Box::pin(self.connect_local(&service))
+                Target::Local => Box::pin(self.connect_local_with(&service, &early))
                     .await
                     .map(|(tcp, addr)| Upstream::Local(tcp, addr))
                     .map_err(|e| (e, e.as_str())),
-                Target::Peer(id) => Box::pin(self.open_remote(&service, &id, &source, &log.trace))
+                Target::Peer(id) => Box::pin(self.open_remote(&service, &id, &source, &log.trace, &early))
                     .await
                     .map(|(tx, rx, zone)| Upstream::Remote(tx, rx, zone, id))
                     .map_err(|e| match e {
@@ -239,16 +243,20 @@ impl Mesh {
             down: m
                 .counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", zone.as_str()), ("direction", "down")]),
         };
+        counters.up.increment(early.len() as u64);
+        if !early.is_empty() {
+            m.counter(FLOW_EARLY_BYTES, &labels).increment(early.len() as u64);
+        }
         // The relay phase runs in its own boxed future that owns exactly the two sides: the flow's
         // future then stays small for the flow's whole life (B6: memory per idle flow).
         let phase: RelayPhase<'_> = match (down, upstream) {
             (Downstream::Tcp(tcp), Upstream::Local(b, _)) => {
                 let ((cs, ck), (us, uk)) = (relay::tcp(tcp), relay::tcp(b));
-                Box::pin(relay_owned(cs, ck, us, uk, counters))
+                Box::pin(relay::relay_owned(cs, ck, us, uk, counters))
             }
             (Downstream::Tcp(tcp), Upstream::Remote(tx, rx, ..)) => {
                 let (cs, ck) = relay::tcp(tcp);
-                Box::pin(relay_owned(cs, ck, rx, tx, counters))
+                Box::pin(relay::relay_owned(cs, ck, rx, tx, counters))
             }
             (Downstream::Stream(s), up) => Box::pin(relay_redirected(*s, up, counters)),
         };
@@ -260,7 +268,7 @@ impl Mesh {
         .increment(1);
         m.histogram(FLOW_DURATION, &labels).record(start.elapsed().as_secs_f64());
         log.outcome = outcome.as_str();
-        log.up = up;
+        log.up = up + early.len() as u64;
         log.down = down_bytes;
     }
 
@@ -286,6 +294,7 @@ impl Mesh {
         peer: &Identity,
         source: &Source,
         trace: &TraceParent,
+        early: &Bytes,
     ) -> Result<(relay::ClientSend, relay::ClientRecv, ZoneName), AttemptError> {
         let (mut requests, zone, port) = {
             let routes = self.routes();
@@ -305,6 +314,11 @@ impl Mesh {
             .map_err(|_| AttemptError::Refused(FlowError::BadRequest))?;
         let attempt = async {
             let mut stream = requests.send_request(req).await.map_err(|_| AttemptError::Unreachable("stream_error"))?;
+            if !early.is_empty() {
+                crate::h3q::send_data_zero_copy(early, stream.send_data(early.clone()))
+                    .await
+                    .map_err(|_| AttemptError::Unreachable("stream_error"))?;
+            }
             let resp = stream.recv_response().await.map_err(|_| AttemptError::Unreachable("stream_error"))?;
             if resp.status() != http::StatusCode::OK {
                 let reason = resp
@@ -322,6 +336,23 @@ impl Mesh {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(AttemptError::Unreachable("connect_timeout")),
         }
+    }
+
+    /// [`Self::connect_local`], then hands the endpoint what the client already sent.
+    async fn connect_local_with(
+        &self,
+        service: &ServiceName,
+        early: &Bytes,
+    ) -> Result<(TcpStream, SocketAddr), FlowError> {
+        let (mut tcp, addr) = self.connect_local(service).await?;
+        if !early.is_empty() {
+            use tokio::io::AsyncWriteExt;
+            if tcp.write_all(early).await.is_err() {
+                relay::abort(tcp);
+                return Err(FlowError::BackendRefused);
+            }
+        }
+        Ok((tcp, addr))
     }
 
     /// Connects to a healthy endpoint of an exported service, round robin, trying each once.
@@ -358,17 +389,6 @@ impl Mesh {
 
 /// Serves a peer's CONNECT for one of our exported services.
 type RelayPhase<'a> = Pin<Box<dyn Future<Output = (Outcome, u64, u64)> + Send + 'a>>;
-
-/// Relays between two sides it owns (arguments used in place: no second copy in the future).
-async fn relay_owned<CS: ByteSource, CK: ByteSink, US: ByteSource, UK: ByteSink>(
-    mut cs: CS,
-    mut ck: CK,
-    mut us: US,
-    mut uk: UK,
-    counters: Counters,
-) -> (Outcome, u64, u64) {
-    relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
-}
 
 /// A redirector's flow: answer its CONNECT once the upstream is established, then relay.
 async fn relay_redirected(
@@ -470,7 +490,7 @@ pub(crate) async fn serve_inbound(
         down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_down")]),
     };
     let (bs, bk) = relay::tcp(tcp);
-    let phase: RelayPhase<'_> = Box::pin(relay_owned(rx, tx, bs, bk, counters));
+    let phase: RelayPhase<'_> = Box::pin(relay::relay_owned(rx, tx, bs, bk, counters));
     let (outcome, up, down) = phase.await;
     m.counter(
         INBOUND_FLOWS,

@@ -18,6 +18,7 @@ pub const FLOWS_CLOSED: &str = "causeway_flows_closed_total";
 pub const FLOWS_FAILED: &str = "causeway_flows_failed_total";
 pub const FLOWS_ACTIVE: &str = "causeway_flows_active";
 pub const FLOW_BYTES: &str = "causeway_flow_bytes_total";
+pub const FLOW_EARLY_BYTES: &str = "causeway_flow_early_bytes_total";
 pub const FLOW_DURATION: &str = "causeway_flow_duration_seconds";
 pub const FLOW_CONNECT: &str = "causeway_flow_connect_seconds";
 pub const INBOUND_FLOWS: &str = "causeway_inbound_flows_total";
@@ -91,6 +92,11 @@ impl Metrics {
         c(FLOWS_FAILED, None, "Flows that found no route or were refused everywhere, by service and reason.");
         g(FLOWS_ACTIVE, None, "Flows open now, by service and serving zone.");
         c(FLOW_BYTES, Some(Unit::Bytes), "Bytes relayed, by service, serving zone and direction.");
+        c(
+            FLOW_EARLY_BYTES,
+            Some(Unit::Bytes),
+            "Bytes sent along with a flow's CONNECT (already counted in the flow's up bytes), by service and serving zone.",
+        );
         h(FLOW_DURATION, Some(Unit::Seconds), "Flow lifetimes.");
         h(FLOW_CONNECT, Some(Unit::Seconds), "Time from accepting a client to the flow being established.");
         c(INBOUND_FLOWS, None, "Flows served for peers, by service, source zone and outcome.");

@@ -286,8 +286,14 @@ impl Redirector {
             .header(TRACEPARENT, trace.to_string())
             .body(());
         let Ok(req) = req else { return fail("bad_request", tcp) };
+        let early = relay::read_early(&tcp);
         let attempt = async {
             let mut s = requests.send_request(req).await.map_err(|_| "gateway_error")?;
+            if !early.is_empty() {
+                crate::h3q::send_data_zero_copy(&early, s.send_data(early.clone()))
+                    .await
+                    .map_err(|_| "gateway_error")?;
+            }
             let resp = s.recv_response().await.map_err(|_| "gateway_error")?;
             if resp.status() != http::StatusCode::OK {
                 let e = resp.headers().get(ERROR).and_then(|v| v.to_str().ok()).and_then(FlowError::parse);
@@ -295,7 +301,7 @@ impl Redirector {
             }
             Ok(s.split())
         };
-        let (mut tx, mut rx) = match tokio::time::timeout(self.0.cfg.timing.flow_timeout, attempt).await {
+        let (tx, rx) = match tokio::time::timeout(self.0.cfg.timing.flow_timeout, Box::pin(attempt)).await {
             Ok(Ok(x)) => x,
             Ok(Err(why)) => return fail(why, tcp),
             Err(_) => return fail("timeout", tcp),
@@ -304,8 +310,10 @@ impl Redirector {
             up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", "redirect"), ("direction", "up")]),
             down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", "redirect"), ("direction", "down")]),
         };
-        let (mut cs, mut ck) = relay::tcp(tcp);
-        let (outcome, up, down) = relay::relay((&mut cs, &mut ck), (&mut rx, &mut tx), &counters).await;
+        counters.up.increment(early.len() as u64);
+        let (cs, ck) = relay::tcp(tcp);
+        let (outcome, up, down) = Box::pin(relay::relay_owned(cs, ck, rx, tx, counters)).await;
+        let up = up + early.len() as u64;
         m.counter(CAPTURED, &[("outcome", outcome.as_str())]).increment(1);
         tracing::info!(
             target: "causeway::access", %src, %dst, service = %service, traceparent = %trace,

@@ -99,6 +99,22 @@ pub struct TcpSink {
     half: Option<OwnedWriteHalf>,
 }
 
+/// Most a new flow sends ahead of the answer to its CONNECT.
+pub const EARLY_DATA_MAX: usize = 16 * 1024;
+
+/// What the client already sent when its connection was taken (typically a request that followed
+/// the TCP handshake at once), read without waiting. Sending it right behind the CONNECT headers
+/// saves a round trip between the gateways on every new flow; the caller keeps it to send again to
+/// another zone if this one refuses. Empty when nothing has arrived yet (or for protocols where the
+/// server speaks first).
+pub fn read_early(tcp: &TcpStream) -> Bytes {
+    let mut buf = [0u8; EARLY_DATA_MAX];
+    match tcp.try_read(&mut buf) {
+        Ok(n) if n > 0 => Bytes::copy_from_slice(&buf[..n]),
+        _ => Bytes::new(),
+    }
+}
+
 /// Splits a TCP connection into the two sides a relay needs.
 pub fn tcp(stream: TcpStream) -> (TcpSource, TcpSink) {
     let (r, w) = stream.into_split();
@@ -319,6 +335,17 @@ where
     c_sink.abort(ErrorCode::FLOW_BACKEND_RESET);
     c_src.abort(ErrorCode::FLOW_BACKEND_RESET);
     (outcome, up, down)
+}
+
+/// Relays between two sides it owns (arguments used in place: no second copy in the future).
+pub async fn relay_owned<CS: ByteSource, CK: ByteSink, US: ByteSource, UK: ByteSink>(
+    mut cs: CS,
+    mut ck: CK,
+    mut us: US,
+    mut uk: UK,
+    counters: Counters,
+) -> (Outcome, u64, u64) {
+    relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
 }
 
 /// Closes a TCP connection with RST rather than FIN, so the application sees an error and not a

@@ -279,6 +279,12 @@ impl Bench {
         for k in ["net.core.rmem_max=8388608", "net.core.wmem_max=8388608"] {
             causeway_tests::netns::run(&["sysctl", "-qw", k])?;
         }
+        // New-flow runs (B5) open thousands of connections a second; without reuse every arm would
+        // measure the client's TIME_WAIT port exhaustion (~470 connections/s) instead of itself.
+        for ns in [&c, &s] {
+            ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
+        }
         // The redirector arm: VIP traffic leaves by the veth route, so the OUTPUT chain sees it.
         c.exec(&["ip", "route", "add", "240.240.0.0/16", "dev", "cwbv0"])?;
         let arms = vec![
