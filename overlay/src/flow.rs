@@ -172,55 +172,11 @@ impl Mesh {
             self.flow_failed(&service, "draining");
             return Box::pin(down.refuse(FlowError::Draining)).await;
         };
-        let candidates = self.routes().candidates(&service);
-        if candidates.is_empty() {
-            let (reason, e) = if self.routes().knows(&service) {
-                ("no_healthy_zone", FlowError::NoHealthyEndpoint)
-            } else {
-                ("unknown_service", FlowError::UnknownService)
-            };
-            log.error = reason;
-            self.flow_failed(&service, reason);
-            return Box::pin(down.refuse(e)).await;
-        }
-        let early = match &down {
-            Downstream::Tcp(tcp) => relay::read_early(tcp),
-            Downstream::Stream(_) => Bytes::new(),
-        };
-        let mut upstream = None;
-        let mut last = FlowError::NoHealthyEndpoint;
-        for target in candidates.into_iter().take(MAX_ATTEMPTS) {
-            log.attempts += 1;
-            let attempt = match target {
-                // Establishment futures are boxed: they are large (header encoding, h3 request
-                // set-up) and would otherwise size every flow's future for its whole life.
-                Target::Local => Box::pin(self.connect_local_with(&service, &early))
-                    .await
-                    .map(|(tcp, addr)| Upstream::Local(tcp, addr))
-                    .map_err(|e| (e, e.as_str())),
-                Target::Peer(id) => Box::pin(self.open_remote(&service, &id, &source, &log.trace, &early))
-                    .await
-                    .map(|(tx, rx, zone)| Upstream::Remote(tx, rx, zone, id))
-                    .map_err(|e| match e {
-                        AttemptError::Refused(e) => (e, e.as_str()),
-                        AttemptError::Unreachable(why) => (FlowError::BackendRefused, why),
-                    }),
-            };
-            match attempt {
-                Ok(u) => {
-                    upstream = Some(u);
-                    break;
-                }
-                Err((e, why)) => {
-                    last = e;
-                    self.failover(&service, why);
-                }
-            }
-        }
-        let Some(upstream) = upstream else {
-            log.error = "all_zones_failed";
-            self.flow_failed(&service, "all_zones_failed");
-            return Box::pin(down.refuse(last)).await;
+        // Establishment runs in a boxed future of its own, freed once the flow is up: its state
+        // (header encoding, h3 request set-up, connects, retries) would otherwise size the flow's
+        // future for the flow's whole life (B6: memory per idle flow).
+        let Some((down, upstream, early)) = Box::pin(self.establish(down, &service, &source, &mut log)).await else {
+            return;
         };
         let zone = match &upstream {
             Upstream::Local(_, addr) => {
@@ -270,6 +226,68 @@ impl Mesh {
         log.outcome = outcome.as_str();
         log.up = up + early.len() as u64;
         log.down = down_bytes;
+    }
+
+    /// Picks the zones to try and establishes the flow with the first that accepts it; refuses the
+    /// client (and returns `None`) when none does.
+    async fn establish(
+        &self,
+        down: Downstream,
+        service: &ServiceName,
+        source: &Source,
+        log: &mut FlowLog,
+    ) -> Option<(Downstream, Upstream, Bytes)> {
+        let candidates = self.routes().candidates(service);
+        if candidates.is_empty() {
+            let (reason, e) = if self.routes().knows(service) {
+                ("no_healthy_zone", FlowError::NoHealthyEndpoint)
+            } else {
+                ("unknown_service", FlowError::UnknownService)
+            };
+            log.error = reason;
+            self.flow_failed(service, reason);
+            Box::pin(down.refuse(e)).await;
+            return None;
+        }
+        let early = match &down {
+            Downstream::Tcp(tcp) => relay::read_early(tcp),
+            Downstream::Stream(_) => Bytes::new(),
+        };
+        let mut upstream = None;
+        let mut last = FlowError::NoHealthyEndpoint;
+        for target in candidates.into_iter().take(MAX_ATTEMPTS) {
+            log.attempts += 1;
+            let attempt = match target {
+                Target::Local => Box::pin(self.connect_local_with(service, &early))
+                    .await
+                    .map(|(tcp, addr)| Upstream::Local(tcp, addr))
+                    .map_err(|e| (e, e.as_str())),
+                Target::Peer(id) => Box::pin(self.open_remote(service, &id, source, &log.trace, &early))
+                    .await
+                    .map(|(tx, rx, zone)| Upstream::Remote(tx, rx, zone, id))
+                    .map_err(|e| match e {
+                        AttemptError::Refused(e) => (e, e.as_str()),
+                        AttemptError::Unreachable(why) => (FlowError::BackendRefused, why),
+                    }),
+            };
+            match attempt {
+                Ok(u) => {
+                    upstream = Some(u);
+                    break;
+                }
+                Err((e, why)) => {
+                    last = e;
+                    self.failover(service, why);
+                }
+            }
+        }
+        let Some(upstream) = upstream else {
+            log.error = "all_zones_failed";
+            self.flow_failed(service, "all_zones_failed");
+            Box::pin(down.refuse(last)).await;
+            return None;
+        };
+        Some((down, upstream, early))
     }
 
     fn flow_failed(&self, service: &ServiceName, reason: &str) {
@@ -413,10 +431,15 @@ async fn relay_redirected(
     }
 }
 
+/// Serves a flow a peer opened toward this gateway: checks the target, connects the endpoint,
+/// answers the CONNECT and relays.
+///
+/// The request and the stream come boxed: arguments stay in a future for its whole life, and a flow
+/// may run for days; boxed, they cost 16 bytes there and are freed once read or split.
 pub(crate) async fn serve_inbound(
     mesh: Mesh,
-    req: http::Request<()>,
-    mut stream: h3::server::RequestStream<crate::h3q::BidiStream, Bytes>,
+    req: Box<http::Request<()>>,
+    mut stream: Box<h3::server::RequestStream<crate::h3q::BidiStream, Bytes>>,
     peer: Identity,
 ) {
     let start = Instant::now();
@@ -482,7 +505,7 @@ pub(crate) async fn serve_inbound(
         relay::abort(tcp);
         return;
     }
-    let (tx, rx) = stream.split();
+    let (tx, rx) = (*stream).split();
     let zone = mesh.0.zone.to_string();
     let _active = Active::new(&mesh, m.gauge(FLOWS_ACTIVE, &[("service", service.as_str()), ("zone", "inbound")]));
     let counters = Counters {

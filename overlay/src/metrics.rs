@@ -12,6 +12,7 @@ pub const PEER_HANDSHAKE_FAILURES: &str = "causeway_peer_handshake_failures_tota
 pub const PEER_CONNECTS: &str = "causeway_peer_connects_total";
 pub const PEER_UP: &str = "causeway_peer_up";
 pub const PEER_RTT: &str = "causeway_peer_rtt_seconds";
+pub const PEER_CWND: &str = "causeway_peer_cwnd_bytes";
 pub const PEER_CONTROL_ERRORS: &str = "causeway_peer_control_errors_total";
 pub const FLOWS_OPENED: &str = "causeway_flows_opened_total";
 pub const FLOWS_CLOSED: &str = "causeway_flows_closed_total";
@@ -91,6 +92,7 @@ impl Metrics {
         c(FLOWS_CLOSED, None, "Flows ended, by service, serving zone and outcome.");
         c(FLOWS_FAILED, None, "Flows that found no route or were refused everywhere, by service and reason.");
         g(FLOWS_ACTIVE, None, "Flows open now, by service and serving zone.");
+        g(PEER_CWND, Some(Unit::Bytes), "Congestion window of the connection to a peer.");
         c(FLOW_BYTES, Some(Unit::Bytes), "Bytes relayed, by service, serving zone and direction.");
         c(
             FLOW_EARLY_BYTES,

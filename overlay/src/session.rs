@@ -27,7 +27,9 @@ use tracing::Instrument;
 
 use crate::h3q;
 use crate::mesh::{LocalCatalog, Mesh, PeerConn, PeerSpec};
-use crate::metrics::{H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_RTT, PEER_UP};
+use crate::metrics::{
+    H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND, PEER_RTT, PEER_UP,
+};
 use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
 
@@ -437,7 +439,7 @@ async fn serve_requests(
             }
             // A task of its own: this one (and the resolver it holds) ends, and the flow keeps only
             // its own state for as long as it runs.
-            tokio::spawn(crate::flow::serve_inbound(mesh, req, stream, peer));
+            tokio::spawn(crate::flow::serve_inbound(mesh, Box::new(req), Box::new(stream), peer));
         };
         tokio::spawn(fut);
     }
@@ -609,6 +611,8 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             let rtt = conn.rtt();
                             mesh.routes_mut().set_rtt(peer, rtt);
                             mesh.0.metrics.gauge(PEER_RTT, &[("peer", peer.as_str()), ("peer_zone", &peer_zone)]).set(rtt.as_secs_f64());
+                            let cwnd = conn.stats().path.cwnd;
+                            mesh.0.metrics.gauge(PEER_CWND, &[("peer", peer.as_str()), ("peer_zone", &peer_zone)]).set(cwnd as f64);
                         }
                         Message::Load(_) => {}
                         Message::Goodbye(g) => {

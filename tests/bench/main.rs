@@ -226,6 +226,8 @@ struct Bench {
     procs: BTreeMap<&'static str, Proc>,
     wire: Option<wire::Wire>,
     arms: Vec<Arm>,
+    /// Measurements that failed (the run goes on; the report lists them).
+    failures: std::cell::RefCell<Vec<String>>,
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -252,7 +254,8 @@ fn run(o: Opts) -> anyhow::Result<()> {
             std::fs::copy(e.path(), logs.join(e.file_name()))?;
         }
     }
-    let rep = rep.with_context(|| format!("logs in {}", logs.display()))?;
+    let mut rep = rep.with_context(|| format!("logs in {}", logs.display()))?;
+    rep.failures = b.failures.take();
     let md = rep.markdown();
     std::fs::write(b.o.out.join("results.md"), &md)?;
     std::fs::write(b.o.out.join("results.json"), serde_json::to_string_pretty(&rep.json())?)?;
@@ -314,7 +317,20 @@ impl Bench {
                 procs: &["redirector", "gw-a", "gw-b"],
             },
         ];
-        Ok(Self { o, exe, causeway, dir, pki, c, s, specs: BTreeMap::new(), procs: BTreeMap::new(), wire: None, arms })
+        Ok(Self {
+            o,
+            exe,
+            causeway,
+            dir,
+            pki,
+            c,
+            s,
+            specs: BTreeMap::new(),
+            procs: BTreeMap::new(),
+            wire: None,
+            arms,
+            failures: Default::default(),
+        })
     }
 
     fn ns(&self, name: &str) -> &Netns {
@@ -611,6 +627,19 @@ impl Bench {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// One sample: its JSON, or `null` (every figure NaN) when it failed, recorded for the report.
+    fn sample(&self, id: &str, arm: &str, kind: &str, addr: SocketAddr, extra: &[&str]) -> serde_json::Value {
+        match self.load(kind, addr, extra) {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = format!("{id} {arm}: {e:#}");
+                eprintln!("failed: {msg}");
+                self.failures.borrow_mut().push(msg);
+                serde_json::Value::Null
+            }
+        }
+    }
+
     fn secs(&self) -> String {
         self.o.secs.to_string()
     }
@@ -640,8 +669,8 @@ impl Bench {
             let mut s = Series::new("B1", "single-flow bulk throughput", "Gbit/s", true);
             for _ in 0..self.o.reps {
                 for (arm, a) in self.arms(&all) {
-                    let v = self.load("bulk", a, &["--secs", &self.secs()])?;
-                    s.push(arm, v["gbps"].as_f64().unwrap_or(0.0));
+                    let v = self.sample("B1", arm, "bulk", a, &["--secs", &self.secs()]);
+                    s.push(arm, v["gbps"].as_f64().unwrap_or(f64::NAN));
                 }
             }
             rep.add(s);
@@ -654,10 +683,10 @@ impl Bench {
                 let mut min = Series::new(&format!("B2 ×{n} slowest"), "slowest flow", "Mbit/s", true);
                 for _ in 0..self.o.reps {
                     for (arm, a) in self.arms(&all) {
-                        let v = self.load("parallel", a, &["--n", &n.to_string(), "--secs", &self.secs()])?;
-                        agg.push(arm, v["gbps"].as_f64().unwrap_or(0.0));
-                        jain.push(arm, v["jain"].as_f64().unwrap_or(0.0));
-                        min.push(arm, v["min_flow_mbps"].as_f64().unwrap_or(0.0));
+                        let v = self.sample("B2", arm, "parallel", a, &["--n", &n.to_string(), "--secs", &self.secs()]);
+                        agg.push(arm, v["gbps"].as_f64().unwrap_or(f64::NAN));
+                        jain.push(arm, v["jain"].as_f64().unwrap_or(f64::NAN));
+                        min.push(arm, v["min_flow_mbps"].as_f64().unwrap_or(f64::NAN));
                     }
                 }
                 rep.add(agg);
@@ -673,9 +702,9 @@ impl Bench {
                 }
                 for _ in 0..self.o.reps {
                     for (arm, a) in self.arms(&all) {
-                        let v = self.load("rr", a, &["--size", &size.to_string(), "--secs", &self.secs()])?;
+                        let v = self.sample("B3", arm, "rr", a, &["--size", &size.to_string(), "--secs", &self.secs()]);
                         for (q, s) in p.iter_mut() {
-                            s.push(arm, v[format!("{q}_us")].as_f64().unwrap_or(0.0));
+                            s.push(arm, v[format!("{q}_us")].as_f64().unwrap_or(f64::NAN));
                         }
                     }
                 }
@@ -690,9 +719,15 @@ impl Bench {
                 let mut failed = 0.0;
                 for _ in 0..self.o.reps {
                     for (arm, a) in self.arms(&all) {
-                        let v = self.load("newflows", a, &["--n", &clients.to_string(), "--secs", &self.secs()])?;
-                        s.push(arm, v["per_sec"].as_f64().unwrap_or(0.0));
-                        failed += v["failed"].as_f64().unwrap_or(0.0);
+                        let v = self.sample(
+                            "B5",
+                            arm,
+                            "newflows",
+                            a,
+                            &["--n", &clients.to_string(), "--secs", &self.secs()],
+                        );
+                        s.push(arm, v["per_sec"].as_f64().unwrap_or(f64::NAN));
+                        failed += v["failed"].as_f64().unwrap_or(f64::NAN);
                     }
                 }
                 s.note = format!("{failed} failed flows across all arms");
@@ -704,9 +739,9 @@ impl Bench {
             let mut bulk = Series::new("B10 bulk", "the bulk flow's rate meanwhile", "Gbit/s", true);
             for _ in 0..self.o.reps {
                 for (arm, a) in self.arms(&proxies) {
-                    let v = self.load("hol", a, &["--secs", &self.secs()])?;
-                    s.push(arm, v["ratio"].as_f64().unwrap_or(0.0));
-                    bulk.push(arm, v["bulk_gbps"].as_f64().unwrap_or(0.0));
+                    let v = self.sample("B10", arm, "hol", a, &["--secs", &self.secs()]);
+                    s.push(arm, v["ratio"].as_f64().unwrap_or(f64::NAN));
+                    bulk.push(arm, v["bulk_gbps"].as_f64().unwrap_or(f64::NAN));
                 }
             }
             rep.add(s);
@@ -733,8 +768,8 @@ impl Bench {
             let mut s = Series::new(&format!("B1r {rtt} ms"), "single flow through the delay line", "Gbit/s", true);
             for _ in 0..self.o.reps {
                 for (arm, a) in &arms {
-                    let v = self.load("bulk", *a, &["--secs", &secs.to_string()])?;
-                    s.push(arm, v["gbps"].as_f64().unwrap_or(0.0));
+                    let v = self.sample("B1r", arm, "bulk", *a, &["--secs", &secs.to_string()]);
+                    s.push(arm, v["gbps"].as_f64().unwrap_or(f64::NAN));
                 }
             }
             rep.add(s);

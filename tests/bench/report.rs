@@ -34,11 +34,12 @@ impl Series {
         self.by_arm.entry(arm.to_string()).or_default().push(v);
     }
 
+    /// Median, min and max of the samples that did not fail (NaN).
     fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
-        if v.is_empty() {
+        let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+        if s.is_empty() {
             return None;
         }
-        let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
         let mid = s.len() / 2;
         let median = if s.len() % 2 == 1 { s[mid] } else { (s[mid - 1] + s[mid]) / 2.0 };
@@ -48,7 +49,8 @@ impl Series {
     /// Per-repetition ratios arm ÷ base, summarised.
     pub fn ratio(&self, arm: &str, base: &str) -> Option<(f64, f64, f64)> {
         let (a, b) = (self.by_arm.get(arm)?, self.by_arm.get(base)?);
-        let r: Vec<f64> = a.iter().zip(b).filter(|(_, b)| **b != 0.0).map(|(a, b)| a / b).collect();
+        let r: Vec<f64> =
+            a.iter().zip(b).filter(|(a, b)| a.is_finite() && b.is_finite() && **b != 0.0).map(|(a, b)| a / b).collect();
         Self::stats(&r)
     }
 
@@ -59,6 +61,8 @@ impl Series {
 
 pub struct Report {
     pub series: Vec<Series>,
+    /// Samples that failed, with their error (they count as missing, not as zero).
+    pub failures: Vec<String>,
     opts: serde_json::Value,
 }
 
@@ -85,7 +89,7 @@ impl Report {
         let opts = json!({
             "reps": o.reps, "secs": o.secs, "idle_flows": o.idle_flows, "workers": o.workers, "smoke": o.smoke,
         });
-        Self { series: vec![], opts }
+        Self { series: vec![], failures: vec![], opts }
     }
 
     pub fn add(&mut self, s: Series) {
@@ -197,6 +201,12 @@ impl Report {
                 let _ = writeln!(m, "| {} | note: {} | | | | |", s.id, s.note);
             }
         }
+        if !self.failures.is_empty() {
+            let _ = writeln!(m, "\nFailed samples (left out of the figures above):\n");
+            for f in &self.failures {
+                let _ = writeln!(m, "- {f}");
+            }
+        }
         let _ = writeln!(m, "\n| target (Causeway) | measured | met |\n|---|---:|---|");
         for (name, v, met) in self.targets() {
             let _ = writeln!(
@@ -244,6 +254,7 @@ impl Report {
             "date": sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
             "options": self.opts,
             "series": series,
+            "failures": self.failures,
             "targets": targets,
         })
     }

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 /// `_IOW('T', 202, int)`.
 const TUNSETIFF: u64 = 0x4004_54ca;
-/// Packets queued per direction: 65,536 × 1,500 B ≈ 98 MB, above 10 Gbit/s × 50 ms (62 MB), so the
-/// line never becomes the window.
-const QUEUE_PACKETS: usize = 65_536;
+/// Packets in flight per direction, like a router's buffer: 16,384 × 1,500 B ≈ 25 MB, the
+/// bandwidth-delay product of 4 Gbit/s at 50 ms (more than this line carries), so the line is not
+/// the window; more would only add queueing delay (bufferbloat) for loss-based senders.
+const QUEUE_PACKETS: usize = 16_384;
 /// Packets due within this much are written at once: thread sleeps cost ~60 µs of timer slack each,
 /// and sleeping per packet would cap the line at ~16k packets per second.
 const EARLY: Duration = Duration::from_micros(200);

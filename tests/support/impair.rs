@@ -130,6 +130,7 @@ pub struct Relay {
     pub addr: SocketAddr,
     pub up: Arc<Stats>,
     pub down: Arc<Stats>,
+    shared: Arc<Mutex<Shared>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -166,8 +167,15 @@ impl Relay {
             seq: 0,
         }));
         let wake = Arc::new(tokio::sync::Notify::new());
-        let task = tokio::spawn(run(front, target, shared, wake));
-        Ok(Self { addr, up: up_stats, down: down_stats, task })
+        let task = tokio::spawn(run(front, target, shared.clone(), wake));
+        Ok(Self { addr, up: up_stats, down: down_stats, shared, task })
+    }
+
+    /// Changes the one-way delay of both directions from now on (the path got longer or shorter).
+    pub fn set_delay(&self, delay: Duration) {
+        let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        s.up.imp.delay = delay;
+        s.down.imp.delay = delay;
     }
 }
 
