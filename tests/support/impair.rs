@@ -150,7 +150,18 @@ struct Shared {
 impl Relay {
     /// Starts a relay to `target`; `up` impairs client→target, `down` target→client.
     pub async fn start(target: SocketAddr, up: Impairment, down: Impairment, seed: u64) -> std::io::Result<Self> {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+        Self::start_on("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()), target, up, down, seed).await
+    }
+
+    /// Like [`Relay::start`], clients sending to `front` (e.g. an address in a network namespace).
+    pub async fn start_on(
+        front: SocketAddr,
+        target: SocketAddr,
+        up: Impairment,
+        down: Impairment,
+        seed: u64,
+    ) -> std::io::Result<Self> {
+        let front = Arc::new(UdpSocket::bind(front).await?);
         let addr = front.local_addr()?;
         let (up_stats, down_stats) = (Arc::new(Stats::default()), Arc::new(Stats::default()));
         let start = Instant::now();
