@@ -11,13 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
-    let mut m = echo_three_zones().await;
-    let mut b = GatewayProcess::spawn(&m, 1, "warn");
-    m.start(0).await.unwrap();
-    m.start(2).await.unwrap();
     // a prefers b, with c as the alternative.
-    assert!(m.wait_routes(0, "echo.test", 2).await, "a never learned echo.test from both zones");
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let (m, mut b, listen) = three_zones_with_b_process().await;
     assert_eq!(echo_flow(listen, b"before").await.unwrap().0, "b");
 
     // A flow in progress through b.
@@ -90,14 +85,7 @@ async fn a_draining_gateway_finishes_open_flows_while_new_ones_go_elsewhere() {
     );
     assert_eq!(echo_flow(listen, b"new").await.unwrap().0, "c");
     // The open flow still works through b, and ends cleanly.
-    open.write_all(b"two").await.unwrap();
-    let mut two = [0u8; 3];
-    open.read_exact(&mut two).await.unwrap();
-    assert_eq!(&two, b"two");
-    open.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    open.read_to_end(&mut rest).await.unwrap();
-    assert!(rest.is_empty());
+    open_flow_echoes_then_ends(&mut open).await;
     let cut = tokio::time::timeout(Duration::from_secs(6), drained).await.unwrap().unwrap();
     assert_eq!(cut, 0, "no flow was cut at the drain deadline");
     assert_eq!(error_logs(), 0);

@@ -10,16 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebinding_client_gateway_keeps_its_flows() {
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
+    let mut m = echo_pair_plan().await;
     // Only a dials (b has no address for it), so a is the QUIC client that may migrate.
     m.specs[1].peers[0].1 = None;
     m.start_all().await.unwrap();
@@ -72,12 +63,7 @@ async fn a_rebinding_client_gateway_keeps_its_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly() {
-    let mut m = echo_three_zones().await;
-    let b = GatewayProcess::spawn(&m, 1, "warn");
-    m.start(0).await.unwrap();
-    m.start(2).await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 2).await);
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let (m, b, listen) = three_zones_with_b_process().await;
     assert_eq!(echo_flow(listen, b"x").await.unwrap().0, "b");
 
     b.signal("STOP");
@@ -113,12 +99,7 @@ async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
-    let mut m = echo_three_zones().await;
-    let b = GatewayProcess::spawn(&m, 1, "warn");
-    m.start(0).await.unwrap();
-    m.start(2).await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 2).await);
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let (m, b, listen) = three_zones_with_b_process().await;
     // 100 flows through b, each streaming until told to stop, counting what comes back.
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(101));
     let flows: Vec<_> = (0..100)
@@ -170,12 +151,7 @@ async fn kill_9_under_a_hundred_flows_resets_every_one_and_new_flows_move() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_flows_and_exits_0_before_the_deadline() {
-    let mut m = echo_three_zones().await;
-    let mut b = GatewayProcess::spawn(&m, 1, "warn");
-    m.start(0).await.unwrap();
-    m.start(2).await.unwrap();
-    assert!(m.wait_routes(0, "echo.test", 2).await);
-    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let (m, mut b, listen) = three_zones_with_b_process().await;
     let mut open = tokio::net::TcpStream::connect(listen).await.unwrap();
     open.write_all(b"one").await.unwrap();
     let mut buf = [0u8; 5];
@@ -192,14 +168,7 @@ async fn sigterm_drains_open_flows_and_exits_0_before_the_deadline() {
     );
     assert_eq!(echo_flow(listen, b"new").await.unwrap().0, "c");
     // The open flow still completes through b.
-    open.write_all(b"two").await.unwrap();
-    let mut two = [0u8; 3];
-    open.read_exact(&mut two).await.unwrap();
-    assert_eq!(&two, b"two");
-    open.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    open.read_to_end(&mut rest).await.unwrap();
-    assert!(rest.is_empty());
+    open_flow_echoes_then_ends(&mut open).await;
     // Then b exits 0, before the 5 s drain deadline.
     let status = tokio::task::spawn_blocking(move || {
         let s = b.0.wait();

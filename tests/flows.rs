@@ -250,16 +250,7 @@ async fn admin_api_serves_metrics_peers_and_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_named_by_host_is_resolved_at_each_dial() {
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
+    let mut m = echo_pair_plan().await;
     // a knows b only by name (as a cloud load balancer's DNS name would be); b does not dial a.
     m.specs[0].peers[0].1 = Some(format!("localhost:{}", m.addrs[1].port()));
     m.specs[1].peers[0].1 = None;

@@ -12,16 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Zone a reaches zone b's echo service only through a relay with `imp` both ways.
 async fn via_relay(imp: Impairment, seed: u64) -> (TestMesh, Relay, std::net::SocketAddr) {
-    init();
-    let (echo, _) = echo_server("b".into()).await.unwrap();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
-            ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
+    let mut m = echo_pair_plan().await;
     let relay = Relay::start(m.addrs[1], imp.clone(), imp, seed).await.unwrap();
     m.specs[0].peers[0].1 = Some(relay.addr.to_string());
     m.specs[1].peers[0].1 = None;
@@ -155,8 +146,9 @@ async fn the_congestion_window_follows_a_path_that_gets_longer() {
         transfer(listen, 1 << 20, seed).await;
         seed += 1;
     }
-    // The next pong reports the window.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next pong reports the RTT and the window.
+    let rtt_now = || metric(&m.gw(0).metrics_text(), "causeway_peer_rtt_seconds", &[("peer_zone", "b")]);
+    eventually(Duration::from_secs(2), || rtt_now().is_some_and(|r| r > 0.045)).await;
     let t = m.gw(0).metrics_text();
     let cwnd = metric(&t, "causeway_peer_cwnd_bytes", &[("peer_zone", "b")]).unwrap_or(0.0);
     let rtt = metric(&t, "causeway_peer_rtt_seconds", &[("peer_zone", "b")]).unwrap_or(0.0);

@@ -78,12 +78,11 @@ fn main() -> std::process::ExitCode {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let (uf, ud, udup, uc) = relay.up.get();
-            let (df, dd, ddup, dc) = relay.down.get();
-            println!(
-                "{{\"up\":{{\"forwarded\":{uf},\"dropped\":{ud},\"duplicated\":{udup},\"corrupted\":{uc}}},\
-                 \"down\":{{\"forwarded\":{df},\"dropped\":{dd},\"duplicated\":{ddup},\"corrupted\":{dc}}}}}"
-            );
+            let dir = |s: &causeway_tests::impair::Stats| {
+                let (forwarded, dropped, duplicated, corrupted) = s.get();
+                serde_json::json!({ "forwarded": forwarded, "dropped": dropped, "duplicated": duplicated, "corrupted": corrupted })
+            };
+            println!("{}", serde_json::json!({ "up": dir(&relay.up), "down": dir(&relay.down) }));
         }
     })
 }

@@ -365,7 +365,8 @@ impl Mesh {
         let (mut tcp, addr) = self.connect_local(service).await?;
         if !early.is_empty() {
             use tokio::io::AsyncWriteExt;
-            if tcp.write_all(early).await.is_err() {
+            let t = self.0.timing.backend_connect_timeout;
+            if !matches!(tokio::time::timeout(t, tcp.write_all(early)).await, Ok(Ok(()))) {
                 relay::abort(tcp);
                 return Err(FlowError::BackendRefused);
             }

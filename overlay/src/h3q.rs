@@ -418,10 +418,20 @@ thread_local! {
 /// poll, which takes the offer, and `poll_ready` then moves a slice of the same `Bytes` into quinn
 /// (`write_chunks`) once it sees the `WriteBuf` pointing into it. Anything else falls back to a copy.
 pub async fn send_data_zero_copy<F: std::future::Future>(data: &Bytes, send: F) -> F::Output {
-    OFFERED.with(|o| *o.borrow_mut() = Some(data.clone()));
-    let r = send.await;
-    OFFERED.with(|o| o.borrow_mut().take());
-    r
+    let mut send = std::pin::pin!(send);
+    // The offer lives only inside the first poll: it cannot outlive a cancelled send, nor reach a
+    // stream other than the one this poll drives.
+    let first = std::future::poll_fn(|cx| {
+        OFFERED.with(|o| *o.borrow_mut() = Some(data.clone()));
+        let r = send.as_mut().poll(cx);
+        OFFERED.with(|o| o.borrow_mut().take());
+        Poll::Ready(r)
+    })
+    .await;
+    match first {
+        Poll::Ready(v) => v,
+        Poll::Pending => send.await,
+    }
 }
 
 pub struct SendStream {

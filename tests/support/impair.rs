@@ -150,7 +150,7 @@ struct Shared {
 impl Relay {
     /// Starts a relay to `target`; `up` impairs client→target, `down` target→client.
     pub async fn start(target: SocketAddr, up: Impairment, down: Impairment, seed: u64) -> std::io::Result<Self> {
-        Self::start_on("127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()), target, up, down, seed).await
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target, up, down, seed).await
     }
 
     /// Like [`Relay::start`], clients sending to `front` (e.g. an address in a network namespace).

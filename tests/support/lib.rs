@@ -238,20 +238,50 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
 /// Zone a imports `echo.test`, zone b exports it (an echo service answering with banner "b"); both
 /// started, routes learned. Returns the mesh and a's local listener for `echo.test`.
 pub async fn echo_pair() -> (TestMesh, SocketAddr) {
+    let mut m = echo_pair_plan().await;
+    m.start_all().await.expect("start");
+    assert!(m.wait_routes(0, "echo.test", 1).await, "zone a never learned echo.test");
+    let listen = m.gw(0).import_addr("echo.test").expect("listener");
+    (m, listen)
+}
+
+/// The mesh of [`echo_pair`], planned but not started (tests adjust peers or timing first).
+pub async fn echo_pair_plan() -> TestMesh {
     init();
     let (echo, _) = echo_server("b".into()).await.expect("echo server");
-    let mut m = TestMesh::plan(
+    TestMesh::plan(
         vec![
             ZoneSpec { zone: "a", exports: vec![], imports: vec![("echo.test", vec![])] },
             ZoneSpec { zone: "b", exports: vec![("echo.test", vec![echo])], imports: vec![] },
         ],
         "",
     )
-    .expect("plan");
-    m.start_all().await.expect("start");
-    assert!(m.wait_routes(0, "echo.test", 1).await, "zone a never learned echo.test");
+    .expect("plan")
+}
+
+/// [`echo_three_zones`] with b as a real process (signals, kill -9) and a and c in this process;
+/// returns once a routes `echo.test` to both. Returns the mesh, b, and a's listener.
+pub async fn three_zones_with_b_process() -> (TestMesh, GatewayProcess, SocketAddr) {
+    let mut m = echo_three_zones().await;
+    let b = GatewayProcess::spawn(&m, 1, "warn");
+    m.start(0).await.expect("start a");
+    m.start(2).await.expect("start c");
+    assert!(m.wait_routes(0, "echo.test", 2).await, "a never learned echo.test from both zones");
     let listen = m.gw(0).import_addr("echo.test").expect("listener");
-    (m, listen)
+    (m, b, listen)
+}
+
+/// Checks that an open echo flow still answers ("two") and then ends cleanly after our FIN.
+pub async fn open_flow_echoes_then_ends(open: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    open.write_all(b"two").await.expect("write");
+    let mut two = [0u8; 3];
+    open.read_exact(&mut two).await.expect("echo");
+    assert_eq!(&two, b"two");
+    open.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest).await.expect("clean end");
+    assert!(rest.is_empty());
 }
 
 /// A gateway running as a process (the `causeway` binary), killed when dropped.
