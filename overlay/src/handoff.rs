@@ -27,8 +27,9 @@ use crate::metrics::{H3_FRAMES_REFUSED, REDIRECTORS, REDIRECT_FLOWS};
 use crate::relay::ByteSink;
 use crate::session::MAX_FIELD_SECTION;
 
-/// How often the catalog stream checks for changes.
-const CATALOG_POLL: Duration = Duration::from_millis(250);
+/// How often a catalog stream rechecks whether the gateway's first catalogs are in, when no
+/// catalog event wakes it (the settle deadline passes without one).
+const SETTLE_POLL: Duration = Duration::from_millis(50);
 
 /// Serves one redirector connection until it closes.
 pub(crate) async fn serve_redirector(mesh: Mesh, conn: quinn::Connection, node: Identity) {
@@ -109,19 +110,32 @@ async fn catalog_stream(mesh: Mesh, mut stream: ServerStream) {
     if stream.send_response(http::Response::builder().status(200).body(()).unwrap_or_default()).await.is_err() {
         return;
     }
-    let (mut tx, _rx) = stream.split();
+    let (mut tx, mut rx) = stream.split();
     let mut out = BytesMut::new();
     out.put_slice(&control::preface(control::VERSION));
     let mut sent = None;
     let mut version = 0u64;
-    let mut tick = tokio::time::interval(CATALOG_POLL);
-    loop {
+    let mut changed = mesh.0.services_changed.subscribe();
+    // A gateway that has just started knows few services or none; the redirector keeps its previous
+    // table (VIPs of a restarted gateway stay valid) until the first catalogs are in.
+    while !mesh.catalogs_settled() {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(SETTLE_POLL) => {}
+            _ = rx.recv_data() => return,
             _ = mesh.0.shutdown.cancelled() => return,
         }
+    }
+    loop {
         let now = mesh.known_services();
         if sent.as_ref() == Some(&now) {
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                // The redirector never sends on this stream: anything here, its end or an error,
+                // means the stream or the connection is gone.
+                _ = rx.recv_data() => return,
+                _ = mesh.0.shutdown.cancelled() => return,
+            }
             continue;
         }
         version += 1;

@@ -168,6 +168,11 @@ pub(crate) struct Inner {
     pub conn_changed: Notify,
     pub exports: BTreeMap<ServiceName, LocalService>,
     pub catalog: watch::Sender<Arc<LocalCatalog>>,
+    /// Bumped whenever the set of services known in the mesh may have changed (a peer's catalog
+    /// applied, a peer up, our own exports republished): what redirector catalog streams wait on.
+    pub services_changed: watch::Sender<u64>,
+    /// When [`Mesh::bind`] ran: bounds how long redirectors wait for the first catalogs.
+    pub started: std::time::Instant,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
     pub draining: CancellationToken,
@@ -233,6 +238,8 @@ impl Mesh {
             conn_changed: Notify::new(),
             exports,
             catalog: watch::channel(Arc::new(catalog)).0,
+            services_changed: watch::channel(0).0,
+            started: std::time::Instant::now(),
             metrics: cfg.metrics,
             shutdown: CancellationToken::new(),
             draining: CancellationToken::new(),
@@ -324,6 +331,23 @@ impl Mesh {
             }
         }
         out
+    }
+
+    /// Signals redirector catalog streams that [`Mesh::known_services`] may have changed.
+    pub(crate) fn services_changed(&self) {
+        self.0.services_changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Whether the first catalogs are in: every configured peer has delivered one, or the handshake
+    /// timeout has passed since start (a peer that is down, or dials in only, does not hold the
+    /// rest back for longer). Until then a restarted gateway would tell redirectors it knows no
+    /// services, and they would drop every VIP only to restore them moments later.
+    pub(crate) fn catalogs_settled(&self) -> bool {
+        if self.0.started.elapsed() >= self.0.timing.handshake_timeout {
+            return true;
+        }
+        let routes = self.routes();
+        self.0.peers.keys().all(|id| routes.peer(id).is_some_and(|e| e.state == PeerState::Up && e.version > 0))
     }
 
     /// Moves the overlay to a new UDP socket (a new local address or port, as after a NAT rebinding).
@@ -432,6 +456,7 @@ impl Mesh {
     pub(crate) fn republish(&self) {
         let services: BTreeMap<_, _> = self.0.exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect();
         self.routes_mut().set_local(services.values().cloned());
+        self.services_changed();
         self.0.catalog.send_if_modified(|cur| {
             if cur.services == services {
                 return false;

@@ -593,13 +593,17 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             hello_seen = true;
                             mesh.routes_mut().peer_up(peer, h.zone.clone(), h.gateway.clone());
                             mesh.routes_mut().set_rtt(peer, conn.rtt());
+                            mesh.services_changed();
                             mesh.0.metrics.gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", h.zone.as_str())]).set(1.0);
                             tracing::info!(zone = %h.zone, gateway = %h.gateway, "peer.up");
                         }
                         _ if !hello_seen => return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "message before hello"),
                         m @ (Message::Catalog(_) | Message::ServiceUpdate(_) | Message::ServiceWithdraw(_)) => {
-                            if let Err(e) = mesh.routes_mut().apply(peer, &m) {
-                                return SessionEnd::new(ErrorCode::LIMIT_EXCEEDED, e.to_string());
+                            let applied = mesh.routes_mut().apply(peer, &m);
+                            match applied {
+                                Ok(true) => mesh.services_changed(),
+                                Ok(false) => {}
+                                Err(e) => return SessionEnd::new(ErrorCode::LIMIT_EXCEEDED, e.to_string()),
                             }
                         }
                         Message::Ping(p) => {
