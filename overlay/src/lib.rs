@@ -8,6 +8,7 @@
 //! This crate does NOT read files, parse configuration, install a metrics recorder or listen on TCP
 //! for clients: the `causeway` binary does that and hands accepted connections to [`Mesh`].
 
+pub mod congestion;
 pub mod flow;
 pub mod frame_guard;
 pub mod h3q;

@@ -13,6 +13,8 @@ pub const PEER_CONNECTS: &str = "causeway_peer_connects_total";
 pub const PEER_UP: &str = "causeway_peer_up";
 pub const PEER_RTT: &str = "causeway_peer_rtt_seconds";
 pub const PEER_CWND: &str = "causeway_peer_cwnd_bytes";
+pub const PEER_PATH_MIN_RTT: &str = "causeway_peer_path_min_rtt_seconds";
+pub const PEER_WINDOW_STRETCHED: &str = "causeway_peer_window_stretched";
 pub const PEER_CONTROL_ERRORS: &str = "causeway_peer_control_errors_total";
 pub const FLOWS_OPENED: &str = "causeway_flows_opened_total";
 pub const FLOWS_CLOSED: &str = "causeway_flows_closed_total";
@@ -93,6 +95,16 @@ impl Metrics {
         c(FLOWS_FAILED, None, "Flows that found no route or were refused everywhere, by service and reason.");
         g(FLOWS_ACTIVE, None, "Flows open now, by service and serving zone.");
         g(PEER_CWND, Some(Unit::Bytes), "Congestion window of the connection to a peer.");
+        g(
+            PEER_PATH_MIN_RTT,
+            Some(Unit::Seconds),
+            "Minimum RTT of the path to a peer over the last 10 s, from samples our own queue cannot inflate.",
+        );
+        g(
+            PEER_WINDOW_STRETCHED,
+            None,
+            "1 while the window to a peer is sized for a path longer than the connection started on.",
+        );
         c(FLOW_BYTES, Some(Unit::Bytes), "Bytes relayed, by service, serving zone and direction.");
         c(
             FLOW_EARLY_BYTES,

@@ -28,7 +28,8 @@ use tracing::Instrument;
 use crate::h3q;
 use crate::mesh::{LocalCatalog, Mesh, PeerConn, PeerSpec};
 use crate::metrics::{
-    H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND, PEER_RTT, PEER_UP,
+    H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND, PEER_PATH_MIN_RTT, PEER_RTT,
+    PEER_UP, PEER_WINDOW_STRETCHED,
 };
 use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
@@ -617,6 +618,11 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             mesh.0.metrics.gauge(PEER_RTT, &[("peer", peer.as_str()), ("peer_zone", &peer_zone)]).set(rtt.as_secs_f64());
                             let cwnd = conn.stats().path.cwnd;
                             mesh.0.metrics.gauge(PEER_CWND, &[("peer", peer.as_str()), ("peer_zone", &peer_zone)]).set(cwnd as f64);
+                            if let Some((min, stretched)) = crate::congestion::path_state(conn) {
+                                let labels = [("peer", peer.as_str()), ("peer_zone", peer_zone.as_str())];
+                                mesh.0.metrics.gauge(PEER_PATH_MIN_RTT, &labels).set(min.as_secs_f64());
+                                mesh.0.metrics.gauge(PEER_WINDOW_STRETCHED, &labels).set(f64::from(u8::from(stretched)));
+                            }
                         }
                         Message::Load(_) => {}
                         Message::Goodbye(g) => {

@@ -62,12 +62,10 @@ pub fn transport_config(t: Timers) -> TransportConfig {
     // (tests/impair.rs, debug build): 64 MiB at 10 % loss took 126 s with Cubic and 5.4 s with BBR;
     // 0-20 ms per-packet jitter stalled Cubic outright (the fault suite fails with Cubic). On clean
     // paths the benchmarks show no throughput difference (BENCHMARKS.md).
-    // Known problem: quinn 0.11's BBR takes its min RTT from the connection's lifetime minimum, so
-    // a long-lived connection whose path gets longer keeps a window sized for the old path
-    // (BENCHMARKS.md, B1r; test `impair::the_congestion_window_follows_a_path_that_gets_longer`,
-    // ignored until fixed). A wrapper that scaled BBR's window by a windowed min RTT was tried and
-    // removed: queueing inflated its RTT samples and the window ran away.
-    c.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    // quinn 0.11's BBR alone keeps the window sized for the shortest RTT the connection ever saw,
+    // so a long-lived connection whose path gets longer collapses; `PathBbr` keeps a path minimum
+    // RTT that may rise (crate::congestion; BENCHMARKS.md, B1r).
+    c.congestion_controller_factory(Arc::new(crate::congestion::PathBbrConfig::default()));
     c.max_concurrent_bidi_streams(VarInt::from_u32(MAX_FLOWS_PER_PEER + STREAM_HEADROOM))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))

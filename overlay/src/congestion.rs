@@ -1,0 +1,473 @@
+//! Congestion control for peer connections: quinn's BBR, with a path minimum RTT that may rise.
+//!
+//! quinn 0.11's BBR sizes its window as `gain × bandwidth × min_rtt`, and takes `min_rtt` from the
+//! connection's RTT estimator, whose minimum is the smallest RTT the connection *ever* saw. A peer
+//! connection lives for days; when its path gets longer (a route change, a failover to a farther
+//! link) the window stays sized for the old path and throughput collapses (BENCHMARKS.md, B1r:
+//! 0.01 Gbit/s at 50 ms after starting at 0.1 ms). BBR's design (Linux `tcp_bbr.c`, the IETF
+//! draft) keeps min RTT in a 10 s window instead, refreshed by ProbeRTT.
+//!
+//! [`PathBbr`] wraps quinn's [`Bbr`] unchanged and keeps its own path minimum RTT ([`PathModel`]):
+//!
+//! - **Clean samples only.** An RTT sample counts only if its packet was sent while at most
+//!   [`CLEAN_PACKETS`] packets were in flight, so our own queue cannot inflate it. Counting every
+//!   sample was tried first and ran away: queueing raised the samples, the window followed, the
+//!   queue grew. Idle and lightly used connections (pings) give clean samples all the time; a busy
+//!   one gives them while BBR's ProbeRTT, or ours, drains it.
+//! - **A 10 s window, as BBR's.** A clean sample replaces the minimum when it is lower, or when the
+//!   minimum is older than [`MIN_RTT_WINDOW`]; and a whole [`EPOCH`] of clean samples above it
+//!   raises it at once (clean samples need no long window to wash out queueing).
+//! - **Stretched mode.** Once the path minimum is at least twice the lifetime minimum (and 1 ms
+//!   above it), quinn's window is sized for a path that no longer exists; the window becomes
+//!   `max(quinn's, 2 × bottleneck bandwidth × path min RTT)`, where the bandwidth is the highest
+//!   per-round delivery rate of the last [`BW_ROUNDS`] rounds. While stretched, the model runs its own
+//!   ProbeRTT every [`MIN_RTT_WINDOW`] (window of [`CLEAN_PACKETS`] until the pipe drained, then
+//!   [`PROBE_HOLD`] or one RTT), so the path minimum can also come back down.
+//!
+//! Unstretched, the window is exactly quinn's: nothing changes on a path whose RTT never grew.
+//! Written by hand because no maintained crate offers this; the fix belongs upstream in quinn.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::congestion::{Bbr, BbrConfig, Controller, ControllerFactory, ControllerMetrics};
+use quinn_proto::RttEstimator;
+
+/// An RTT sample is clean when at most this many full-size packets were in flight as it was sent.
+pub const CLEAN_PACKETS: u64 = 4;
+/// How long a path minimum stands without a lower clean sample (BBR's min RTT filter window).
+pub const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// Clean samples are also gathered in epochs of this length: when a whole epoch of them (at least
+/// [`EPOCH_SAMPLES`]) lies above the path minimum, the path got longer and its minimum rises at
+/// once, instead of after [`MIN_RTT_WINDOW`]. Safe because clean samples carry no queue of ours;
+/// an idle or lightly used connection (pings every 100 ms) notices a longer path within 2 s.
+pub const EPOCH: Duration = Duration::from_secs(1);
+pub const EPOCH_SAMPLES: u32 = 8;
+/// How long our ProbeRTT holds the window at [`CLEAN_PACKETS`] once the pipe drained (BBR's 200 ms).
+pub const PROBE_HOLD: Duration = Duration::from_millis(200);
+/// Rounds of delivery-rate samples the bandwidth max filter keeps (BBR's 10).
+pub const BW_ROUNDS: usize = 10;
+/// A busy connection whose smoothed RTT is this many times its path minimum (and
+/// [`STRETCH_MARGIN`] above it) may be on a longer path: a short probe (drain, then one RTT of
+/// clean samples) checks, at most once per [`SUSPECT_INTERVAL`]. A window of 2 × BDP cannot queue
+/// that much by itself.
+const SUSPECT_RATIO: u32 = 3;
+pub const SUSPECT_INTERVAL: Duration = Duration::from_secs(2);
+/// The window's gain over the bandwidth-delay product while stretched (BBR's ProbeBW cwnd gain).
+const CWND_GAIN: f64 = 2.0;
+/// Stretched from this ratio of path to lifetime minimum RTT; back to quinn's window below the next
+/// (or below half the margin).
+const STRETCH_ON: f64 = 2.0;
+const STRETCH_OFF: f64 = 1.5;
+/// ...and only when the path minimum exceeds the lifetime minimum by this much: below it, quinn's
+/// minimum window already covers the difference.
+const STRETCH_MARGIN: Duration = Duration::from_millis(1);
+
+/// Our own ProbeRTT: every [`MIN_RTT_WINDOW`] while stretched, or when the path looks longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Off,
+    /// Window held small until in-flight falls to [`CLEAN_PACKETS`]; then hold for this long.
+    Draining(Duration),
+    /// Pipe drained: hold until then, collecting clean samples.
+    Holding(Instant),
+}
+
+/// The path minimum RTT, bottleneck bandwidth and ProbeRTT state, fed by the controller callbacks.
+/// Plain data, so tests can drive it with any timeline.
+#[derive(Debug, Clone)]
+pub struct PathModel {
+    mtu: u64,
+    in_flight: u64,
+    /// Since when in-flight has stayed at or below the clean limit; `None` while above it.
+    clean_since: Option<Instant>,
+    /// The path minimum RTT and when it was taken (or last confirmed by a ProbeRTT).
+    path_min: Option<(Duration, Instant)>,
+    lifetime_min: Option<Duration>,
+    /// The current epoch of clean samples: when it began, their minimum and count.
+    epoch: (Instant, Duration, u32),
+    /// The current round began when this packet send time was reached.
+    round_start: Instant,
+    round_bytes: u64,
+    /// Delivery rate (bytes/s) of the last rounds.
+    bw: [u64; BW_ROUNDS],
+    bw_next: usize,
+    stretched: bool,
+    probe: Probe,
+    /// The lowest clean sample of the current probe.
+    probe_min: Option<Duration>,
+    last_probe: Option<Instant>,
+    srtt: Duration,
+}
+
+impl PathModel {
+    pub fn new(now: Instant, mtu: u16) -> Self {
+        Self {
+            mtu: u64::from(mtu),
+            in_flight: 0,
+            clean_since: Some(now),
+            path_min: None,
+            lifetime_min: None,
+            epoch: (now, Duration::MAX, 0),
+            round_start: now,
+            round_bytes: 0,
+            bw: [0; BW_ROUNDS],
+            bw_next: 0,
+            stretched: false,
+            probe: Probe::Off,
+            probe_min: None,
+            last_probe: None,
+            srtt: Duration::ZERO,
+        }
+    }
+
+    fn clean_limit(&self) -> u64 {
+        CLEAN_PACKETS * self.mtu
+    }
+
+    pub fn on_sent(&mut self, bytes: u64) {
+        self.in_flight += bytes;
+        if self.in_flight > self.clean_limit() {
+            self.clean_since = None;
+        }
+    }
+
+    /// One packet acknowledged. `lifetime_min` is the connection's all-time minimum RTT, `srtt`
+    /// its smoothed RTT.
+    pub fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        lifetime_min: Duration,
+        srtt: Duration,
+    ) {
+        self.lifetime_min = Some(lifetime_min);
+        self.srtt = srtt;
+        if self.clean_since.is_some_and(|t| sent >= t) {
+            let sample = now.saturating_duration_since(sent);
+            if self.probe != Probe::Off {
+                self.probe_min = Some(self.probe_min.map_or(sample, |m| m.min(sample)));
+            }
+            let (began, epoch_min, count) = self.epoch;
+            if now.saturating_duration_since(began) >= EPOCH {
+                if let Some((min, _)) = self.path_min {
+                    if count >= EPOCH_SAMPLES && epoch_min > min {
+                        self.path_min = Some((epoch_min, now));
+                    }
+                }
+                self.epoch = (now, sample, 1);
+            } else {
+                self.epoch = (began, epoch_min.min(sample), count + 1);
+            }
+            let expired = self.path_min.is_none_or(|(_, at)| now.saturating_duration_since(at) > MIN_RTT_WINDOW);
+            if expired || self.path_min.is_some_and(|(min, _)| sample < min) {
+                self.path_min = Some((sample, now));
+            }
+        }
+        // A round ends when a packet sent after it began is acknowledged: its delivery rate is
+        // one bandwidth sample. An application-limited round counts only if it raises the max.
+        self.round_bytes += bytes;
+        if sent >= self.round_start {
+            let secs = now.saturating_duration_since(self.round_start).as_secs_f64();
+            if secs > 0.0 {
+                let rate = (self.round_bytes as f64 / secs) as u64;
+                if !app_limited || rate > self.max_bw() {
+                    self.bw[self.bw_next] = rate;
+                    self.bw_next = (self.bw_next + 1) % BW_ROUNDS;
+                }
+            }
+            self.round_start = now;
+            self.round_bytes = 0;
+        }
+    }
+
+    /// The end of an ACK frame's processing: `in_flight` is exact here.
+    pub fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool) {
+        self.in_flight = in_flight;
+        if in_flight <= self.clean_limit() {
+            self.clean_since.get_or_insert(now);
+        } else {
+            self.clean_since = None;
+        }
+        let Some(lifetime) = self.lifetime_min else { return };
+        // Until a clean sample is taken, start from the connection's own minimum.
+        let (path_min, taken) = *self.path_min.get_or_insert((lifetime, now));
+        let ratio = path_min.as_secs_f64() / lifetime.as_secs_f64().max(1e-6);
+        if !self.stretched && ratio >= STRETCH_ON && path_min >= lifetime + STRETCH_MARGIN {
+            self.stretched = true;
+        } else if self.stretched && (ratio < STRETCH_OFF || path_min < lifetime + STRETCH_MARGIN / 2) {
+            self.stretched = false;
+        }
+        match self.probe {
+            Probe::Off if !app_limited => {
+                let due = self.stretched && now.saturating_duration_since(taken) > MIN_RTT_WINDOW;
+                let suspect = self.srtt > path_min * SUSPECT_RATIO
+                    && self.srtt >= path_min + STRETCH_MARGIN
+                    && self.last_probe.is_none_or(|t| now.saturating_duration_since(t) >= SUSPECT_INTERVAL);
+                if due || suspect {
+                    // A due probe holds as BBR's does; a suspect one for one RTT of the longer path.
+                    let hold = if due { PROBE_HOLD.max(path_min) } else { self.srtt + self.srtt / 4 };
+                    self.probe = Probe::Draining(hold);
+                    self.probe_min = None;
+                    self.last_probe = Some(now);
+                }
+            }
+            Probe::Draining(hold) if in_flight <= self.clean_limit() => {
+                self.probe = Probe::Holding(now + hold);
+            }
+            Probe::Holding(until) if now >= until => {
+                self.probe = Probe::Off;
+                // Lower samples already replaced the minimum; samples all above it mean the path
+                // got longer (the pipe was drained: no queue of ours in them). Either way the
+                // probe confirmed the minimum, and the next due probe is a window away.
+                let min = match self.probe_min.take() {
+                    Some(probed) if probed > path_min => probed,
+                    _ => path_min,
+                };
+                self.path_min = Some((min, now));
+            }
+            _ => {}
+        }
+    }
+
+    /// Persistent congestion: the bandwidth samples no longer describe the path.
+    pub fn on_persistent_congestion(&mut self) {
+        self.bw = [0; BW_ROUNDS];
+    }
+
+    pub fn on_mtu_update(&mut self, mtu: u16) {
+        self.mtu = u64::from(mtu);
+    }
+
+    fn max_bw(&self) -> u64 {
+        self.bw.iter().copied().max().unwrap_or(0)
+    }
+
+    /// The window to use given quinn's.
+    pub fn window(&self, bbr_window: u64) -> u64 {
+        if self.probe != Probe::Off {
+            return self.clean_limit();
+        }
+        if !self.stretched {
+            return bbr_window;
+        }
+        let path_min = self.path_min.map(|(m, _)| m).unwrap_or_default();
+        let bdp = self.max_bw() as f64 * path_min.as_secs_f64();
+        bbr_window.max((CWND_GAIN * bdp) as u64).max(self.clean_limit())
+    }
+
+    /// The path minimum RTT, if any clean sample was taken.
+    pub fn path_min_rtt(&self) -> Option<Duration> {
+        self.path_min.map(|(m, _)| m)
+    }
+
+    pub fn stretched(&self) -> bool {
+        self.stretched
+    }
+}
+
+/// quinn's BBR with [`PathModel`]'s path minimum RTT. See the module documentation.
+pub struct PathBbr {
+    bbr: Box<dyn Controller>,
+    model: PathModel,
+}
+
+impl PathBbr {
+    pub fn model(&self) -> &PathModel {
+        &self.model
+    }
+}
+
+impl Controller for PathBbr {
+    fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
+        self.bbr.on_sent(now, bytes, last_packet_number);
+        self.model.on_sent(bytes);
+    }
+
+    fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
+        self.bbr.on_ack(now, sent, bytes, app_limited, rtt);
+        self.model.on_ack(now, sent, bytes, app_limited, rtt.min(), rtt.get());
+    }
+
+    fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool, largest: Option<u64>) {
+        self.bbr.on_end_acks(now, in_flight, app_limited, largest);
+        self.model.on_end_acks(now, in_flight, app_limited);
+    }
+
+    fn on_congestion_event(&mut self, now: Instant, sent: Instant, persistent: bool, lost_bytes: u64) {
+        self.bbr.on_congestion_event(now, sent, persistent, lost_bytes);
+        if persistent {
+            self.model.on_persistent_congestion();
+        }
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.bbr.on_mtu_update(new_mtu);
+        self.model.on_mtu_update(new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        self.model.window(self.bbr.window())
+    }
+
+    fn metrics(&self) -> ControllerMetrics {
+        let mut m = self.bbr.metrics();
+        m.congestion_window = self.window();
+        m
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(Self { bbr: self.bbr.clone_box(), model: self.model.clone() })
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.bbr.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
+
+/// Builds [`PathBbr`] controllers with quinn's default BBR configuration.
+#[derive(Debug, Default)]
+pub struct PathBbrConfig {
+    bbr: BbrConfig,
+}
+
+impl ControllerFactory for PathBbrConfig {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        let bbr: Box<dyn Controller> = Box::new(Bbr::new(Arc::new(self.bbr.clone()), current_mtu));
+        Box::new(PathBbr { bbr, model: PathModel::new(now, current_mtu) })
+    }
+}
+
+/// The path minimum RTT of a connection using [`PathBbr`], and whether its window is stretched.
+pub fn path_state(conn: &quinn::Connection) -> Option<(Duration, bool)> {
+    let any = conn.congestion_state().into_any();
+    let c = any.downcast::<PathBbr>().ok()?;
+    Some((c.model.path_min_rtt()?, c.model.stretched()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MTU: u16 = 1200;
+    const PKT: u64 = 1200;
+
+    /// Drives the model like a sender on a path of `rtt` and `rate` bytes/s with the window the
+    /// model allows, for `dur`; returns the end time. quinn's window is `bbr`, except in its
+    /// ProbeRTT: 4 packets for the last 300 ms of every 10 s of the run.
+    fn run(m: &mut PathModel, start: Instant, dur: Duration, rtt: Duration, rate: u64, bbr: u64) -> Instant {
+        let bbr_at = |now: Instant| {
+            if now.duration_since(start).as_millis() % 10_000 >= 9_700 {
+                4 * PKT
+            } else {
+                bbr
+            }
+        };
+        // Packets in flight, as (sent, due) where due = sent + rtt + queueing at the bottleneck.
+        let mut flight: std::collections::VecDeque<(Instant, Instant)> = Default::default();
+        let tick = Duration::from_micros(200);
+        let per_tick = ((rate as f64 * tick.as_secs_f64()) / PKT as f64).max(1.0) as usize;
+        let mut now = start;
+        let mut link_free = start;
+        let mut srtt = rtt;
+        while now < start + dur {
+            let mut acked = false;
+            while flight.front().is_some_and(|&(_, due)| due <= now) {
+                let (sent, _) = flight.pop_front().unwrap();
+                srtt = (srtt * 7 + (now - sent)) / 8;
+                m.on_ack(now, sent, PKT, false, Duration::from_micros(100), srtt);
+                acked = true;
+            }
+            if acked {
+                m.on_end_acks(now, flight.len() as u64 * PKT, false);
+            }
+            let mut sent_now = 0;
+            while (flight.len() as u64 + 1) * PKT <= m.window(bbr_at(now)) && sent_now < per_tick * 4 {
+                // The bottleneck serialises packets at `rate`: a standing queue delays them.
+                link_free = link_free.max(now) + Duration::from_secs_f64(PKT as f64 / rate as f64);
+                flight.push_back((now, link_free + rtt));
+                m.on_sent(PKT);
+                sent_now += 1;
+            }
+            now += tick;
+        }
+        now
+    }
+
+    #[test]
+    fn a_path_that_never_grew_keeps_quinns_window() {
+        let t0 = Instant::now();
+        let mut m = PathModel::new(t0, MTU);
+        run(&mut m, t0, Duration::from_secs(3), Duration::from_micros(100), 100_000_000, 64 * PKT);
+        assert!(!m.stretched());
+        assert_eq!(m.window(64 * PKT), 64 * PKT);
+    }
+
+    #[test]
+    fn a_busy_connection_follows_a_longer_path_within_three_seconds() {
+        let t0 = Instant::now();
+        let mut m = PathModel::new(t0, MTU);
+        let rate = 50_000_000; // 400 Mbit/s
+        let t = run(&mut m, t0, Duration::from_secs(1), Duration::from_micros(100), rate, 16 * PKT);
+        // The path becomes 50 ms long; quinn's window stays sized for 0.1 ms (16 packets), and the
+        // connection stays busy: only a suspect probe gives clean samples before BBR's own ProbeRTT.
+        let t = run(&mut m, t, Duration::from_secs(3), Duration::from_millis(50), rate, 16 * PKT);
+        assert!(m.stretched());
+        let min = m.path_min_rtt().unwrap();
+        assert!(min >= Duration::from_millis(50) && min < Duration::from_millis(60), "path min {min:?}");
+        // About 2 × BDP (2.5 MB at 50 ms): far above quinn's 19 KB.
+        let w = m.window(16 * PKT);
+        assert!(w > 3_000_000 && w < 8_000_000, "window {w}");
+        // Keep going: the window stays bounded and the minimum does not creep up with the queue.
+        run(&mut m, t, Duration::from_secs(25), Duration::from_millis(50), rate, 16 * PKT);
+        let min = m.path_min_rtt().unwrap();
+        assert!(min < Duration::from_millis(60), "path min crept up to {min:?}");
+        let w = m.window(16 * PKT);
+        assert!(w < 8_000_000, "window ran away: {w}");
+    }
+
+    #[test]
+    fn an_idle_connection_notices_a_longer_path_within_two_seconds() {
+        // Pings every 100 ms, answered at once (no data: the connection is application-limited).
+        let t0 = Instant::now();
+        let mut m = PathModel::new(t0, MTU);
+        let ping = |m: &mut PathModel, at: Instant, rtt: Duration| {
+            m.on_sent(40);
+            m.on_ack(at + rtt, at, 40, true, Duration::from_micros(100), rtt);
+            m.on_end_acks(at + rtt, 0, true);
+        };
+        let mut at = t0;
+        for _ in 0..50 {
+            ping(&mut m, at, Duration::from_micros(100));
+            at += Duration::from_millis(100);
+        }
+        assert!(!m.stretched());
+        let longer = at;
+        while !m.stretched() {
+            ping(&mut m, at, Duration::from_millis(30));
+            at += Duration::from_millis(100);
+            assert!(at - longer < Duration::from_secs(2), "not stretched after {:?}", at - longer);
+        }
+        assert_eq!(m.path_min_rtt(), Some(Duration::from_millis(30)));
+    }
+
+    #[test]
+    fn a_path_that_shortens_again_returns_to_quinns_window() {
+        let t0 = Instant::now();
+        let mut m = PathModel::new(t0, MTU);
+        let rate = 20_000_000;
+        let t = run(&mut m, t0, Duration::from_secs(11), Duration::from_millis(20), rate, 16 * PKT);
+        assert!(m.stretched());
+        // Back to 0.1 ms: a lower clean sample is taken at once, the stretch ends.
+        run(&mut m, t, Duration::from_secs(12), Duration::from_micros(100), rate, 16 * PKT);
+        assert!(!m.stretched());
+        assert_eq!(m.window(16 * PKT), 16 * PKT);
+    }
+}
