@@ -9,32 +9,72 @@ use std::time::Duration;
 use anyhow::Context;
 use causeway_overlay::metrics::Metrics;
 use causeway_overlay::{Credentials, Mesh, MeshConfig, TrustBundle};
-use causeway_protocol::ServiceName;
+use causeway_protocol::{ServiceName, TrustDomain};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{Admin, AdminState};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, TlsPaths};
 use crate::listeners::ImportListener;
 
 /// Reads the TLS files a configuration names and checks that our own identity is in its trust domain.
 /// Errors carry the key path of the offending file.
 pub fn load_tls(cfg: &Config) -> Result<(Credentials, TrustBundle), Vec<ConfigError>> {
+    load_tls_files(&cfg.tls, &cfg.trust_domain)
+}
+
+fn load_tls_files(paths: &TlsPaths, td: &TrustDomain) -> Result<(Credentials, TrustBundle), Vec<ConfigError>> {
     let err = |path: &str, reason: String| vec![ConfigError { path: path.into(), reason }];
     let read = |path: &str, p: &std::path::Path| {
         std::fs::read(p).map_err(|e| err(path, format!("cannot read {}: {e}", p.display())))
     };
-    let cert = read("tls.cert", &cfg.tls.cert)?;
-    let key = read("tls.key", &cfg.tls.key)?;
-    let bundle = read("tls.bundle", &cfg.tls.bundle)?;
+    let cert = read("tls.cert", &paths.cert)?;
+    let key = read("tls.key", &paths.key)?;
+    let bundle = read("tls.bundle", &paths.bundle)?;
     let creds = crate::certs::credentials_from_pem(&cert, &key).map_err(|e| err("tls.cert", format!("{e:#}")))?;
     let id = creds.identity().map_err(|e| err("tls.cert", e.to_string()))?;
-    if id.trust_domain() != cfg.trust_domain {
-        return Err(err("tls.cert", format!("certificate identity {id} is not in trust_domain {}", cfg.trust_domain)));
+    if id.trust_domain() != *td {
+        return Err(err("tls.cert", format!("certificate identity {id} is not in trust_domain {td}")));
     }
     let bundle = crate::certs::bundle_from_pem(&bundle).map_err(|e| err("tls.bundle", format!("{e:#}")))?;
     Ok((creds, bundle))
+}
+
+/// Re-reads the certificate, key and bundle every `interval`. A changed set that loads and passes
+/// [`Mesh::update_tls`] is used for every later handshake (and peer connections are replaced
+/// make-before-break when the leaf changed); anything else is refused with its reason, logged and
+/// counted, and the certificate in use keeps serving. Files are compared by content, so a
+/// Kubernetes Secret's symlink swap and an in-place rewrite are both seen; a half-written pair
+/// (new certificate, old key) is refused and picked up once complete.
+async fn watch_tls(paths: TlsPaths, td: TrustDomain, mesh: Mesh, stop: CancellationToken) {
+    let snapshot = || [&paths.cert, &paths.key, &paths.bundle].map(|p| std::fs::read(p).ok());
+    let mut seen = snapshot();
+    let mut tick = tokio::time::interval(paths.watch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = snapshot();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match load_tls_files(&paths, &td) {
+            Ok((creds, bundle)) => match mesh.update_tls(creds, bundle) {
+                Ok(leaf_changed) => tracing::info!(leaf_changed, "tls.reloaded"),
+                Err(e) => tracing::error!(error = %e, "tls.reload.refused"),
+            },
+            Err(errors) => {
+                mesh.tls_refused();
+                for e in errors {
+                    tracing::error!(path = %e.path, reason = %e.reason, "tls.reload.refused");
+                }
+            }
+        }
+    }
 }
 
 /// A running gateway.
@@ -96,6 +136,7 @@ impl Gateway {
         };
         let overlay_addr = mesh.local_addr();
         tasks.spawn(mesh.clone().run());
+        tokio::spawn(watch_tls(cfg.tls.clone(), cfg.trust_domain.clone(), mesh.clone(), mesh_stopped(&mesh)));
         tasks.close();
         ready.store(true, Ordering::Relaxed);
         tracing::info!(

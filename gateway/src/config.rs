@@ -120,6 +120,7 @@ pub struct RawImport {
 pub struct RawTiming {
     pub ping_interval: Option<String>,
     pub peer_timeout: Option<String>,
+    pub peer_close_timeout: Option<String>,
     pub handshake_timeout: Option<String>,
     pub flow_connect_timeout: Option<String>,
     pub backend_connect_timeout: Option<String>,
@@ -130,6 +131,7 @@ pub struct RawTiming {
     pub drain_timeout: Option<String>,
     pub keep_alive: Option<String>,
     pub idle_timeout: Option<String>,
+    pub tls_watch_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -215,7 +217,12 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub bundle: PathBuf,
+    /// How often the gateway re-reads the three files for a rotated certificate or bundle.
+    pub watch_interval: Duration,
 }
+
+/// Default of `timing.tls_watch_interval`.
+pub const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Reads and validates a file. Relative TLS paths are resolved against the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -450,6 +457,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         .collect();
 
     let mut timing = Timing::default();
+    let mut tls_watch = TLS_WATCH_INTERVAL;
     {
         let t = &raw.timing;
         let mut set = |key: &str, v: &Option<String>, slot: &mut Duration| {
@@ -465,6 +473,11 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         };
         set("ping_interval", &t.ping_interval, &mut timing.ping_interval);
         set("peer_timeout", &t.peer_timeout, &mut timing.peer_timeout);
+        set("peer_close_timeout", &t.peer_close_timeout, &mut timing.peer_close_timeout);
+        if t.peer_close_timeout.is_none() {
+            // Unset: follow a longer peer_timeout rather than refuse it.
+            timing.peer_close_timeout = timing.peer_close_timeout.max(timing.peer_timeout * 2);
+        }
         set("handshake_timeout", &t.handshake_timeout, &mut timing.handshake_timeout);
         set("flow_connect_timeout", &t.flow_connect_timeout, &mut timing.flow_connect_timeout);
         set("backend_connect_timeout", &t.backend_connect_timeout, &mut timing.backend_connect_timeout);
@@ -476,12 +489,19 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         let mut tr: Timers = timing.transport;
         set("keep_alive", &t.keep_alive, &mut tr.keep_alive);
         set("idle_timeout", &t.idle_timeout, &mut tr.idle_timeout);
+        set("tls_watch_interval", &t.tls_watch_interval, &mut tls_watch);
         timing.transport = tr;
     }
     if timing.peer_timeout <= timing.ping_interval {
         e.push(
             "timing.peer_timeout",
             "must be longer than timing.ping_interval (a peer is declared down after missing pings)",
+        );
+    }
+    if timing.peer_close_timeout <= timing.peer_timeout {
+        e.push(
+            "timing.peer_close_timeout",
+            "must be longer than timing.peer_timeout (a silent peer is routed around first, closed later)",
         );
     }
     if timing.backoff_max < timing.backoff_min {
@@ -513,7 +533,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             zone,
             gateway,
             trust_domain,
-            tls: TlsPaths { cert: raw.tls.cert.clone(), key: raw.tls.key.clone(), bundle: raw.tls.bundle.clone() },
+            tls: TlsPaths {
+                cert: raw.tls.cert.clone(),
+                key: raw.tls.key.clone(),
+                bundle: raw.tls.bundle.clone(),
+                watch_interval: tls_watch,
+            },
             overlay,
             admin,
             peers,
@@ -583,6 +608,10 @@ timing: { ping_interval: 100ms, peer_timeout: 500ms }
 
     #[test]
     fn refuses_inconsistent_timers() {
+        let longer = parse(&GOOD.replace("peer_timeout: 500ms", "peer_timeout: 4s")).unwrap();
+        assert_eq!(longer.timing.peer_close_timeout, Duration::from_secs(8));
+        let errs = parse(&GOOD.replace("peer_timeout: 500ms", "peer_timeout: 4s, peer_close_timeout: 2s")).unwrap_err();
+        assert_eq!(errs[0].path, "timing.peer_close_timeout");
         let bad = GOOD.replace("peer_timeout: 500ms", "peer_timeout: 50ms");
         let errs = parse(&bad).unwrap_err();
         assert_eq!(errs[0].path, "timing.peer_timeout");

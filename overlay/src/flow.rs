@@ -25,7 +25,7 @@ use crate::metrics::{
     FLOW_EARLY_BYTES, INBOUND_FLOWS,
 };
 use crate::relay::{self, Counters, Outcome};
-use crate::routes::Target;
+use crate::routes::{PeerState, Target};
 
 /// Who opened a flow.
 #[derive(Debug, Clone)]
@@ -122,7 +122,7 @@ pub type ServerStream = h3::server::RequestStream<crate::h3q::BidiStream, Bytes>
 #[allow(clippy::large_enum_variant)]
 enum Upstream {
     Local(TcpStream, SocketAddr),
-    Remote(relay::ClientSend, relay::ClientRecv, ZoneName, Identity),
+    Remote(relay::ClientSend, relay::ClientRecv, ZoneName, Identity, Option<crate::mesh::ConnFlow>),
 }
 
 impl Downstream {
@@ -183,12 +183,18 @@ impl Mesh {
                 log.peer = addr.to_string();
                 self.0.zone.clone()
             }
-            Upstream::Remote(_, _, zone, id) => {
+            Upstream::Remote(_, _, zone, id, _) => {
                 log.peer = id.to_string();
                 zone.clone()
             }
         };
         log.zone = zone.to_string();
+        // Keeps a replaced peer connection open until this flow ends.
+        let mut upstream = upstream;
+        let _on_conn = match &mut upstream {
+            Upstream::Remote(.., held) => held.take(),
+            Upstream::Local(..) => None,
+        };
         let labels = [("service", service.as_str()), ("zone", zone.as_str())];
         let m = &self.0.metrics;
         m.counter(FLOWS_OPENED, &labels).increment(1);
@@ -264,7 +270,7 @@ impl Mesh {
                     .map_err(|e| (e, e.as_str())),
                 Target::Peer(id) => Box::pin(self.open_remote(service, &id, source, &log.trace, &early))
                     .await
-                    .map(|(tx, rx, zone)| Upstream::Remote(tx, rx, zone, id))
+                    .map(|(tx, rx, zone, held)| Upstream::Remote(tx, rx, zone, id, Some(held)))
                     .map_err(|e| match e {
                         AttemptError::Refused(e) => (e, e.as_str()),
                         AttemptError::Unreachable(why) => (FlowError::BackendRefused, why),
@@ -313,16 +319,17 @@ impl Mesh {
         source: &Source,
         trace: &TraceParent,
         early: &Bytes,
-    ) -> Result<(relay::ClientSend, relay::ClientRecv, ZoneName), AttemptError> {
-        let (mut requests, zone, port) = {
+    ) -> Result<(relay::ClientSend, relay::ClientRecv, ZoneName, crate::mesh::ConnFlow), AttemptError> {
+        let (mut requests, zone, port, held) = {
             let routes = self.routes();
             let entry = routes.peer(peer).ok_or(AttemptError::Unreachable("peer_down"))?;
             let zone = entry.zone.clone().ok_or(AttemptError::Unreachable("peer_down"))?;
             let port = entry.services.get(service).map(|a| a.port).unwrap_or(0);
             drop(routes);
             let conns = self.conns();
-            let req = conns.get(peer).and_then(|c| c.requests.clone()).ok_or(AttemptError::Unreachable("peer_down"))?;
-            (req, zone, port)
+            let c = conns.get(peer).ok_or(AttemptError::Unreachable("peer_down"))?;
+            let req = c.requests.clone().ok_or(AttemptError::Unreachable("peer_down"))?;
+            (req, zone, port, crate::mesh::ConnFlow::new(&c.flows))
         };
         let req = http::Request::connect(format!("{service}:{port}"))
             .header(SOURCE_IDENTITY, source.identity.as_str())
@@ -349,10 +356,26 @@ impl Mesh {
             }
             Ok(stream.split())
         };
-        match tokio::time::timeout(self.0.timing.flow_connect_timeout, attempt).await {
-            Ok(Ok((tx, rx))) => Ok((tx, rx, zone)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(AttemptError::Unreachable("connect_timeout")),
+        // A peer that goes silent meanwhile (or drains) will not answer in time: move on at once
+        // rather than at the connect timeout.
+        let mut changed = self.0.services_changed.subscribe();
+        let gone = async {
+            loop {
+                if changed.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if self.routes().peer(peer).is_none_or(|e| e.state != PeerState::Up) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = tokio::time::timeout(self.0.timing.flow_connect_timeout, attempt) => match r {
+                Ok(Ok((tx, rx))) => Ok((tx, rx, zone, held)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(AttemptError::Unreachable("connect_timeout")),
+            },
+            _ = gone => Err(AttemptError::Unreachable("peer_silent")),
         }
     }
 
@@ -442,6 +465,7 @@ pub(crate) async fn serve_inbound(
     req: Box<http::Request<()>>,
     mut stream: Box<h3::server::RequestStream<crate::h3q::BidiStream, Bytes>>,
     peer: Identity,
+    _on_conn: crate::mesh::ConnFlow,
 ) {
     let start = Instant::now();
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();

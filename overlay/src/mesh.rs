@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use causeway_protocol::control::{Protocol, ServiceAd};
+use causeway_protocol::limits::CONTROL_SILENCE_SECS;
 use causeway_protocol::{GatewayId, Identity, ServiceName, ZoneName};
 use serde_json::json;
 use tokio::sync::{watch, Notify};
@@ -19,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::h3q::Opener;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TLS_LEAF_NOT_AFTER, TLS_RELOADS};
 use crate::routes::{PeerState, RouteTable};
 use crate::tls::{Credentials, TlsError, TlsFactory, TrustBundle};
 use crate::transport::{self, EndpointError, Timers};
@@ -51,8 +52,11 @@ pub struct Export {
 pub struct Timing {
     /// Control-stream ping period.
     pub ping_interval: Duration,
-    /// A peer silent for this long is declared down and its connection closed.
+    /// A peer silent for this long gets no new flows (routing moves at once) ...
     pub peer_timeout: Duration,
+    /// ... and its connection is closed after this long, resetting the flows still on it. Longer, so
+    /// a WAN blackhole of a few seconds costs no connection; a peer heard again is routed to again.
+    pub peer_close_timeout: Duration,
     /// QUIC + TLS handshake, and the control stream's hello exchange.
     pub handshake_timeout: Duration,
     /// Waiting for a peer's response to a flow's CONNECT before trying another zone.
@@ -75,6 +79,7 @@ impl Default for Timing {
         Self {
             ping_interval: Duration::from_millis(100),
             peer_timeout: Duration::from_millis(500),
+            peer_close_timeout: Duration::from_secs(CONTROL_SILENCE_SECS),
             handshake_timeout: Duration::from_secs(5),
             flow_connect_timeout: Duration::from_secs(3),
             backend_connect_timeout: Duration::from_secs(2),
@@ -121,6 +126,26 @@ pub(crate) struct PeerConn {
     pub conn: quinn::Connection,
     pub dialed: bool,
     pub requests: Option<h3::client::SendRequest<Opener, Bytes>>,
+    /// Flows on this connection, both directions: a replaced connection closes once it has none.
+    pub flows: Arc<AtomicUsize>,
+    /// Our leaf when the connection was made: a newer one means the connection is to be replaced.
+    pub local_leaf: rustls::pki_types::CertificateDer<'static>,
+}
+
+/// Counts one flow on a peer connection while it lives.
+pub(crate) struct ConnFlow(Arc<AtomicUsize>);
+
+impl ConnFlow {
+    pub fn new(flows: &Arc<AtomicUsize>) -> Self {
+        flows.fetch_add(1, Ordering::Relaxed);
+        Self(flows.clone())
+    }
+}
+
+impl Drop for ConnFlow {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What this gateway offers, as advertised to peers.
@@ -168,9 +193,13 @@ pub(crate) struct Inner {
     pub conn_changed: Notify,
     pub exports: BTreeMap<ServiceName, LocalService>,
     pub catalog: watch::Sender<Arc<LocalCatalog>>,
-    /// Bumped whenever the set of services known in the mesh may have changed (a peer's catalog
-    /// applied, a peer up, our own exports republished): what redirector catalog streams wait on.
+    /// Bumped whenever routes may have changed (a peer's catalog applied, a peer up, silent or
+    /// heard again, our own exports republished): what redirector catalog streams and flows
+    /// waiting for a peer's answer wait on.
     pub services_changed: watch::Sender<u64>,
+    /// Bumped when our certificate changed: every dialable peer connection is replaced,
+    /// make-before-break.
+    pub refresh: watch::Sender<u64>,
     /// When [`Mesh::bind`] ran: bounds how long redirectors wait for the first catalogs.
     pub started: std::time::Instant,
     pub metrics: Metrics,
@@ -188,7 +217,10 @@ impl Mesh {
     /// Binds the overlay's UDP socket. Fails on unusable credentials or an address in use.
     pub fn bind(cfg: MeshConfig) -> Result<Self, MeshError> {
         let identity = cfg.credentials.identity()?;
-        let tls = TlsFactory::new(cfg.credentials, cfg.bundle, cfg.metrics.clone());
+        let tls = TlsFactory::new(cfg.credentials, cfg.bundle, cfg.metrics.clone())?;
+        if let Some(t) = crate::tls::not_after(&tls.leaf()) {
+            cfg.metrics.gauge(TLS_LEAF_NOT_AFTER, &[]).set(t as f64);
+        }
         let allowed = Arc::new(RwLock::new(crate::tls::AllowedSet {
             peers: cfg.peers.iter().map(|p| p.id.clone()).collect::<HashSet<Identity>>(),
             redirector_prefixes: cfg.redirectors,
@@ -239,6 +271,7 @@ impl Mesh {
             exports,
             catalog: watch::channel(Arc::new(catalog)).0,
             services_changed: watch::channel(0).0,
+            refresh: watch::channel(0).0,
             started: std::time::Instant::now(),
             metrics: cfg.metrics,
             shutdown: CancellationToken::new(),
@@ -247,6 +280,12 @@ impl Mesh {
             active_flows: AtomicU32::new(0),
         };
         Ok(Self(Arc::new(inner)))
+    }
+
+    /// QUIC connections open on the overlay endpoint (peers, replaced ones still finishing, and
+    /// redirectors).
+    pub fn open_connections(&self) -> usize {
+        self.0.endpoint.open_connections()
     }
 
     /// The UDP address the overlay is bound to.
@@ -331,6 +370,35 @@ impl Mesh {
             }
         }
         out
+    }
+
+    /// Uses a new certificate and trust bundle for every later handshake (rotation). When the leaf
+    /// changed, every peer connection this gateway can dial is replaced make-before-break: a new
+    /// connection takes new flows, the old one closes once its flows have ended. Peers that only
+    /// dial us replace theirs when they see our new leaf on their next connection. Refused (the old
+    /// ones stay) for another identity or a bundle that does not hold our leaf's CA.
+    pub fn update_tls(&self, creds: Credentials, bundle: TrustBundle) -> Result<bool, TlsError> {
+        let before = self.0.tls.leaf();
+        if let Err(e) = self.0.tls.update(creds, bundle) {
+            self.tls_refused();
+            return Err(e);
+        }
+        self.0.metrics.counter(TLS_RELOADS, &[("result", "ok")]).increment(1);
+        let leaf = self.0.tls.leaf();
+        if let Some(t) = crate::tls::not_after(&leaf) {
+            self.0.metrics.gauge(TLS_LEAF_NOT_AFTER, &[]).set(t as f64);
+        }
+        let changed = leaf != before;
+        if changed {
+            self.0.refresh.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        Ok(changed)
+    }
+
+    /// Counts a certificate or bundle update refused before it reached [`Mesh::update_tls`]
+    /// (unreadable or unparsable files).
+    pub fn tls_refused(&self) {
+        self.0.metrics.counter(TLS_RELOADS, &[("result", "refused")]).increment(1);
     }
 
     /// Signals redirector catalog streams that [`Mesh::known_services`] may have changed.

@@ -11,6 +11,10 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, 
 pub const PEER_HANDSHAKE_FAILURES: &str = "causeway_peer_handshake_failures_total";
 pub const PEER_CONNECTS: &str = "causeway_peer_connects_total";
 pub const PEER_UP: &str = "causeway_peer_up";
+pub const PEER_SILENCES: &str = "causeway_peer_silences_total";
+pub const TLS_RELOADS: &str = "causeway_tls_reloads_total";
+pub const TLS_LEAF_NOT_AFTER: &str = "causeway_tls_leaf_not_after_seconds";
+pub const PEER_REPLACED: &str = "causeway_peer_connections_replaced_total";
 pub const PEER_RTT: &str = "causeway_peer_rtt_seconds";
 pub const PEER_CWND: &str = "causeway_peer_cwnd_bytes";
 pub const PEER_PATH_MIN_RTT: &str = "causeway_peer_path_min_rtt_seconds";
@@ -88,6 +92,18 @@ impl Metrics {
         c(PEER_HANDSHAKE_FAILURES, None, "Peer TLS handshakes refused, by reason.");
         c(PEER_CONNECTS, None, "Peer connections established or failed, by peer zone, direction and result.");
         g(PEER_UP, None, "1 while a peer's connection is up and its control stream live.");
+        c(TLS_RELOADS, None, "Certificate and trust-bundle reloads from the watched files, by result (ok, refused).");
+        g(TLS_LEAF_NOT_AFTER, Some(Unit::Seconds), "Expiry of the leaf certificate in use (Unix time).");
+        c(
+            PEER_REPLACED,
+            None,
+            "Peer connections replaced make-before-break after a certificate changed on either side.",
+        );
+        c(
+            PEER_SILENCES,
+            None,
+            "Times a peer went silent past timing.peer_timeout (routed around; closed only after peer_close_timeout).",
+        );
         g(PEER_RTT, Some(Unit::Seconds), "Smoothed round-trip time to a peer.");
         c(PEER_CONTROL_ERRORS, None, "Peer connections closed for a control-protocol error, by code.");
         c(FLOWS_OPENED, None, "Flows opened by a local client, by service and serving zone.");

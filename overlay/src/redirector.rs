@@ -102,7 +102,7 @@ pub enum RedirectorError {
 impl Redirector {
     pub fn new(cfg: RedirectorConfig) -> Result<Self, RedirectorError> {
         let identity = cfg.credentials.identity()?;
-        let tls = TlsFactory::new(cfg.credentials.clone(), cfg.bundle.clone(), cfg.metrics.clone());
+        let tls = TlsFactory::new(cfg.credentials.clone(), cfg.bundle.clone(), cfg.metrics.clone())?;
         // A dual-stack socket reaches IPv4 and IPv6 gateways alike.
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
             .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))?;

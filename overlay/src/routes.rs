@@ -30,6 +30,10 @@ pub enum PeerState {
     Up,
     /// Said goodbye: existing flows finish, new flows go elsewhere.
     Draining,
+    /// Connected but silent for longer than `peer_timeout`: new flows go elsewhere; the connection
+    /// is kept (a WAN blackhole may end) until `peer_close_timeout`, and a word from the peer
+    /// makes it Up again.
+    Silent,
 }
 
 impl PeerState {
@@ -38,6 +42,7 @@ impl PeerState {
             PeerState::Down => "down",
             PeerState::Up => "up",
             PeerState::Draining => "draining",
+            PeerState::Silent => "silent",
         }
     }
 }
@@ -107,14 +112,18 @@ impl RouteTable {
         self.local.values()
     }
 
-    /// A peer's hello was accepted: it is up, with an empty catalog until its snapshot arrives.
+    /// A peer's hello was accepted: it is up, with an empty catalog until its snapshot arrives —
+    /// unless it was up already (a connection replacing another, make-before-break): then its
+    /// catalog stands until the new snapshot replaces it, so no flow finds it missing meanwhile.
     pub fn peer_up(&mut self, id: &Identity, zone: ZoneName, gateway: GatewayId) {
         let e = self.peers.entry(id.clone()).or_insert_with(PeerEntry::new);
+        if e.state == PeerState::Down || e.zone.as_ref() != Some(&zone) {
+            e.services.clear();
+        }
         e.zone = Some(zone);
         e.gateway = Some(gateway);
         e.state = PeerState::Up;
         e.version = 0;
-        e.services.clear();
         e.pending = None;
     }
 
@@ -130,6 +139,24 @@ impl RouteTable {
         if let Some(e) = self.peers.get_mut(id) {
             if e.state == PeerState::Up {
                 e.state = PeerState::Draining;
+            }
+        }
+    }
+
+    /// The peer has been silent too long: no new flows until it is heard again.
+    pub fn peer_silent(&mut self, id: &Identity) {
+        if let Some(e) = self.peers.get_mut(id) {
+            if e.state == PeerState::Up {
+                e.state = PeerState::Silent;
+            }
+        }
+    }
+
+    /// A silent peer spoke again.
+    pub fn peer_heard(&mut self, id: &Identity) {
+        if let Some(e) = self.peers.get_mut(id) {
+            if e.state == PeerState::Silent {
+                e.state = PeerState::Up;
             }
         }
     }
@@ -247,6 +274,21 @@ mod tests {
             t.apply(&id(p), &snapshot(1, vec![ad("orders.shop", 1)])).unwrap();
         }
         t
+    }
+
+    #[test]
+    fn a_silent_peer_gets_no_new_flows_until_heard_and_keeps_its_catalog() {
+        let mut t = table();
+        t.peer_silent(&id("c"));
+        assert_eq!(t.peer(&id("c")).unwrap().state, PeerState::Silent);
+        assert_eq!(t.candidates(&svc("orders.shop")), vec![Target::Peer(id("b"))]);
+        t.peer_heard(&id("c"));
+        assert_eq!(t.candidates(&svc("orders.shop")), vec![Target::Peer(id("c")), Target::Peer(id("b"))]);
+        // A draining peer stays draining: silence does not make it Up again when heard.
+        t.peer_draining(&id("b"));
+        t.peer_silent(&id("b"));
+        t.peer_heard(&id("b"));
+        assert_eq!(t.peer(&id("b")).unwrap().state, PeerState::Draining);
     }
 
     #[test]

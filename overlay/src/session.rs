@@ -10,6 +10,7 @@
 //!    has been silent for `peer_timeout`.
 
 use std::future::poll_fn;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use causeway_protocol::control::{
     self, features, Catalog, Decoder, Event, Goodbye, Hello, Load, Message, Ping, ServiceUpdate, ServiceWithdraw,
 };
 use causeway_protocol::flow::CONTROL_AUTHORITY;
-use causeway_protocol::limits::{CONTROL_FRAME_DEADLINE_SECS, CONTROL_SILENCE_SECS, MAX_SERVICES_PER_FRAME};
+use causeway_protocol::limits::{CONTROL_FRAME_DEADLINE_SECS, MAX_SERVICES_PER_FRAME};
 use causeway_protocol::{ErrorCode, Identity};
 use rand::Rng;
 use tokio::sync::oneshot;
@@ -26,10 +27,10 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::h3q;
-use crate::mesh::{LocalCatalog, Mesh, PeerConn, PeerSpec};
+use crate::mesh::{ConnFlow, LocalCatalog, Mesh, PeerConn, PeerSpec};
 use crate::metrics::{
-    H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND, PEER_PATH_MIN_RTT, PEER_RTT,
-    PEER_UP, PEER_WINDOW_STRETCHED,
+    H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND, PEER_PATH_MIN_RTT,
+    PEER_REPLACED, PEER_RTT, PEER_SILENCES, PEER_UP, PEER_WINDOW_STRETCHED,
 };
 use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
@@ -81,6 +82,12 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
     let t = mesh.0.timing;
     let mut backoff = Backoff::new(t.backoff_min, t.backoff_max);
     let peer_zone = spec.zone.as_ref().map(|z| z.to_string()).unwrap_or_default();
+    let mut refresh = mesh.0.refresh.subscribe();
+    // When the connection this loop last established was registered.
+    let mut connected: Option<Instant> = None;
+    // Our certificate changed and the connection up was made with the old one: replace it (kept
+    // until a replacement is registered, so a failed dial is retried after the backoff).
+    let mut replace = false;
     loop {
         let changed = mesh.0.conn_changed.notified();
         tokio::pin!(changed);
@@ -88,13 +95,34 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
         if mesh.0.shutdown.is_cancelled() || mesh.is_draining() {
             return;
         }
-        if mesh.conns().contains_key(&spec.id) {
+        // With a connection up, wait for it to end, or for our certificate to change (then a new
+        // connection replaces it, make-before-break).
+        let up = mesh.conns().contains_key(&spec.id);
+        if !up {
+            replace = false;
+        }
+        if up && !replace {
             tokio::select! {
                 _ = changed => continue,
+                r = refresh.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    replace = true;
+                }
                 _ = mesh.0.shutdown.cancelled() => return,
             }
+        } else if let Some(since) = connected.filter(|_| !up) {
+            connected = None;
+            // The connection ended. One that lived long was healthy: redial at once, from the
+            // shortest delay; one that did not backs off like a failed dial.
+            if since.elapsed() > t.backoff_max {
+                backoff.reset();
+            } else if !sleep_or_shutdown(&mesh, backoff.next()).await {
+                return;
+            }
+            continue;
         }
-        let started = Instant::now();
         // A connection the peer dialed may complete while our own dial is still retransmitting its
         // Initial; then our dial is abandoned rather than completed as a duplicate.
         let changed = mesh.0.conn_changed.notified();
@@ -105,7 +133,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
                 tokio::select! {
                     r = &mut attempt => return r,
                     _ = &mut changed => {
-                        if mesh.conns().contains_key(&spec.id) {
+                        if !replace && mesh.conns().contains_key(&spec.id) {
                             return Err("the peer connected first".to_string());
                         }
                         changed.set(mesh.0.conn_changed.notified());
@@ -119,10 +147,10 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
                     .metrics
                     .counter(PEER_CONNECTS, &[("peer_zone", &peer_zone), ("direction", "dial"), ("result", "ok")])
                     .increment(1);
-                run_connection(mesh.clone(), conn, true, spec.id.clone()).await;
-                // A connection that lived long was healthy: start the next one from the shortest delay.
-                if started.elapsed() > t.backoff_max {
-                    backoff.reset();
+                if let Some(reg) = register(&mesh, &spec.id, &conn, true) {
+                    connected = Some(Instant::now());
+                    replace = false;
+                    tokio::spawn(serve_connection(mesh.clone(), conn, true, spec.id.clone(), reg));
                     continue;
                 }
             }
@@ -134,11 +162,17 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
                 tracing::debug!(peer = %spec.id, %addr, error = %e, "peer.dial.failed");
             }
         }
-        let delay = backoff.next();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = mesh.0.shutdown.cancelled() => return,
+        if !sleep_or_shutdown(&mesh, backoff.next()).await {
+            return;
         }
+    }
+}
+
+/// Sleeps, or returns false at once on shutdown.
+async fn sleep_or_shutdown(mesh: &Mesh, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = mesh.0.shutdown.cancelled() => false,
     }
 }
 
@@ -226,35 +260,170 @@ fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     conn.close(quinn::VarInt::from_u64(code.0).unwrap_or(quinn::VarInt::MAX), reason.as_bytes());
 }
 
+/// A connection that won its registration.
+pub(crate) struct Registered {
+    /// Flows on it, both directions.
+    flows: Arc<AtomicUsize>,
+    /// Our leaf as the connection was made.
+    local_leaf: rustls::pki_types::CertificateDer<'static>,
+    /// It replaces the current connection once it can carry flows ([`promote`]); until then the
+    /// current one keeps serving.
+    replacing: bool,
+}
+
 /// Registers `conn` unless it loses the tie-break against a live connection to the same peer.
 ///
 /// Rule (`SPEC.md` §2): an existing connection whose hello exchange is done is kept and the new one
-/// closed (a stale one is noticed by liveness within `peer_timeout`, after which the re-dial wins).
-/// Otherwise a new connection dialed from the same side as the existing one replaces it, and
-/// connections dialed from opposite sides at once (a simultaneous dial) resolve to the one dialed by
-/// the gateway whose SPIFFE ID sorts lower. Losers are closed with DUPLICATE_CONNECTION.
-fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool) -> bool {
+/// closed (a stale one is noticed by liveness within `peer_timeout`, after which the re-dial wins),
+/// unless a certificate changed on either side since the existing one was made: then the new one
+/// replaces it, make-before-break, as soon as it can carry flows ([`promote`]); the old one closes
+/// once its flows have ended (rotation). Otherwise a new connection dialed from the same side as
+/// the existing one replaces it, and connections dialed from opposite sides at once (a simultaneous
+/// dial) resolve to the one dialed by the gateway whose SPIFFE ID sorts lower. Losers are closed
+/// with DUPLICATE_CONNECTION.
+fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool) -> Option<Registered> {
     // Whether the existing connection finished its hello exchange: then it may carry flows, and a
     // late duplicate (say a dial that was retransmitting its Initial until the peer came up) must
     // not replace it. Read before taking the connection lock (lock order: routes, then conns).
     let old_up = mesh.routes().peer(peer).is_some_and(|e| e.state == crate::routes::PeerState::Up);
+    let ours = mesh.0.tls.leaf();
+    let flows = Arc::new(AtomicUsize::new(0));
     let mut conns = mesh.conns();
     if let Some(old) = conns.get(peer) {
         if old.conn.close_reason().is_none() {
+            let rotated = old.local_leaf != ours || tls::peer_leaf(&old.conn) != tls::peer_leaf(conn);
+            if rotated && old_up {
+                return Some(Registered { flows, local_leaf: ours, replacing: true });
+            }
             let keep_new = !old_up && (old.dialed == dialed || dialed == (mesh.0.identity < *peer));
             let loser = if keep_new { &old.conn } else { conn };
             tracing::info!(kept = if keep_new { "new" } else { "existing" }, "peer.duplicate.closed");
             close(loser, ErrorCode::DUPLICATE_CONNECTION, "duplicate connection");
             if !keep_new {
-                return false;
+                return None;
             }
         }
     }
-    conns.insert(peer.clone(), PeerConn { conn: conn.clone(), dialed, requests: None });
+    conns.insert(
+        peer.clone(),
+        PeerConn { conn: conn.clone(), dialed, requests: None, flows: flows.clone(), local_leaf: ours.clone() },
+    );
     drop(conns);
     mesh.0.conn_changed.notify_waiters();
-    true
+    Some(Registered { flows, local_leaf: ours, replacing: false })
 }
+
+/// The connection can carry flows now (its HTTP/3 sessions and control stream are up): publish
+/// its request sender, and if it replaces another connection, make it the current one and retire
+/// the old one.
+fn promote(
+    mesh: &Mesh,
+    peer: &Identity,
+    conn: &quinn::Connection,
+    dialed: bool,
+    reg: &Registered,
+    requests: &h3::client::SendRequest<h3q::Opener, Bytes>,
+) {
+    let mut conns = mesh.conns();
+    if !reg.replacing {
+        if let Some(pc) = conns.get_mut(peer) {
+            if pc.conn.stable_id() == conn.stable_id() {
+                pc.requests = Some(requests.clone());
+            }
+        }
+        return;
+    }
+    let new = PeerConn {
+        conn: conn.clone(),
+        dialed,
+        requests: Some(requests.clone()),
+        flows: reg.flows.clone(),
+        local_leaf: reg.local_leaf.clone(),
+    };
+    let old = conns.insert(peer.clone(), new);
+    drop(conns);
+    if let Some(old) = old.filter(|o| o.conn.stable_id() != conn.stable_id()) {
+        tracing::info!("peer.connection.replaced");
+        mesh.0.metrics.counter(PEER_REPLACED, &[]).increment(1);
+        retire(mesh, old);
+    }
+    mesh.0.conn_changed.notify_waiters();
+}
+
+/// How long a replaced connection stays open at least: the peer may still open a flow on it until
+/// it has registered the new connection too (both sides do so as the handshake completes).
+const RETIRE_GRACE: Duration = Duration::from_secs(1);
+
+/// Closes a replaced connection once no flow uses it (never cutting one), or at shutdown.
+fn retire(mesh: &Mesh, old: PeerConn) {
+    let shutdown = mesh.0.shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(RETIRE_GRACE).await;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if old.conn.close_reason().is_some() {
+                return;
+            }
+            if old.flows.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                close(&old.conn, ErrorCode::H3_NO_ERROR, "replaced");
+                return;
+            }
+        }
+    });
+}
+
+/// Whether `conn` is the registered connection to `peer` (not a replaced one still finishing).
+fn is_current(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection) -> bool {
+    mesh.conns().get(peer).is_some_and(|c| c.conn.stable_id() == conn.stable_id())
+}
+
+fn unregister(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection) {
+    let mut conns = mesh.conns();
+    if conns.get(peer).is_some_and(|c| c.conn.stable_id() == conn.stable_id()) {
+        conns.remove(peer);
+        drop(conns);
+        mesh.routes_mut().peer_down(peer);
+        let zone = peer_zone_label(mesh, peer);
+        mesh.0.metrics.gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", &zone)]).set(0.0);
+    }
+    mesh.0.conn_changed.notify_waiters();
+}
+
+/// Marks a peer silent (no new flows; flows waiting for its answer move on) or heard again, with
+/// its gauge, counter and log line.
+fn mark_silent(mesh: &Mesh, peer: &Identity, silent: bool, silent_for: Duration) {
+    if silent {
+        mesh.routes_mut().peer_silent(peer);
+    } else {
+        mesh.routes_mut().peer_heard(peer);
+    }
+    mesh.services_changed();
+    let zone = peer_zone_label(mesh, peer);
+    let labels = [("peer", peer.as_str()), ("peer_zone", zone.as_str())];
+    mesh.0.metrics.gauge(PEER_UP, &labels).set(if silent { 0.0 } else { 1.0 });
+    if silent {
+        mesh.0.metrics.counter(PEER_SILENCES, &labels[1..]).increment(1);
+        tracing::warn!(silent_ms = silent_for.as_millis() as u64, "peer.silent");
+    } else {
+        tracing::info!("peer.recovered");
+    }
+}
+
+fn peer_zone_label(mesh: &Mesh, peer: &Identity) -> String {
+    let routes = mesh.routes();
+    routes
+        .peer(peer)
+        .and_then(|e| e.zone.as_ref())
+        .or(mesh.0.peers.get(peer).and_then(|p| p.zone.as_ref()))
+        .map(|z| z.to_string())
+        .unwrap_or_default()
+}
+
+type ControlSlot = Arc<Mutex<Option<oneshot::Sender<(crate::relay::ServerSend, crate::relay::ServerRecv)>>>>;
 
 /// Why a closed connection closed, as the session's end.
 fn closed_by(conn: &quinn::Connection) -> Option<SessionEnd> {
@@ -270,38 +439,18 @@ fn closed_by(conn: &quinn::Connection) -> Option<SessionEnd> {
     })
 }
 
-fn unregister(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection) {
-    let mut conns = mesh.conns();
-    if conns.get(peer).is_some_and(|c| c.conn.stable_id() == conn.stable_id()) {
-        conns.remove(peer);
-        drop(conns);
-        mesh.routes_mut().peer_down(peer);
-        let zone = peer_zone_label(mesh, peer);
-        mesh.0.metrics.gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", &zone)]).set(0.0);
-    }
-    mesh.0.conn_changed.notify_waiters();
-}
-
-fn peer_zone_label(mesh: &Mesh, peer: &Identity) -> String {
-    let routes = mesh.routes();
-    routes
-        .peer(peer)
-        .and_then(|e| e.zone.as_ref())
-        .or(mesh.0.peers.get(peer).and_then(|p| p.zone.as_ref()))
-        .map(|z| z.to_string())
-        .unwrap_or_default()
-}
-
-type ControlSlot = Arc<Mutex<Option<oneshot::Sender<(crate::relay::ServerSend, crate::relay::ServerRecv)>>>>;
-
-/// Runs one peer connection until it ends.
+/// Runs one accepted peer connection until it ends.
 async fn run_connection(mesh: Mesh, conn: quinn::Connection, dialed: bool, peer: Identity) {
+    if let Some(reg) = register(&mesh, &peer, &conn, dialed) {
+        serve_connection(mesh, conn, dialed, peer, reg).await;
+    }
+}
+
+/// Serves one registered peer connection until it ends.
+async fn serve_connection(mesh: Mesh, conn: quinn::Connection, dialed: bool, peer: Identity, reg: Registered) {
     let span = tracing::info_span!("peer", peer = %peer, remote = %conn.remote_address(), dialed);
     async move {
-        if !register(&mesh, &peer, &conn, dialed) {
-            return;
-        }
-        let end = session(&mesh, &conn, dialed, &peer).await;
+        let end = session(&mesh, &conn, dialed, &peer, reg).await;
         // If the connection itself was closed, that close says why, not the stream error it caused.
         let end = closed_by(&conn).unwrap_or(end);
         match end.code {
@@ -322,7 +471,7 @@ async fn run_connection(mesh: Mesh, conn: quinn::Connection, dialed: bool, peer:
     .await
 }
 
-async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Identity) -> SessionEnd {
+async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Identity, reg: Registered) -> SessionEnd {
     let refused = mesh.0.metrics.counter(H3_FRAMES_REFUSED, &[]);
     let (client_sess, server_sess, demux) = h3q::split(conn, dialed, refused);
     tokio::spawn(demux);
@@ -349,7 +498,7 @@ async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Ide
     // The acceptor takes the control stream from its request loop; the dialer opens it.
     let (ctl_tx, ctl_rx) = oneshot::channel();
     let slot: ControlSlot = Arc::new(Mutex::new((!dialed).then_some(ctl_tx)));
-    tokio::spawn(serve_requests(mesh.clone(), server, peer.clone(), slot));
+    tokio::spawn(serve_requests(mesh.clone(), server, peer.clone(), slot, reg.flows.clone()));
 
     let hs = mesh.0.timing.handshake_timeout;
     let ctl = if dialed {
@@ -374,11 +523,7 @@ async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Ide
             _ => return SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, "no control stream from the dialer"),
         }
     };
-    if let Some(pc) = mesh.conns().get_mut(peer) {
-        if pc.conn.stable_id() == conn.stable_id() {
-            pc.requests = Some(requests.clone());
-        }
-    }
+    promote(mesh, peer, conn, dialed, &reg, &requests);
     match ctl {
         ControlIo::Client(mut tx, mut rx) => control_loop(mesh, conn, peer, &mut tx, &mut rx).await,
         ControlIo::Server(mut tx, mut rx) => control_loop(mesh, conn, peer, &mut tx, &mut rx).await,
@@ -397,12 +542,15 @@ async fn serve_requests(
     mut server: h3::server::Connection<h3q::Session, Bytes>,
     peer: Identity,
     slot: ControlSlot,
+    flows: Arc<AtomicUsize>,
 ) {
     loop {
         let resolver = match server.accept().await {
             Ok(Some(r)) => r,
             Ok(None) | Err(_) => return,
         };
+        // Counted from its first byte: a replaced connection stays open while it is served.
+        let held = ConnFlow::new(&flows);
         let (mesh, peer, slot) = (mesh.clone(), peer.clone(), slot.clone());
         let header_timeout = mesh.0.timing.header_timeout;
         let fut = async move {
@@ -440,7 +588,7 @@ async fn serve_requests(
             }
             // A task of its own: this one (and the resolver it holds) ends, and the flow keeps only
             // its own state for as long as it runs.
-            tokio::spawn(crate::flow::serve_inbound(mesh, Box::new(req), Box::new(stream), peer));
+            tokio::spawn(crate::flow::serve_inbound(mesh, Box::new(req), Box::new(stream), peer, held));
         };
         tokio::spawn(fut);
     }
@@ -548,6 +696,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
     let mut nonce = 0u64;
     let mut said_goodbye = false;
+    let mut silent = false;
     let peer_zone = spec.as_ref().and_then(|s| s.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
     loop {
         tokio::select! {
@@ -660,7 +809,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                     last_frame = last_frame.max(Instant::now() - t.ping_interval);
                 }
                 // Datagrams keep a busy peer alive, but a healthy one also answers pings.
-                if last_frame.elapsed() > t.peer_timeout.max(Duration::from_secs(CONTROL_SILENCE_SECS)) {
+                if last_frame.elapsed() > t.peer_close_timeout.max(t.peer_timeout) {
                     return SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, format!("no control frame for {:?}", last_frame.elapsed()));
                 }
                 if !hello_seen && Instant::now() > hello_deadline {
@@ -674,8 +823,19 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                     last_rx = rx;
                     last_heard = last_heard.max(Instant::now() - t.ping_interval);
                 }
-                if last_heard.elapsed() > t.peer_timeout {
+                // Silent past peer_timeout: routed around at once, closed only after
+                // peer_close_timeout (a WAN blackhole may end); heard again: routed to again.
+                if last_heard.elapsed() > t.peer_close_timeout.max(t.peer_timeout) {
                     return SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, format!("silent for {:?}", last_heard.elapsed()));
+                }
+                if last_heard.elapsed() > t.peer_timeout {
+                    if !silent && hello_seen && is_current(mesh, peer, conn) {
+                        silent = true;
+                        mark_silent(mesh, peer, true, last_heard.elapsed());
+                    }
+                } else if silent {
+                    silent = false;
+                    mark_silent(mesh, peer, false, last_heard.elapsed());
                 }
                 nonce += 1;
                 let r = encode_into(&mut out, &Message::Ping(Ping { nonce }));

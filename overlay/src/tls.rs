@@ -14,6 +14,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::metrics::{Metrics, PEER_HANDSHAKE_FAILURES};
@@ -177,7 +178,7 @@ pub fn spiffe_id(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
 /// Chain and identity checks shared by both directions.
 #[derive(Debug)]
 struct Checker {
-    bundle: Arc<TrustBundle>,
+    current: Arc<Current>,
     algs: WebPkiSupportedAlgorithms,
     metrics: Metrics,
 }
@@ -209,20 +210,19 @@ impl Checker {
     ) -> Result<Identity, Refusal> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| Refusal::BadCertificate)?;
         let usage = if client { webpki::KeyUsage::client_auth() } else { webpki::KeyUsage::server_auth() };
-        cert.verify_for_usage(self.algs.all, &self.bundle.anchors, intermediates, now, usage, None, None).map_err(
-            |e| {
-                tracing::debug!(error = ?e, "peer.certificate.invalid");
-                match e {
-                    // A CA with the same name as ours but another key shows up as a bad signature on
-                    // the chain: either way, no CA we trust issued it.
-                    webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => Refusal::UnknownCa,
-                    webpki::Error::CertExpired { .. } => Refusal::Expired,
-                    webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
-                    webpki::Error::CaUsedAsEndEntity => Refusal::CaAsLeaf,
-                    _ => Refusal::BadCertificate,
-                }
-            },
-        )?;
+        let bundle = self.current.bundle();
+        cert.verify_for_usage(self.algs.all, &bundle.anchors, intermediates, now, usage, None, None).map_err(|e| {
+            tracing::debug!(error = ?e, "peer.certificate.invalid");
+            match e {
+                // A CA with the same name as ours but another key shows up as a bad signature on
+                // the chain: either way, no CA we trust issued it.
+                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => Refusal::UnknownCa,
+                webpki::Error::CertExpired { .. } => Refusal::Expired,
+                webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
+                webpki::Error::CaUsedAsEndEntity => Refusal::CaAsLeaf,
+                _ => Refusal::BadCertificate,
+            }
+        })?;
         let id = spiffe_id(end_entity)?;
         if !expected(&id) {
             return Err(Refusal::UnexpectedIdentity);
@@ -325,22 +325,99 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds TLS configurations for one gateway.
+/// The certificate and trust bundle in use. Both can be replaced while running (rotation): every
+/// handshake after the swap uses the new ones; established connections are unaffected.
+#[derive(Debug)]
+struct Current {
+    key: RwLock<Arc<CertifiedKey>>,
+    bundle: RwLock<Arc<TrustBundle>>,
+}
+
+impl Current {
+    fn key(&self) -> Arc<CertifiedKey> {
+        self.key.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Presents the current certificate, on both sides of a handshake.
+#[derive(Debug)]
+struct Presenter(Arc<Current>);
+
+impl rustls::server::ResolvesServerCert for Presenter {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.key())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Presenter {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.key())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Builds TLS configurations for one gateway, over a certificate and bundle that [`TlsFactory::update`]
+/// may replace.
 #[derive(Clone)]
 pub struct TlsFactory {
-    creds: Credentials,
-    bundle: Arc<TrustBundle>,
+    current: Arc<Current>,
+    identity: Option<Identity>,
     metrics: Metrics,
 }
 
 impl TlsFactory {
-    pub fn new(creds: Credentials, bundle: TrustBundle, metrics: Metrics) -> Self {
-        Self { creds, bundle: Arc::new(bundle), metrics }
+    /// Fails only on a key that does not load. The leaf's SPIFFE ID is checked by whoever uses it
+    /// (a gateway refuses to start without a valid one; test clients present invalid ones on purpose).
+    pub fn new(creds: Credentials, bundle: TrustBundle, metrics: Metrics) -> Result<Self, TlsError> {
+        let identity = creds.identity().ok();
+        let key = Arc::new(certified(creds)?);
+        let current = Arc::new(Current { key: RwLock::new(key), bundle: RwLock::new(Arc::new(bundle)) });
+        Ok(Self { current, identity, metrics })
+    }
+
+    /// Replaces the certificate and bundle for every later handshake. Refused, with the old ones kept,
+    /// when the new certificate names another identity, its key does not match it, or the new bundle
+    /// does not hold the CA that issued it: peers verifying us by that bundle would refuse us (a
+    /// root rotation must go A → A+B, then leaves from B, then B).
+    pub fn update(&self, creds: Credentials, bundle: TrustBundle) -> Result<(), TlsError> {
+        let id = creds.identity()?;
+        if self.identity.as_ref() != Some(&id) {
+            let was = self.identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "none".into());
+            return Err(TlsError::OwnCertificate(format!("identity changed from {was} to {id}")));
+        }
+        let key = certified(creds)?;
+        let leaf = key.cert.first().ok_or_else(|| TlsError::OwnCertificate("empty chain".into()))?;
+        let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| TlsError::OwnCertificate(e.to_string()))?;
+        let algs = provider().signature_verification_algorithms;
+        let now = UnixTime::now();
+        ee.verify_for_usage(
+            algs.all,
+            &bundle.anchors,
+            &key.cert[1..],
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| TlsError::OwnCertificate(format!("not valid under the new trust bundle: {e}")))?;
+        *self.current.key.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+        *self.current.bundle.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(bundle);
+        Ok(())
+    }
+
+    /// Our leaf certificate as presented now.
+    pub fn leaf(&self) -> CertificateDer<'static> {
+        self.current.key().cert.first().cloned().unwrap_or_else(|| CertificateDer::from(Vec::new()))
     }
 
     fn checker(&self) -> Checker {
         Checker {
-            bundle: self.bundle.clone(),
+            current: self.current.clone(),
             algs: provider().signature_verification_algorithms,
             metrics: self.metrics.clone(),
         }
@@ -351,7 +428,7 @@ impl TlsFactory {
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.creds.chain.clone(), self.creds.key.clone_key())?;
+            .with_cert_resolver(Arc::new(Presenter(self.current.clone())));
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
     }
@@ -363,10 +440,28 @@ impl TlsFactory {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.creds.chain.clone(), self.creds.key.clone_key())?;
+            .with_client_cert_resolver(Arc::new(Presenter(self.current.clone())));
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
     }
+}
+
+fn certified(creds: Credentials) -> Result<CertifiedKey, TlsError> {
+    Ok(CertifiedKey::from_der(creds.chain, creds.key, &provider())?)
+}
+
+/// A certificate's notAfter as Unix seconds.
+pub fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// The leaf certificate a connection's peer presented.
+pub fn peer_leaf(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let any = conn.peer_identity()?;
+    let chain = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
 }
 
 /// The SPIFFE ID a connection's peer presented (already verified during the handshake).

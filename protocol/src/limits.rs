@@ -26,5 +26,8 @@ pub const MAX_REASON_LEN: usize = 1024;
 
 /// A control frame must be complete within this long of its first byte (no slow drip).
 pub const CONTROL_FRAME_DEADLINE_SECS: u64 = 10;
-/// A peer that sends no control frame for this long is unresponsive, even if its QUIC stack answers.
-pub const CONTROL_SILENCE_SECS: u64 = 3;
+/// A peer that sends no control frame (or nothing at all) for this long is unresponsive and its
+/// connection is closed: the default of `timing.peer_close_timeout`.
+/// Long enough to ride out a WAN blackhole of ~2 s: QUIC's probe timeout backs off exponentially
+/// while the path is dark, so the first packet after it may come ~2 s after the path is back.
+pub const CONTROL_SILENCE_SECS: u64 = 5;

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 fn factory(cert: &Path, key: &Path, bundle: &Path) -> anyhow::Result<TlsFactory> {
     let creds = causeway::certs::credentials_from_pem(&std::fs::read(cert)?, &std::fs::read(key)?)?;
     let bundle = causeway::certs::bundle_from_pem(&std::fs::read(bundle)?)?;
-    Ok(TlsFactory::new(creds, bundle, causeway_overlay::metrics::Metrics::noop()))
+    Ok(TlsFactory::new(creds, bundle, causeway_overlay::metrics::Metrics::noop())?)
 }
 
 /// The far side: accepts QUIC from `peer` and connects each stream to `forward`.

@@ -70,8 +70,9 @@ impl Dir {
         let now = Instant::now();
         let too_big = self.imp.mtu.is_some_and(|m| data.len() > m);
         let in_blackhole = self.imp.blackhole.is_some_and(|(period, dur)| {
-            let t = now.duration_since(self.start).as_nanos() % period.as_nanos().max(1);
-            t < dur.as_nanos()
+            // Before `start` (a first dark window set in the future), nothing is dark.
+            now.checked_duration_since(self.start)
+                .is_some_and(|t| t.as_nanos() % period.as_nanos().max(1) < dur.as_nanos())
         });
         let drop = if too_big || in_blackhole {
             true
@@ -180,6 +181,18 @@ impl Relay {
         let wake = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(run(front, target, shared.clone(), wake));
         Ok(Self { addr, up: up_stats, down: down_stats, shared, task })
+    }
+
+    /// Starts blackholes in both directions: dark for `duration` at the start of every `period`,
+    /// the first one `first_in` from now.
+    pub fn set_blackhole(&self, period: Duration, duration: Duration, first_in: Duration) {
+        let mut guard = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        let start = Instant::now() + first_in;
+        for d in [&mut s.up, &mut s.down] {
+            d.imp.blackhole = Some((period, duration));
+            d.start = start;
+        }
     }
 
     /// Changes the one-way delay of both directions from now on (the path got longer or shorter).

@@ -45,7 +45,7 @@ pub async fn dial_from(
     server: &Identity,
     target: SocketAddr,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
-    let tls = TlsFactory::new(creds, bundle, Metrics::noop()).client(server.clone())?;
+    let tls = TlsFactory::new(creds, bundle, Metrics::noop())?.client(server.clone())?;
     let cfg = transport::client_config(tls, Timers::default())?;
     let endpoint = quinn::Endpoint::client(bind)?;
     let conn = tokio::time::timeout(Duration::from_secs(5), endpoint.connect_with(cfg, target, "gateway")?).await??;

@@ -163,6 +163,8 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
                 cert: raw.tls.cert.clone(),
                 key: raw.tls.key.clone(),
                 bundle: raw.tls.bundle.clone(),
+                // The redirector reads its files once; rotating its certificate is a restart.
+                watch_interval: crate::config::TLS_WATCH_INTERVAL,
             },
             gateway,
             gateway_id,
