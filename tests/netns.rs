@@ -308,6 +308,16 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
     // 2. 32 MiB through redirector and both gateways, checksum-verified.
     let bulk = w.pod.exec(&["python3", "-c", BULK_PY, "bulk.shop.mesh", "9000", &(32 << 20).to_string()]).unwrap();
     assert_eq!(bulk.trim(), "OK", "redirect: {}\ngw-a: {}\ngw-b: {}", red.log_text(), gw_a.log_text(), gw_b.log_text());
+    for (name, ns) in [("a", &w.gwa), ("b", &w.gwb)] {
+        let g = |m: &str| metric(ns, 9901, m, "").unwrap_or(f64::NAN);
+        eprintln!(
+            "after 32 MiB, gateway {name}: window {:.0} KiB, stretched {}, path min RTT {:.2} ms, smoothed {:.2} ms",
+            g("causeway_peer_cwnd_bytes") / 1024.0,
+            g("causeway_peer_window_stretched"),
+            g("causeway_peer_path_min_rtt_seconds") * 1000.0,
+            g("causeway_peer_rtt_seconds") * 1000.0
+        );
+    }
 
     // 3. redis-benchmark through the mesh.
     let bench = w

@@ -8,53 +8,17 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use causeway::certs::{self, Validity};
 use causeway_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const WATCH: &str = "timing: { tls_watch_interval: 100ms }\n";
+const WATCH: &str = "timing: { watch_interval: 100ms }\n";
 
 fn soak() -> bool {
     std::env::var_os("CAUSEWAY_SOAK").is_some()
-}
-
-/// A flow that sends a deterministic 1 KiB chunk every 20 ms until `stop`, then half-closes and
-/// checks the whole echo byte for byte. `Err` on a reset or any difference.
-async fn long_flow(listen: SocketAddr, seed: u64, stop: Arc<AtomicBool>) -> Result<u64, String> {
-    let mut s = tokio::net::TcpStream::connect(listen).await.map_err(|e| e.to_string())?;
-    let (mut r, mut w) = s.split();
-    let send = async {
-        let mut sent = Vec::new();
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let chunk = payload(1024, seed * 1_000_003 + i);
-            w.write_all(&chunk).await.map_err(|e| format!("write: {e}"))?;
-            sent.extend_from_slice(&chunk);
-            i += 1;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        w.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
-        Ok::<_, String>(sent)
-    };
-    let recv = async {
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.map_err(|e| format!("read: {e}"))?;
-        Ok::<_, String>(got)
-    };
-    let (sent, got) = tokio::join!(send, recv);
-    let (sent, got) = (sent?, got?);
-    if got.len() < 2 || &got[..2] != b"b\n" {
-        return Err(format!("no banner ({} bytes)", got.len()));
-    }
-    if got[2..] != sent[..] {
-        return Err(format!("echo differs: sent {} bytes, got {}", sent.len(), got.len() - 2));
-    }
-    Ok(sent.len() as u64)
 }
 
 fn replaced(m: &TestMesh, i: usize) -> f64 {
@@ -101,7 +65,9 @@ async fn leaf_rotation_under_long_flows_loses_no_byte_and_resets_no_flow() {
     stop.store(true, Ordering::Relaxed);
     let mut bytes = 0;
     for (i, f) in running.into_iter().enumerate() {
-        bytes += f.await.unwrap().unwrap_or_else(|e| panic!("long flow {i}: {e}"));
+        let (banner, sent) = f.await.unwrap().unwrap_or_else(|e| panic!("long flow {i}: {e}"));
+        assert_eq!(banner, "b");
+        bytes += sent;
     }
     let (ra, rb) = (replaced(&m, 0), replaced(&m, 1));
     eprintln!(

@@ -2,12 +2,13 @@
 //! actually bound so tests can ask for port 0.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use causeway_overlay::metrics::Metrics;
+use causeway_overlay::metrics::{Metrics, CONFIG_RELOADS};
 use causeway_overlay::{Credentials, Mesh, MeshConfig, TrustBundle};
 use causeway_protocol::{ServiceName, TrustDomain};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -82,10 +83,183 @@ pub struct Gateway {
     pub mesh: Mesh,
     pub overlay_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
-    pub import_addrs: Vec<(ServiceName, SocketAddr)>,
     pub metrics: PrometheusHandle,
+    reloader: Reloader,
     stop_listeners: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// One import listener as running.
+struct ImportRun {
+    service: ServiceName,
+    listen: SocketAddr,
+    bound: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// Applies configuration reloads to a running gateway (see [`Reloader::reload`]).
+#[derive(Clone)]
+pub struct Reloader {
+    mesh: Mesh,
+    config: Arc<Mutex<Config>>,
+    imports: Arc<Mutex<Vec<ImportRun>>>,
+    stop_listeners: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    pub peers_added: usize,
+    pub peers_removed: usize,
+    pub exports_changed: bool,
+    pub imports_added: usize,
+    pub imports_removed: usize,
+}
+
+impl Reloader {
+    /// Applies `new` to the running gateway: peers, exports and imports are added, removed or
+    /// changed without touching unrelated flows (a removed peer's connections close at once, a
+    /// removed import's listener stops accepting while its open flows run on). Any other key needs
+    /// a restart: a change to one refuses the whole reload, naming the key, and the running
+    /// configuration stays as it was — as it does when a new listener cannot bind.
+    pub async fn reload(&self, new: &Config) -> Result<Reloaded, Vec<ConfigError>> {
+        let metrics = self.mesh.metrics();
+        let res = self.apply(new).await;
+        let result = if res.is_ok() { "ok" } else { "refused" };
+        metrics.counter(CONFIG_RELOADS, &[("result", result)]).increment(1);
+        res
+    }
+
+    async fn apply(&self, new: &Config) -> Result<Reloaded, Vec<ConfigError>> {
+        let old = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let fixed = |path: &str, changed: bool| {
+            changed.then(|| ConfigError {
+                path: path.into(),
+                reason: "cannot change while running: restart to apply".into(),
+            })
+        };
+        let d = |x: &dyn std::fmt::Debug| format!("{x:?}");
+        let (ot, nt) = (&old.tls, &new.tls);
+        let errors: Vec<ConfigError> = [
+            fixed("zone", old.zone != new.zone),
+            fixed("gateway", old.gateway != new.gateway),
+            fixed("trust_domain", old.trust_domain != new.trust_domain),
+            fixed("tls", (&ot.cert, &ot.key, &ot.bundle) != (&nt.cert, &nt.key, &nt.bundle)),
+            fixed("listen.overlay", old.overlay != new.overlay),
+            fixed("listen.admin", old.admin != new.admin),
+            fixed("imports[].prefer_zones", old.preferences != new.preferences),
+            fixed("redirectors", old.redirectors != new.redirectors),
+            fixed("workloads", old.workloads != new.workloads),
+            fixed("allowed_sources", old.allowed_sources != new.allowed_sources),
+            fixed("timing", d(&old.timing) != d(&new.timing) || ot.watch_interval != nt.watch_interval),
+            fixed("log", (old.log_format, &old.log_level) != (new.log_format, &new.log_level)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        // Imports: bind the new listeners first, so a failure leaves everything as it was.
+        let running: Vec<(ServiceName, SocketAddr)> = self
+            .imports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|r| (r.service.clone(), r.listen))
+            .collect();
+        let mut bound = Vec::new();
+        for (i, imp) in new.imports.iter().enumerate() {
+            if running.contains(&(imp.service.clone(), imp.listen)) {
+                continue;
+            }
+            match ImportListener::bind(imp.listen, imp.service.clone()).await {
+                Ok(l) => bound.push((imp.clone(), l)),
+                Err(e) => {
+                    return Err(vec![ConfigError {
+                        path: format!("imports[{i}].listen"),
+                        reason: format!("cannot bind {}: {e}", imp.listen),
+                    }])
+                }
+            }
+        }
+        let mut out = Reloaded { imports_added: bound.len(), ..Default::default() };
+        {
+            let mut imports = self.imports.lock().unwrap_or_else(|e| e.into_inner());
+            imports.retain(|r| {
+                let keep = new.imports.iter().any(|i| i.service == r.service && i.listen == r.listen);
+                if !keep {
+                    r.stop.cancel();
+                    out.imports_removed += 1;
+                }
+                keep
+            });
+            for (imp, l) in bound {
+                let stop = self.stop_listeners.child_token();
+                imports.push(ImportRun {
+                    service: imp.service,
+                    listen: imp.listen,
+                    bound: l.local_addr(),
+                    stop: stop.clone(),
+                });
+                self.tasks.spawn(l.run(self.mesh.clone(), stop));
+            }
+        }
+        let r = self.mesh.reconfigure(new.peers.clone(), new.exports.clone());
+        out.peers_added = r.peers_added;
+        out.peers_removed = r.peers_removed;
+        out.exports_changed = r.exports_changed;
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        Ok(out)
+    }
+
+    /// Re-reads `path` every `interval` (by content) and on SIGHUP, and reloads what changed. A file
+    /// that does not parse or validate is refused with the same errors as `causeway check`, logged
+    /// and counted (`config_reloads_total{result="refused"}`), and the running configuration stays.
+    pub fn watch(&self, path: PathBuf, interval: Duration, stop: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut seen = std::fs::read(&path).ok();
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let forced = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+                    _ = stop.cancelled() => return,
+                };
+                let now = std::fs::read(&path).ok();
+                if now == seen && !forced {
+                    continue;
+                }
+                seen = now;
+                let res = match crate::config::load(&path) {
+                    Ok(cfg) => this.reload(&cfg).await,
+                    Err(e) => {
+                        this.mesh.metrics().counter(CONFIG_RELOADS, &[("result", "refused")]).increment(1);
+                        Err(e.errors)
+                    }
+                };
+                match res {
+                    Ok(r) => tracing::info!(
+                        peers_added = r.peers_added,
+                        peers_removed = r.peers_removed,
+                        exports_changed = r.exports_changed,
+                        imports_added = r.imports_added,
+                        imports_removed = r.imports_removed,
+                        "config.reloaded"
+                    ),
+                    Err(errors) => {
+                        for e in errors {
+                            tracing::error!(path = %e.path, reason = %e.reason, "config.reload.refused");
+                        }
+                    }
+                }
+            }
+        });
+    }
 }
 
 impl Gateway {
@@ -114,14 +288,21 @@ impl Gateway {
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
 
-        let mut import_addrs = Vec::new();
+        let mut imports = Vec::new();
         for (i, imp) in cfg.imports.iter().enumerate() {
             let l = ImportListener::bind(imp.listen, imp.service.clone())
                 .await
                 .with_context(|| format!("imports[{i}].listen: cannot bind {}", imp.listen))?;
-            import_addrs.push((imp.service.clone(), l.local_addr()));
-            tasks.spawn(l.run(mesh.clone(), stop.clone()));
+            let own = stop.child_token();
+            imports.push(ImportRun {
+                service: imp.service.clone(),
+                listen: imp.listen,
+                bound: l.local_addr(),
+                stop: own.clone(),
+            });
+            tasks.spawn(l.run(mesh.clone(), own));
         }
+        let import_addrs: Vec<_> = imports.iter().map(|r| (r.service.to_string(), r.bound)).collect();
         let admin_addr = match cfg.admin {
             Some(addr) => {
                 let state = AdminState { mesh: Some(mesh.clone()), metrics: handle.clone(), ready: ready.clone() };
@@ -143,12 +324,30 @@ impl Gateway {
             zone = %cfg.zone, gateway = %cfg.gateway, identity = %mesh.identity(), overlay = %overlay_addr,
             admin = ?admin_addr, imports = ?import_addrs, "gateway.started"
         );
-        Ok(Self { mesh, overlay_addr, admin_addr, import_addrs, metrics: handle, stop_listeners: stop, tasks })
+        let reloader = Reloader {
+            mesh: mesh.clone(),
+            config: Arc::new(Mutex::new(cfg.clone())),
+            imports: Arc::new(Mutex::new(imports)),
+            stop_listeners: stop.clone(),
+            tasks: tasks.clone(),
+        };
+        Ok(Self { mesh, overlay_addr, admin_addr, metrics: handle, reloader, stop_listeners: stop, tasks })
     }
 
     /// The local listener of an imported service.
     pub fn import_addr(&self, service: &str) -> Option<SocketAddr> {
-        self.import_addrs.iter().find(|(s, _)| s.as_str() == service).map(|(_, a)| *a)
+        let imports = self.reloader.imports.lock().unwrap_or_else(|e| e.into_inner());
+        imports.iter().find(|r| r.service.as_str() == service).map(|r| r.bound)
+    }
+
+    /// Applies a new configuration while running (see [`Reloader::reload`]).
+    pub async fn reload(&self, new: &Config) -> Result<Reloaded, Vec<ConfigError>> {
+        self.reloader.reload(new).await
+    }
+
+    /// Reloads the configuration from `path` when it changes or on SIGHUP, until the gateway stops.
+    pub fn watch_config(&self, path: PathBuf, interval: Duration) {
+        self.reloader.watch(path, interval, mesh_stopped(&self.mesh));
     }
 
     /// Prometheus text of this gateway's metrics.

@@ -131,7 +131,7 @@ pub struct RawTiming {
     pub drain_timeout: Option<String>,
     pub keep_alive: Option<String>,
     pub idle_timeout: Option<String>,
-    pub tls_watch_interval: Option<String>,
+    pub watch_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -221,8 +221,8 @@ pub struct TlsPaths {
     pub watch_interval: Duration,
 }
 
-/// Default of `timing.tls_watch_interval`.
-pub const TLS_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+/// Default of `timing.watch_interval`.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Reads and validates a file. Relative TLS paths are resolved against the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -457,7 +457,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         .collect();
 
     let mut timing = Timing::default();
-    let mut tls_watch = TLS_WATCH_INTERVAL;
+    let mut tls_watch = WATCH_INTERVAL;
     {
         let t = &raw.timing;
         let mut set = |key: &str, v: &Option<String>, slot: &mut Duration| {
@@ -489,7 +489,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         let mut tr: Timers = timing.transport;
         set("keep_alive", &t.keep_alive, &mut tr.keep_alive);
         set("idle_timeout", &t.idle_timeout, &mut tr.idle_timeout);
-        set("tls_watch_interval", &t.tls_watch_interval, &mut tls_watch);
+        set("watch_interval", &t.watch_interval, &mut tls_watch);
         timing.transport = tr;
     }
     if timing.peer_timeout <= timing.ping_interval {

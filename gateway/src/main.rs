@@ -205,6 +205,7 @@ fn gateway(path: &std::path::Path, workers: Option<usize>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        gw.watch_config(path.to_path_buf(), cfg.tls.watch_interval);
         wait_for_signal().await;
         tracing::info!(deadline = ?cfg.timing.drain_timeout, "gateway.draining");
         let cut = gw.drain(cfg.timing.drain_timeout).await;

@@ -22,7 +22,9 @@
 //!   `max(quinn's, 2 × bottleneck bandwidth × path min RTT)`, where the bandwidth is the highest
 //!   per-round delivery rate of the last [`BW_ROUNDS`] rounds. While stretched, the model runs its own
 //!   ProbeRTT every [`MIN_RTT_WINDOW`] (window of [`CLEAN_PACKETS`] until the pipe drained, then
-//!   [`PROBE_HOLD`] or one RTT), so the path minimum can also come back down.
+//!   [`PROBE_HOLD`] or one RTT), so the path minimum can also come back down. Loss cuts the
+//!   bandwidth estimate by 30 % once a round (BBRv2's response): a stretched window must not keep
+//!   a receiver's socket buffer or a shallow bottleneck overflowing.
 //!
 //! Unstretched, the window is exactly quinn's: nothing changes on a path whose RTT never grew.
 //! Written by hand because no maintained crate offers this; the fix belongs upstream in quinn.
@@ -54,6 +56,10 @@ pub const BW_ROUNDS: usize = 10;
 /// that much by itself.
 const SUSPECT_RATIO: u32 = 3;
 pub const SUSPECT_INTERVAL: Duration = Duration::from_secs(2);
+/// On loss while stretched, the bandwidth estimate is multiplied by this, at most once a round
+/// (BBRv2's beta): the stretched window must not keep a full socket buffer or a shallow bottleneck
+/// overflowing — quinn's own recovery does not bound it.
+const LOSS_BETA: f64 = 0.7;
 /// The window's gain over the bandwidth-delay product while stretched (BBR's ProbeBW cwnd gain).
 const CWND_GAIN: f64 = 2.0;
 /// Stretched from this ratio of path to lifetime minimum RTT; back to quinn's window below the next
@@ -93,6 +99,9 @@ pub struct PathModel {
     /// Delivery rate (bytes/s) of the last rounds.
     bw: [u64; BW_ROUNDS],
     bw_next: usize,
+    /// Rounds completed, and the last round whose loss already cut the bandwidth estimate.
+    rounds: u64,
+    cut_round: Option<u64>,
     stretched: bool,
     probe: Probe,
     /// The lowest clean sample of the current probe.
@@ -114,6 +123,8 @@ impl PathModel {
             round_bytes: 0,
             bw: [0; BW_ROUNDS],
             bw_next: 0,
+            rounds: 0,
+            cut_round: None,
             stretched: false,
             probe: Probe::Off,
             probe_min: None,
@@ -181,6 +192,7 @@ impl PathModel {
             }
             self.round_start = now;
             self.round_bytes = 0;
+            self.rounds += 1;
         }
     }
 
@@ -236,6 +248,16 @@ impl PathModel {
     /// Persistent congestion: the bandwidth samples no longer describe the path.
     pub fn on_persistent_congestion(&mut self) {
         self.bw = [0; BW_ROUNDS];
+    }
+
+    /// Packets were lost: while stretched, cut the bandwidth estimate (once a round).
+    pub fn on_loss(&mut self) {
+        if self.stretched && self.cut_round != Some(self.rounds) {
+            self.cut_round = Some(self.rounds);
+            for b in &mut self.bw {
+                *b = (*b as f64 * LOSS_BETA) as u64;
+            }
+        }
     }
 
     pub fn on_mtu_update(&mut self, mtu: u16) {
@@ -301,6 +323,8 @@ impl Controller for PathBbr {
         self.bbr.on_congestion_event(now, sent, persistent, lost_bytes);
         if persistent {
             self.model.on_persistent_congestion();
+        } else {
+            self.model.on_loss();
         }
     }
 
@@ -456,6 +480,36 @@ mod tests {
             assert!(at - longer < Duration::from_secs(2), "not stretched after {:?}", at - longer);
         }
         assert_eq!(m.path_min_rtt(), Some(Duration::from_millis(30)));
+    }
+
+    #[test]
+    fn loss_while_stretched_cuts_the_window_once_a_round() {
+        let t0 = Instant::now();
+        let mut m = PathModel::new(t0, MTU);
+        let t = run(&mut m, t0, Duration::from_secs(3), Duration::from_millis(50), 50_000_000, 16 * PKT);
+        assert!(m.stretched());
+        let before = m.window(16 * PKT);
+        m.on_loss();
+        let once = m.window(16 * PKT);
+        assert!((once as f64) < before as f64 * 0.75, "{before} -> {once}");
+        // More loss in the same round cuts nothing more.
+        m.on_loss();
+        assert_eq!(m.window(16 * PKT), once);
+        // Loss every round: the window falls back towards quinn's.
+        let mut at = t;
+        for _ in 0..30 {
+            m.on_ack(
+                at + Duration::from_millis(50),
+                at,
+                PKT,
+                false,
+                Duration::from_micros(100),
+                Duration::from_millis(50),
+            );
+            m.on_loss();
+            at += Duration::from_millis(51);
+        }
+        assert!(m.window(16 * PKT) < before / 10, "window {} after 30 lossy rounds", m.window(16 * PKT));
     }
 
     #[test]

@@ -399,7 +399,8 @@ impl Mesh {
 
     /// Connects to a healthy endpoint of an exported service, round robin, trying each once.
     pub(crate) async fn connect_local(&self, service: &ServiceName) -> Result<(TcpStream, SocketAddr), FlowError> {
-        let svc = self.0.exports.get(service).ok_or(FlowError::UnknownService)?;
+        let exports = self.exports();
+        let svc = exports.get(service).ok_or(FlowError::UnknownService)?;
         let n = svc.export.endpoints.len();
         let first = svc.next.fetch_add(1, Ordering::Relaxed);
         let mut err = FlowError::NoHealthyEndpoint;
@@ -495,7 +496,7 @@ pub(crate) async fn serve_inbound(
     // Only services this gateway exports, on their advertised port, are reachable: an address, the
     // gateway's own ports or an unexported name is refused before any connection is attempted.
     let exported = service.as_ref().filter(|s| {
-        mesh.0.exports.get(*s).is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port))
+        mesh.exports().get(*s).is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port))
     });
     let target = if !is_connect {
         Err(FlowError::BadRequest)

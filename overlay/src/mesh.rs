@@ -26,7 +26,7 @@ use crate::tls::{Credentials, TlsError, TlsFactory, TrustBundle};
 use crate::transport::{self, EndpointError, Timers};
 
 /// A gateway this one peers with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PeerSpec {
     /// The SPIFFE ID the peer must present.
     pub id: Identity,
@@ -38,7 +38,7 @@ pub struct PeerSpec {
 }
 
 /// A service this gateway offers to the mesh.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Export {
     pub name: ServiceName,
     pub protocol: Protocol,
@@ -162,6 +162,12 @@ pub(crate) struct LocalService {
 }
 
 impl LocalService {
+    fn new(export: Export) -> Self {
+        // Endpoints start healthy; the first health check runs at once.
+        let healthy = export.endpoints.iter().map(|_| AtomicBool::new(true)).collect();
+        Self { export, healthy, next: AtomicUsize::new(0) }
+    }
+
     fn ad(&self) -> ServiceAd {
         let e = &self.export;
         let healthy = self.healthy.iter().filter(|h| h.load(Ordering::Relaxed)).count() as u32;
@@ -182,16 +188,22 @@ pub(crate) struct Inner {
     pub timing: Timing,
     pub endpoint: quinn::Endpoint,
     pub tls: TlsFactory,
-    pub peers: HashMap<Identity, PeerSpec>,
+    /// Configured peers; replaced as a whole by [`Mesh::reconfigure`] (read with [`Mesh::peers`]).
+    pub peers: RwLock<Arc<HashMap<Identity, PeerSpec>>>,
+    /// Stops the dial loop of each peer we dial (child tokens of `shutdown`).
+    pub dialers: Mutex<HashMap<Identity, CancellationToken>>,
     pub allowed: crate::tls::Allowed,
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
+    /// As configured; the addresses of peers are added to it (`allowed_sources`).
+    pub allowed_sources_base: Vec<ipnet::IpNet>,
     /// `None`: any source may start a handshake.
-    pub allowed_sources: Option<Vec<ipnet::IpNet>>,
+    pub allowed_sources: RwLock<Option<Vec<ipnet::IpNet>>>,
     pub routes: RwLock<RouteTable>,
     pub conns: Mutex<HashMap<Identity, PeerConn>>,
     /// Signalled whenever a peer connection is registered or ends.
     pub conn_changed: Notify,
-    pub exports: BTreeMap<ServiceName, LocalService>,
+    /// What we export; replaced as a whole by [`Mesh::reconfigure`] (read with [`Mesh::exports`]).
+    pub exports: RwLock<Arc<BTreeMap<ServiceName, Arc<LocalService>>>>,
     pub catalog: watch::Sender<Arc<LocalCatalog>>,
     /// Bumped whenever routes may have changed (a peer's catalog applied, a peer up, silent or
     /// heard again, our own exports republished): what redirector catalog streams and flows
@@ -227,30 +239,13 @@ impl Mesh {
         }));
         let server_tls = tls.server(allowed.clone())?;
         // Peers with a known address may always connect, from that address.
-        let allowed_sources = (!cfg.allowed_sources.is_empty()).then(|| {
-            let mut v = cfg.allowed_sources.clone();
-            // Peers named by host must be covered by `allowed_sources` themselves.
-            v.extend(
-                cfg.peers
-                    .iter()
-                    .filter_map(|p| p.address.as_deref()?.parse::<SocketAddr>().ok())
-                    .map(|a| ipnet::IpNet::from(a.ip())),
-            );
-            v
-        });
+        let allowed_sources = allowed_sources(&cfg.allowed_sources, &cfg.peers);
         let mut workloads = cfg.workloads;
         // Longest prefix first, so the first match is the most specific.
         workloads.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
         let endpoint = transport::bind(cfg.listen, transport::server_config(server_tls, cfg.timing.transport)?)?;
-        let exports: BTreeMap<_, _> = cfg
-            .exports
-            .into_iter()
-            .map(|e| {
-                // Endpoints start healthy; the first health check runs at once.
-                let healthy = e.endpoints.iter().map(|_| AtomicBool::new(true)).collect();
-                (e.name.clone(), LocalService { export: e, healthy, next: AtomicUsize::new(0) })
-            })
-            .collect();
+        let exports: BTreeMap<_, _> =
+            cfg.exports.into_iter().map(|e| (e.name.clone(), Arc::new(LocalService::new(e)))).collect();
         let mut routes = RouteTable::new(cfg.zone.clone(), cfg.preferences);
         let catalog = LocalCatalog { version: 1, services: exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect() };
         routes.set_local(catalog.services.values().cloned());
@@ -261,14 +256,16 @@ impl Mesh {
             timing: cfg.timing,
             endpoint,
             tls,
-            peers: cfg.peers.into_iter().map(|p| (p.id.clone(), p)).collect(),
+            peers: RwLock::new(Arc::new(cfg.peers.into_iter().map(|p| (p.id.clone(), p)).collect())),
+            dialers: Mutex::new(HashMap::new()),
             allowed,
             workloads,
-            allowed_sources,
+            allowed_sources_base: cfg.allowed_sources,
+            allowed_sources: RwLock::new(allowed_sources),
             routes: RwLock::new(routes),
             conns: Mutex::new(HashMap::new()),
             conn_changed: Notify::new(),
-            exports,
+            exports: RwLock::new(Arc::new(exports)),
             catalog: watch::channel(Arc::new(catalog)).0,
             services_changed: watch::channel(0).0,
             refresh: watch::channel(0).0,
@@ -280,6 +277,99 @@ impl Mesh {
             active_flows: AtomicU32::new(0),
         };
         Ok(Self(Arc::new(inner)))
+    }
+
+    /// The metrics handle of this gateway.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The configured peers, as of now.
+    pub fn peers(&self) -> Arc<HashMap<Identity, PeerSpec>> {
+        self.0.peers.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What this gateway exports, as of now.
+    pub(crate) fn exports(&self) -> Arc<BTreeMap<ServiceName, Arc<LocalService>>> {
+        self.0.exports.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Starts the dial loop of a peer with an address (none for a peer that only dials us).
+    fn start_dialer(&self, spec: &PeerSpec) {
+        if spec.address.is_none() {
+            return;
+        }
+        let stop = self.0.shutdown.child_token();
+        if let Some(old) =
+            self.0.dialers.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone(), stop.clone())
+        {
+            old.cancel();
+        }
+        tokio::spawn(crate::session::dial_loop(self.clone(), spec.clone(), stop));
+    }
+
+    /// Applies a new set of peers and exports while running (configuration reload). A removed
+    /// peer is refused from now on and its connections are closed at once (`PEER_REMOVED`); an
+    /// added one is dialed; a changed one is removed and added. Exports that did not change keep
+    /// their endpoint health; the new catalog reaches peers as updates. Flows that do not involve
+    /// a removed peer are untouched; flows to a removed export's endpoints run to their end.
+    pub fn reconfigure(&self, peers: Vec<PeerSpec>, exports: Vec<Export>) -> Reconfigured {
+        let mut out = Reconfigured::default();
+        let new: HashMap<Identity, PeerSpec> = peers.into_iter().map(|p| (p.id.clone(), p)).collect();
+        let old = self.peers();
+        for (id, spec) in old.iter() {
+            if new.get(id) != Some(spec) {
+                self.remove_peer(id);
+                out.peers_removed += usize::from(!new.contains_key(id));
+            }
+        }
+        {
+            let mut allowed = self.0.allowed.write().unwrap_or_else(|e| e.into_inner());
+            allowed.peers = new.keys().cloned().collect();
+        }
+        let list: Vec<PeerSpec> = new.values().cloned().collect();
+        *self.0.allowed_sources.write().unwrap_or_else(|e| e.into_inner()) =
+            allowed_sources(&self.0.allowed_sources_base, &list);
+        *self.0.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.clone());
+        for (id, spec) in &new {
+            if old.get(id) != Some(spec) {
+                out.peers_added += usize::from(!old.contains_key(id));
+                self.start_dialer(spec);
+            }
+        }
+        let current = self.exports();
+        let exports: BTreeMap<ServiceName, Arc<LocalService>> = exports
+            .into_iter()
+            .map(|e| match current.get(&e.name).filter(|s| s.export == e) {
+                Some(same) => (e.name.clone(), same.clone()),
+                None => (e.name.clone(), Arc::new(LocalService::new(e))),
+            })
+            .collect();
+        out.exports_changed = exports.len() != current.len()
+            || exports.iter().any(|(n, s)| current.get(n).is_none_or(|c| !Arc::ptr_eq(c, s)));
+        *self.0.exports.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(exports);
+        if out.exports_changed {
+            self.republish();
+        }
+        out
+    }
+
+    /// Forgets a peer: its dial loop stops, its connection closes, its routes go.
+    fn remove_peer(&self, id: &Identity) {
+        if let Some(stop) = self.0.dialers.lock().unwrap_or_else(|e| e.into_inner()).remove(id) {
+            stop.cancel();
+        }
+        let conn = self.conns().remove(id);
+        if let Some(pc) = conn {
+            let code = quinn::VarInt::from_u32(causeway_protocol::ErrorCode::PEER_REMOVED.0 as u32);
+            pc.conn.close(code, b"peer removed from configuration");
+        }
+        let zone = self.routes().peer(id).and_then(|e| e.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
+        self.0.metrics.gauge(crate::metrics::PEER_UP, &[("peer", id.as_str()), ("peer_zone", &zone)]).set(0.0);
+        self.routes_mut().remove_peer(id);
+        self.services_changed();
+        self.0.conn_changed.notify_waiters();
+        tracing::info!(peer = %id, "peer.removed");
     }
 
     /// QUIC connections open on the overlay endpoint (peers, replaced ones still finishing, and
@@ -306,8 +396,8 @@ impl Mesh {
     pub async fn run(self) {
         let tasks = TaskTracker::new();
         tasks.spawn(crate::session::accept_loop(self.clone()));
-        for spec in self.0.peers.values().filter(|p| p.address.is_some()) {
-            tasks.spawn(crate::session::dial_loop(self.clone(), spec.clone()));
+        for spec in self.peers().values() {
+            self.start_dialer(spec);
         }
         tasks.spawn(health_loop(self.clone()));
         tasks.close();
@@ -352,7 +442,8 @@ impl Mesh {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.0.allowed_sources.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
+        let nets = self.0.allowed_sources.read().unwrap_or_else(|e| e.into_inner());
+        nets.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
     }
 
     pub(crate) fn is_redirector(&self, id: &Identity) -> bool {
@@ -415,7 +506,7 @@ impl Mesh {
             return true;
         }
         let routes = self.routes();
-        self.0.peers.keys().all(|id| routes.peer(id).is_some_and(|e| e.state == PeerState::Up && e.version > 0))
+        self.peers().keys().all(|id| routes.peer(id).is_some_and(|e| e.state == PeerState::Up && e.version > 0))
     }
 
     /// Moves the overlay to a new UDP socket (a new local address or port, as after a NAT rebinding).
@@ -458,12 +549,13 @@ impl Mesh {
     pub fn peers_json(&self) -> serde_json::Value {
         let routes = self.routes();
         let conns = self.conns();
-        let mut ids: Vec<&Identity> = self.0.peers.keys().collect();
+        let specs = self.peers();
+        let mut ids: Vec<&Identity> = specs.keys().collect();
         ids.sort();
         let peers: Vec<_> = ids
             .into_iter()
             .map(|id| {
-                let spec = &self.0.peers[id];
+                let spec = &specs[id];
                 let e = routes.peer(id);
                 let c = conns.get(id);
                 json!({
@@ -522,7 +614,7 @@ impl Mesh {
 
     /// Recomputes the local catalog after an endpoint's health changed and publishes it to peers.
     pub(crate) fn republish(&self) {
-        let services: BTreeMap<_, _> = self.0.exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect();
+        let services: BTreeMap<_, _> = self.exports().iter().map(|(n, s)| (n.clone(), s.ad())).collect();
         self.routes_mut().set_local(services.values().cloned());
         self.services_changed();
         self.0.catalog.send_if_modified(|cur| {
@@ -545,8 +637,9 @@ async fn health_loop(mesh: Mesh) {
             _ = tick.tick() => {}
             _ = mesh.0.shutdown.cancelled() => return,
         }
+        let exports = mesh.exports();
         let mut checks = Vec::new();
-        for svc in mesh.0.exports.values() {
+        for svc in exports.values() {
             for (i, addr) in svc.export.endpoints.iter().enumerate() {
                 let addr = *addr;
                 let timeout = timing.backend_connect_timeout;
@@ -568,6 +661,30 @@ async fn health_loop(mesh: Mesh) {
             mesh.republish();
         }
     }
+}
+
+/// What [`Mesh::reconfigure`] changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconfigured {
+    pub peers_added: usize,
+    pub peers_removed: usize,
+    pub exports_changed: bool,
+}
+
+/// Sources allowed to start a handshake: the configured ones plus every peer's address; `None`
+/// (anyone) when none are configured.
+fn allowed_sources(base: &[ipnet::IpNet], peers: &[PeerSpec]) -> Option<Vec<ipnet::IpNet>> {
+    (!base.is_empty()).then(|| {
+        let mut v = base.to_vec();
+        // Peers named by host must be covered by `allowed_sources` themselves.
+        v.extend(
+            peers
+                .iter()
+                .filter_map(|p| p.address.as_deref()?.parse::<SocketAddr>().ok())
+                .map(|a| ipnet::IpNet::from(a.ip())),
+        );
+        v
+    })
 }
 
 /// Runs futures concurrently and collects their outputs in order (no extra dependency for one use).

@@ -13,6 +13,7 @@ pub const PEER_CONNECTS: &str = "causeway_peer_connects_total";
 pub const PEER_UP: &str = "causeway_peer_up";
 pub const PEER_SILENCES: &str = "causeway_peer_silences_total";
 pub const TLS_RELOADS: &str = "causeway_tls_reloads_total";
+pub const CONFIG_RELOADS: &str = "causeway_config_reloads_total";
 pub const TLS_LEAF_NOT_AFTER: &str = "causeway_tls_leaf_not_after_seconds";
 pub const PEER_REPLACED: &str = "causeway_peer_connections_replaced_total";
 pub const PEER_RTT: &str = "causeway_peer_rtt_seconds";
@@ -92,6 +93,7 @@ impl Metrics {
         c(PEER_HANDSHAKE_FAILURES, None, "Peer TLS handshakes refused, by reason.");
         c(PEER_CONNECTS, None, "Peer connections established or failed, by peer zone, direction and result.");
         g(PEER_UP, None, "1 while a peer's connection is up and its control stream live.");
+        c(CONFIG_RELOADS, None, "Configuration reloads (file change or SIGHUP), by result (ok, refused).");
         c(TLS_RELOADS, None, "Certificate and trust-bundle reloads from the watched files, by result (ok, refused).");
         g(TLS_LEAF_NOT_AFTER, Some(Unit::Seconds), "Expiry of the leaf certificate in use (Unix time).");
         c(

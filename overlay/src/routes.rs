@@ -143,6 +143,11 @@ impl RouteTable {
         }
     }
 
+    /// The peer is no longer configured: its entry (catalog included) goes.
+    pub fn remove_peer(&mut self, id: &Identity) {
+        self.peers.remove(id);
+    }
+
     /// The peer has been silent too long: no new flows until it is heard again.
     pub fn peer_silent(&mut self, id: &Identity) {
         if let Some(e) = self.peers.get_mut(id) {

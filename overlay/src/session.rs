@@ -77,7 +77,8 @@ impl Backoff {
     }
 }
 
-pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
+/// Keeps one connection to a peer we can dial, until `stop` (shutdown, or the peer removed).
+pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec, stop: tokio_util::sync::CancellationToken) {
     let Some(addr) = spec.address.clone() else { return };
     let t = mesh.0.timing;
     let mut backoff = Backoff::new(t.backoff_min, t.backoff_max);
@@ -92,7 +93,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
         let changed = mesh.0.conn_changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if mesh.0.shutdown.is_cancelled() || mesh.is_draining() {
+        if stop.is_cancelled() || mesh.is_draining() {
             return;
         }
         // With a connection up, wait for it to end, or for our certificate to change (then a new
@@ -110,7 +111,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
                     }
                     replace = true;
                 }
-                _ = mesh.0.shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
             }
         } else if let Some(since) = connected.filter(|_| !up) {
             connected = None;
@@ -118,7 +119,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
             // shortest delay; one that did not backs off like a failed dial.
             if since.elapsed() > t.backoff_max {
                 backoff.reset();
-            } else if !sleep_or_shutdown(&mesh, backoff.next()).await {
+            } else if !sleep_or_stop(&stop, backoff.next()).await {
                 return;
             }
             continue;
@@ -162,17 +163,17 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec) {
                 tracing::debug!(peer = %spec.id, %addr, error = %e, "peer.dial.failed");
             }
         }
-        if !sleep_or_shutdown(&mesh, backoff.next()).await {
+        if !sleep_or_stop(&stop, backoff.next()).await {
             return;
         }
     }
 }
 
-/// Sleeps, or returns false at once on shutdown.
-async fn sleep_or_shutdown(mesh: &Mesh, d: Duration) -> bool {
+/// Sleeps, or returns false at once when stopped.
+async fn sleep_or_stop(stop: &tokio_util::sync::CancellationToken, d: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
-        _ = mesh.0.shutdown.cancelled() => false,
+        _ = stop.cancelled() => false,
     }
 }
 
@@ -243,10 +244,12 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
                 conn.close(quinn::VarInt::from_u32(ErrorCode::PEER_MISMATCH.0 as u32), b"no identity");
                 return;
             };
-            if !mesh.0.peers.contains_key(&id) && mesh.is_redirector(&id) {
+            let peers = mesh.peers();
+            if !peers.contains_key(&id) && mesh.is_redirector(&id) {
                 return crate::handoff::serve_redirector(mesh, conn, id).await;
             }
-            let zone = mesh.0.peers.get(&id).and_then(|p| p.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
+            let zone = peers.get(&id).and_then(|p| p.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
+            drop(peers);
             mesh.0
                 .metrics
                 .counter(PEER_CONNECTS, &[("peer_zone", &zone), ("direction", "accept"), ("result", "ok")])
@@ -285,6 +288,10 @@ fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool
     // Whether the existing connection finished its hello exchange: then it may carry flows, and a
     // late duplicate (say a dial that was retransmitting its Initial until the peer came up) must
     // not replace it. Read before taking the connection lock (lock order: routes, then conns).
+    if !mesh.peers().contains_key(peer) {
+        close(conn, ErrorCode::PEER_REMOVED, "not a configured peer");
+        return None;
+    }
     let old_up = mesh.routes().peer(peer).is_some_and(|e| e.state == crate::routes::PeerState::Up);
     let ours = mesh.0.tls.leaf();
     let flows = Arc::new(AtomicUsize::new(0));
@@ -345,7 +352,7 @@ fn promote(
     if let Some(old) = old.filter(|o| o.conn.stable_id() != conn.stable_id()) {
         tracing::info!("peer.connection.replaced");
         mesh.0.metrics.counter(PEER_REPLACED, &[]).increment(1);
-        retire(mesh, old);
+        retire(mesh, peer, old);
     }
     mesh.0.conn_changed.notify_waiters();
 }
@@ -354,9 +361,11 @@ fn promote(
 /// it has registered the new connection too (both sides do so as the handshake completes).
 const RETIRE_GRACE: Duration = Duration::from_secs(1);
 
-/// Closes a replaced connection once no flow uses it (never cutting one), or at shutdown.
-fn retire(mesh: &Mesh, old: PeerConn) {
+/// Closes a replaced connection once no flow uses it (never cutting one), or at shutdown; at
+/// once if the peer is removed from the configuration.
+fn retire(mesh: &Mesh, peer: &Identity, old: PeerConn) {
     let shutdown = mesh.0.shutdown.clone();
+    let (mesh, peer) = (mesh.clone(), peer.clone());
     tokio::spawn(async move {
         tokio::time::sleep(RETIRE_GRACE).await;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -366,6 +375,10 @@ fn retire(mesh: &Mesh, old: PeerConn) {
                 _ = shutdown.cancelled() => return,
             }
             if old.conn.close_reason().is_some() {
+                return;
+            }
+            if !mesh.peers().contains_key(&peer) {
+                close(&old.conn, ErrorCode::PEER_REMOVED, "peer removed from configuration");
                 return;
             }
             if old.flows.load(std::sync::atomic::Ordering::Relaxed) == 0 {
@@ -418,8 +431,8 @@ fn peer_zone_label(mesh: &Mesh, peer: &Identity) -> String {
     routes
         .peer(peer)
         .and_then(|e| e.zone.as_ref())
-        .or(mesh.0.peers.get(peer).and_then(|p| p.zone.as_ref()))
         .map(|z| z.to_string())
+        .or_else(|| mesh.peers().get(peer).and_then(|p| p.zone.as_ref()).map(|z| z.to_string()))
         .unwrap_or_default()
 }
 
@@ -670,7 +683,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     rx: &mut R,
 ) -> SessionEnd {
     let t = mesh.0.timing;
-    let spec = mesh.0.peers.get(peer).cloned();
+    let spec = mesh.peers().get(peer).cloned();
     let mut catalog = mesh.0.catalog.subscribe();
     let mut sent: Arc<LocalCatalog> = catalog.borrow_and_update().clone();
     let mut out = BytesMut::new();

@@ -50,6 +50,8 @@ codes! {
     (0x4357_0009, PEER_UNRESPONSIVE);
     /// The gateway is shutting down.
     (0x4357_000a, SHUTDOWN);
+    /// The peer was removed from this gateway's configuration (or its identity revoked).
+    (0x4357_000b, PEER_REMOVED);
     /// Stream reset: the backend connection of a flow failed or was reset.
     (0x4357_0100, FLOW_BACKEND_RESET);
     /// Stream reset: the client side of a flow went away.

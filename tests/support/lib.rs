@@ -364,3 +364,41 @@ pub async fn echo_pair_with_c(extra_b: &str) -> (TestMesh, SocketAddr) {
     let listen = m.gw(0).import_addr("echo.test").expect("listener");
     (m, listen)
 }
+
+/// A flow that writes a deterministic 1 KiB chunk every 20 ms until `stop`, then half-closes and
+/// checks the whole echo byte for byte. Returns the echo's banner and the bytes sent; `Err` on a
+/// reset or any difference.
+pub async fn long_flow(
+    listen: SocketAddr,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(String, u64), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(listen).await.map_err(|e| e.to_string())?;
+    let (mut r, mut w) = s.split();
+    let send = async {
+        let mut sent = Vec::new();
+        let mut i = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let chunk = payload(1024, seed * 1_000_003 + i);
+            w.write_all(&chunk).await.map_err(|e| format!("write: {e}"))?;
+            sent.extend_from_slice(&chunk);
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        Ok::<_, String>(sent)
+    };
+    let recv = async {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(got)
+    };
+    let (sent, got) = tokio::join!(send, recv);
+    let (sent, got) = (sent?, got?);
+    let nl = got.iter().position(|b| *b == b'\n').ok_or_else(|| format!("no banner ({} bytes)", got.len()))?;
+    if got[nl + 1..] != sent[..] {
+        return Err(format!("echo differs: sent {} bytes, got {}", sent.len(), got.len() - nl - 1));
+    }
+    Ok((String::from_utf8_lossy(&got[..nl]).into_owned(), sent.len() as u64))
+}

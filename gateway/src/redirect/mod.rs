@@ -164,7 +164,7 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
                 key: raw.tls.key.clone(),
                 bundle: raw.tls.bundle.clone(),
                 // The redirector reads its files once; rotating its certificate is a restart.
-                watch_interval: crate::config::TLS_WATCH_INTERVAL,
+                watch_interval: crate::config::WATCH_INTERVAL,
             },
             gateway,
             gateway_id,
