@@ -149,6 +149,21 @@ async fn redirected_flows_dns_and_failure_resets() {
     assert_eq!(metric(&t, "causeway_dns_queries_total", &[("result", "mesh_a")]), Some(1.0));
     assert_eq!(metric(&t, "causeway_dns_queries_total", &[("result", "forwarded")]), Some(1.0));
 
+    // The node's certificate rotates: the redirector picks it up (it watches its files every 5 s)
+    // and presents it from its next connection, the one after the gateway restart below.
+    let before = metric(&r.metrics_text(), "causeway_tls_leaf_not_after_seconds", &[]);
+    m.pki.issue("node-1", &node_id, Validity::for_duration(Duration::from_secs(7200))).unwrap();
+    assert!(
+        eventually(Duration::from_secs(8), || metric(
+            &r.metrics_text(),
+            "causeway_tls_reloads_total",
+            &[("result", "ok")]
+        ) == Some(1.0))
+        .await,
+        "the redirector did not reload its certificate"
+    );
+    assert!(metric(&r.metrics_text(), "causeway_tls_leaf_not_after_seconds", &[]) > before);
+
     // Gateway down: captured connections are reset within a second; the redirector reconnects.
     let gw_a = m.gateways[0].take().unwrap();
     gw_a.shutdown().await;

@@ -42,13 +42,16 @@ fn load_tls_files(paths: &TlsPaths, td: &TrustDomain) -> Result<(Credentials, Tr
     Ok((creds, bundle))
 }
 
-/// Re-reads the certificate, key and bundle every `interval`. A changed set that loads and passes
-/// [`Mesh::update_tls`] is used for every later handshake (and peer connections are replaced
-/// make-before-break when the leaf changed); anything else is refused with its reason, logged and
-/// counted, and the certificate in use keeps serving. Files are compared by content, so a
-/// Kubernetes Secret's symlink swap and an in-place rewrite are both seen; a half-written pair
-/// (new certificate, old key) is refused and picked up once complete.
-async fn watch_tls(paths: TlsPaths, td: TrustDomain, mesh: Mesh, stop: CancellationToken) {
+/// Re-reads the certificate, key and bundle files every `interval`; when their content changed,
+/// `apply` loads, checks and swaps them, and the outcome is logged: `tls.reloaded`, or
+/// `tls.reload.refused` with each reason (the certificate in use keeps serving). Files are compared
+/// by content, so a Kubernetes Secret's symlink swap and an in-place rewrite are both seen; a
+/// half-written pair (new certificate, old key) is refused and picked up once complete. Shared by
+/// the gateway and the redirector.
+pub(crate) async fn watch_tls<A>(paths: TlsPaths, stop: CancellationToken, mut apply: A)
+where
+    A: FnMut() -> Result<bool, Vec<ConfigError>>,
+{
     let snapshot = || [&paths.cert, &paths.key, &paths.bundle].map(|p| std::fs::read(p).ok());
     let mut seen = snapshot();
     let mut tick = tokio::time::interval(paths.watch_interval);
@@ -63,19 +66,25 @@ async fn watch_tls(paths: TlsPaths, td: TrustDomain, mesh: Mesh, stop: Cancellat
             continue;
         }
         seen = now;
-        match load_tls_files(&paths, &td) {
-            Ok((creds, bundle)) => match mesh.update_tls(creds, bundle) {
-                Ok(leaf_changed) => tracing::info!(leaf_changed, "tls.reloaded"),
-                Err(e) => tracing::error!(error = %e, "tls.reload.refused"),
-            },
+        match apply() {
+            Ok(leaf_changed) => tracing::info!(leaf_changed, "tls.reloaded"),
             Err(errors) => {
-                mesh.tls_refused();
                 for e in errors {
                     tracing::error!(path = %e.path, reason = %e.reason, "tls.reload.refused");
                 }
             }
         }
     }
+}
+
+/// The gateway's [`watch_tls`]: a new leaf also replaces the peer connections ([`Mesh::update_tls`]).
+async fn watch_gateway_tls(paths: TlsPaths, td: TrustDomain, mesh: Mesh, stop: CancellationToken) {
+    let files = paths.clone();
+    watch_tls(paths, stop, move || {
+        let (creds, bundle) = load_tls_files(&files, &td).inspect_err(|_| mesh.tls_refused())?;
+        mesh.update_tls(creds, bundle).map_err(|e| vec![ConfigError { path: "tls".into(), reason: e.to_string() }])
+    })
+    .await
 }
 
 /// A running gateway.
@@ -317,7 +326,7 @@ impl Gateway {
         };
         let overlay_addr = mesh.local_addr();
         tasks.spawn(mesh.clone().run());
-        tokio::spawn(watch_tls(cfg.tls.clone(), cfg.trust_domain.clone(), mesh.clone(), mesh_stopped(&mesh)));
+        tokio::spawn(watch_gateway_tls(cfg.tls.clone(), cfg.trust_domain.clone(), mesh.clone(), mesh_stopped(&mesh)));
         tasks.close();
         ready.store(true, Ordering::Relaxed);
         tracing::info!(

@@ -163,7 +163,6 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
                 cert: raw.tls.cert.clone(),
                 key: raw.tls.key.clone(),
                 bundle: raw.tls.bundle.clone(),
-                // The redirector reads its files once; rotating its certificate is a restart.
                 watch_interval: crate::config::WATCH_INTERVAL,
             },
             gateway,
@@ -248,6 +247,13 @@ impl Redirect {
             iptables::install(&cfg.chains, &cfg.vip_range.to_string(), capture_addr)?;
         }
         tasks.spawn(redirector.clone().run());
+        {
+            let (cfg, r) = (cfg.clone(), redirector.clone());
+            tasks.spawn(crate::app::watch_tls(cfg.tls.clone(), stop.clone(), move || {
+                let (creds, bundle) = load_tls(&cfg).inspect_err(|_| r.tls_refused())?;
+                r.update_tls(creds, bundle).map_err(|e| vec![ConfigError { path: "tls".into(), reason: e.to_string() }])
+            }));
+        }
         tasks.spawn(capture_loop(capture, redirector.clone(), metrics, stop.clone()));
         tasks.close();
         tracing::info!(node = %cfg.node, identity = %redirector.identity(), capture = %capture_addr, dns = ?dns_addr,
