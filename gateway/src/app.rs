@@ -25,7 +25,10 @@ pub fn load_tls(cfg: &Config) -> Result<(Credentials, TrustBundle), Vec<ConfigEr
     load_tls_files(&cfg.tls, &cfg.trust_domain)
 }
 
-fn load_tls_files(paths: &TlsPaths, td: &TrustDomain) -> Result<(Credentials, TrustBundle), Vec<ConfigError>> {
+pub(crate) fn load_tls_files(
+    paths: &TlsPaths,
+    td: &TrustDomain,
+) -> Result<(Credentials, TrustBundle), Vec<ConfigError>> {
     let err = |path: &str, reason: String| vec![ConfigError { path: path.into(), reason }];
     let read = |path: &str, p: &std::path::Path| {
         std::fs::read(p).map_err(|e| err(path, format!("cannot read {}: {e}", p.display())))
@@ -81,7 +84,7 @@ where
 async fn watch_gateway_tls(paths: TlsPaths, td: TrustDomain, mesh: Mesh, stop: CancellationToken) {
     let files = paths.clone();
     watch_tls(paths, stop, move || {
-        let (creds, bundle) = load_tls_files(&files, &td).inspect_err(|_| mesh.tls_refused())?;
+        let (creds, bundle) = load_tls_files(&files, &td).inspect_err(|_| mesh.tls().count_refused())?;
         mesh.update_tls(creds, bundle).map_err(|e| vec![ConfigError { path: "tls".into(), reason: e.to_string() }])
     })
     .await

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::h3q::Opener;
-use crate::metrics::{Metrics, TLS_LEAF_NOT_AFTER, TLS_RELOADS};
+use crate::metrics::Metrics;
 use crate::routes::{PeerState, RouteTable};
 use crate::tls::{Credentials, TlsError, TlsFactory, TrustBundle};
 use crate::transport::{self, EndpointError, Timers};
@@ -230,9 +230,6 @@ impl Mesh {
     pub fn bind(cfg: MeshConfig) -> Result<Self, MeshError> {
         let identity = cfg.credentials.identity()?;
         let tls = TlsFactory::new(cfg.credentials, cfg.bundle, cfg.metrics.clone())?;
-        if let Some(t) = crate::tls::not_after(&tls.leaf()) {
-            cfg.metrics.gauge(TLS_LEAF_NOT_AFTER, &[]).set(t as f64);
-        }
         let allowed = Arc::new(RwLock::new(crate::tls::AllowedSet {
             peers: cfg.peers.iter().map(|p| p.id.clone()).collect::<HashSet<Identity>>(),
             redirector_prefixes: cfg.redirectors,
@@ -315,23 +312,20 @@ impl Mesh {
     /// a removed peer are untouched; flows to a removed export's endpoints run to their end.
     pub fn reconfigure(&self, peers: Vec<PeerSpec>, exports: Vec<Export>) -> Reconfigured {
         let mut out = Reconfigured::default();
-        let new: HashMap<Identity, PeerSpec> = peers.into_iter().map(|p| (p.id.clone(), p)).collect();
-        let old = self.peers();
+        let new: Arc<HashMap<Identity, PeerSpec>> = Arc::new(peers.iter().map(|p| (p.id.clone(), p.clone())).collect());
+        // The new set is published first, so a removed peer that redials in the meantime is
+        // already refused (in the handshake, or at registration).
+        self.0.allowed.write().unwrap_or_else(|e| e.into_inner()).peers = new.keys().cloned().collect();
+        *self.0.allowed_sources.write().unwrap_or_else(|e| e.into_inner()) =
+            allowed_sources(&self.0.allowed_sources_base, &peers);
+        let old = std::mem::replace(&mut *self.0.peers.write().unwrap_or_else(|e| e.into_inner()), new.clone());
         for (id, spec) in old.iter() {
             if new.get(id) != Some(spec) {
                 self.remove_peer(id);
                 out.peers_removed += usize::from(!new.contains_key(id));
             }
         }
-        {
-            let mut allowed = self.0.allowed.write().unwrap_or_else(|e| e.into_inner());
-            allowed.peers = new.keys().cloned().collect();
-        }
-        let list: Vec<PeerSpec> = new.values().cloned().collect();
-        *self.0.allowed_sources.write().unwrap_or_else(|e| e.into_inner()) =
-            allowed_sources(&self.0.allowed_sources_base, &list);
-        *self.0.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new.clone());
-        for (id, spec) in &new {
+        for (id, spec) in new.iter() {
             if old.get(id) != Some(spec) {
                 out.peers_added += usize::from(!old.contains_key(id));
                 self.start_dialer(spec);
@@ -469,27 +463,16 @@ impl Mesh {
     /// dial us replace theirs when they see our new leaf on their next connection. Refused (the old
     /// ones stay) for another identity or a bundle that does not hold our leaf's CA.
     pub fn update_tls(&self, creds: Credentials, bundle: TrustBundle) -> Result<bool, TlsError> {
-        let before = self.0.tls.leaf();
-        if let Err(e) = self.0.tls.update(creds, bundle) {
-            self.tls_refused();
-            return Err(e);
-        }
-        self.0.metrics.counter(TLS_RELOADS, &[("result", "ok")]).increment(1);
-        let leaf = self.0.tls.leaf();
-        if let Some(t) = crate::tls::not_after(&leaf) {
-            self.0.metrics.gauge(TLS_LEAF_NOT_AFTER, &[]).set(t as f64);
-        }
-        let changed = leaf != before;
+        let changed = self.0.tls.update(creds, bundle)?;
         if changed {
             self.0.refresh.send_modify(|g| *g = g.wrapping_add(1));
         }
         Ok(changed)
     }
 
-    /// Counts a certificate or bundle update refused before it reached [`Mesh::update_tls`]
-    /// (unreadable or unparsable files).
-    pub fn tls_refused(&self) {
-        self.0.metrics.counter(TLS_RELOADS, &[("result", "refused")]).increment(1);
+    /// The TLS state (certificate, bundle, reload counters).
+    pub fn tls(&self) -> &TlsFactory {
+        &self.0.tls
     }
 
     /// Signals redirector catalog streams that [`Mesh::known_services`] may have changed.

@@ -23,9 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::h3q::{self, Opener};
-use crate::metrics::{
-    Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, H3_FRAMES_REFUSED, TLS_LEAF_NOT_AFTER, TLS_RELOADS, VIPS,
-};
+use crate::metrics::{Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, H3_FRAMES_REFUSED, VIPS};
 use crate::relay::{self, ByteSource, Counters};
 use crate::session::{Backoff, MAX_FIELD_SECTION};
 use crate::tls::{Credentials, TlsFactory, TrustBundle, SERVER_NAME};
@@ -105,9 +103,6 @@ impl Redirector {
     pub fn new(cfg: RedirectorConfig) -> Result<Self, RedirectorError> {
         let identity = cfg.credentials.identity()?;
         let tls = TlsFactory::new(cfg.credentials.clone(), cfg.bundle.clone(), cfg.metrics.clone())?;
-        if let Some(t) = crate::tls::not_after(&tls.leaf()) {
-            cfg.metrics.gauge(TLS_LEAF_NOT_AFTER, &[]).set(t as f64);
-        }
         // A dual-stack socket reaches IPv4 and IPv6 gateways alike.
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0u16; 8], 0)))
             .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))?;
@@ -134,28 +129,11 @@ impl Redirector {
         self.0.table.subscribe()
     }
 
-    /// Uses a new certificate and trust bundle for every later connection to the gateway
-    /// (rotation; the checks of [`TlsFactory::update`]). The connection up now stays: the gateway
-    /// does not re-verify an established connection, and the next one presents the new leaf.
-    /// Returns whether the leaf changed.
-    pub fn update_tls(&self, creds: Credentials, bundle: TrustBundle) -> Result<bool, crate::tls::TlsError> {
-        let m = &self.0.cfg.metrics;
-        let before = self.0.tls.leaf();
-        if let Err(e) = self.0.tls.update(creds, bundle) {
-            m.counter(TLS_RELOADS, &[("result", "refused")]).increment(1);
-            return Err(e);
-        }
-        m.counter(TLS_RELOADS, &[("result", "ok")]).increment(1);
-        let leaf = self.0.tls.leaf();
-        if let Some(t) = crate::tls::not_after(&leaf) {
-            m.gauge(TLS_LEAF_NOT_AFTER, &[]).set(t as f64);
-        }
-        Ok(leaf != before)
-    }
-
-    /// Counts a certificate or bundle update refused before it reached [`Redirector::update_tls`].
-    pub fn tls_refused(&self) {
-        self.0.cfg.metrics.counter(TLS_RELOADS, &[("result", "refused")]).increment(1);
+    /// The TLS state: [`TlsFactory::update`] rotates the certificate and bundle for every later
+    /// connection to the gateway. The connection up now stays: the gateway does not re-verify an
+    /// established connection, and the next one presents the new leaf.
+    pub fn tls(&self) -> &TlsFactory {
+        &self.0.tls
     }
 
     pub fn connected(&self) -> bool {

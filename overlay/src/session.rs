@@ -285,13 +285,14 @@ pub(crate) struct Registered {
 /// dial) resolve to the one dialed by the gateway whose SPIFFE ID sorts lower. Losers are closed
 /// with DUPLICATE_CONNECTION.
 fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool) -> Option<Registered> {
-    // Whether the existing connection finished its hello exchange: then it may carry flows, and a
-    // late duplicate (say a dial that was retransmitting its Initial until the peer came up) must
-    // not replace it. Read before taking the connection lock (lock order: routes, then conns).
+    // Removed from the configuration after its handshake passed.
     if !mesh.peers().contains_key(peer) {
         close(conn, ErrorCode::PEER_REMOVED, "not a configured peer");
         return None;
     }
+    // Whether the existing connection finished its hello exchange: then it may carry flows, and a
+    // late duplicate (say a dial that was retransmitting its Initial until the peer came up) must
+    // not replace it. Read before taking the connection lock (lock order: routes, then conns).
     let old_up = mesh.routes().peer(peer).is_some_and(|e| e.state == crate::routes::PeerState::Up);
     let ours = mesh.0.tls.leaf();
     let flows = Arc::new(AtomicUsize::new(0));

@@ -17,7 +17,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::metrics::{Metrics, PEER_HANDSHAKE_FAILURES};
+use crate::metrics::{Metrics, PEER_HANDSHAKE_FAILURES, TLS_LEAF_NOT_AFTER, TLS_RELOADS};
 
 /// ALPN of the overlay: plain HTTP/3.
 pub const ALPN: &[u8] = b"h3";
@@ -377,14 +377,45 @@ impl TlsFactory {
         let identity = creds.identity().ok();
         let key = Arc::new(certified(creds)?);
         let current = Arc::new(Current { key: RwLock::new(key), bundle: RwLock::new(Arc::new(bundle)) });
-        Ok(Self { current, identity, metrics })
+        let this = Self { current, identity, metrics };
+        this.record_leaf();
+        Ok(this)
     }
 
-    /// Replaces the certificate and bundle for every later handshake. Refused, with the old ones kept,
-    /// when the new certificate names another identity, its key does not match it, or the new bundle
-    /// does not hold the CA that issued it: peers verifying us by that bundle would refuse us (a
-    /// root rotation must go A → A+B, then leaves from B, then B).
-    pub fn update(&self, creds: Credentials, bundle: TrustBundle) -> Result<(), TlsError> {
+    /// Replaces the certificate and bundle for every later handshake; returns whether the leaf
+    /// changed. Refused, with the old ones kept, when the new certificate names another identity,
+    /// its key does not match it, or the new bundle does not hold the CA that issued it: peers
+    /// verifying us by that bundle would refuse us (a root rotation must go A → A+B, then leaves
+    /// from B, then B). Counted in `tls_reloads_total{result}`.
+    pub fn update(&self, creds: Credentials, bundle: TrustBundle) -> Result<bool, TlsError> {
+        let before = self.leaf();
+        match self.swap(creds, bundle) {
+            Ok(()) => {
+                self.metrics.counter(TLS_RELOADS, &[("result", "ok")]).increment(1);
+                self.record_leaf();
+                Ok(self.leaf() != before)
+            }
+            Err(e) => {
+                self.count_refused();
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts an update refused before it reached [`TlsFactory::update`] (unreadable or
+    /// unparsable files).
+    pub fn count_refused(&self) {
+        self.metrics.counter(TLS_RELOADS, &[("result", "refused")]).increment(1);
+    }
+
+    /// Publishes the expiry of the leaf in use (`tls_leaf_not_after_seconds`).
+    fn record_leaf(&self) {
+        if let Some(t) = not_after(&self.leaf()) {
+            self.metrics.gauge(TLS_LEAF_NOT_AFTER, &[]).set(t as f64);
+        }
+    }
+
+    fn swap(&self, creds: Credentials, bundle: TrustBundle) -> Result<(), TlsError> {
         let id = creds.identity()?;
         if self.identity.as_ref() != Some(&id) {
             let was = self.identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "none".into());

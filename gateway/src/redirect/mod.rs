@@ -7,7 +7,7 @@ pub mod dns;
 pub mod iptables;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,8 +250,10 @@ impl Redirect {
         {
             let (cfg, r) = (cfg.clone(), redirector.clone());
             tasks.spawn(crate::app::watch_tls(cfg.tls.clone(), stop.clone(), move || {
-                let (creds, bundle) = load_tls(&cfg).inspect_err(|_| r.tls_refused())?;
-                r.update_tls(creds, bundle).map_err(|e| vec![ConfigError { path: "tls".into(), reason: e.to_string() }])
+                let (creds, bundle) = load_tls(&cfg).inspect_err(|_| r.tls().count_refused())?;
+                r.tls()
+                    .update(creds, bundle)
+                    .map_err(|e| vec![ConfigError { path: "tls".into(), reason: e.to_string() }])
             }));
         }
         tasks.spawn(capture_loop(capture, redirector.clone(), metrics, stop.clone()));
@@ -281,18 +283,7 @@ impl Redirect {
 fn load_tls(
     cfg: &RedirectConfig,
 ) -> Result<(causeway_overlay::Credentials, causeway_overlay::TrustBundle), Vec<ConfigError>> {
-    let err = |path: &str, reason: String| vec![ConfigError { path: path.into(), reason }];
-    let read =
-        |path: &str, p: &PathBuf| std::fs::read(p).map_err(|e| err(path, format!("cannot read {}: {e}", p.display())));
-    let creds = crate::certs::credentials_from_pem(&read("tls.cert", &cfg.tls.cert)?, &read("tls.key", &cfg.tls.key)?)
-        .map_err(|e| err("tls.cert", format!("{e:#}")))?;
-    let id = creds.identity().map_err(|e| err("tls.cert", e.to_string()))?;
-    if id.trust_domain() != cfg.trust_domain {
-        return Err(err("tls.cert", format!("certificate identity {id} is not in trust_domain {}", cfg.trust_domain)));
-    }
-    let bundle = crate::certs::bundle_from_pem(&read("tls.bundle", &cfg.tls.bundle)?)
-        .map_err(|e| err("tls.bundle", format!("{e:#}")))?;
-    Ok((creds, bundle))
+    crate::app::load_tls_files(&cfg.tls, &cfg.trust_domain)
 }
 
 /// Validates a redirector config and its TLS files (for `causeway check --redirect`).
