@@ -196,3 +196,63 @@ async fn every_x509_svid_violation_is_refused_with_its_own_reason() {
     echo_flow(listen, b"still serving").await.unwrap();
     m.shutdown().await;
 }
+
+/// Zone a in trust domain `test.causeway`, zone b in `partner.example` with its own CA; each
+/// federates the other's bundle. Flows cross; b's CA cannot vouch for a `test.causeway` identity;
+/// an identity of a trust domain nobody federates is refused as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_trust_domains_vouch_only_for_their_own_identities() {
+    use causeway_protocol::TrustDomain;
+    let mut m = echo_pair_plan().await;
+    let partner = Pki::new("partner.example").unwrap();
+    let b_id = partner.identity("b", "gw-1");
+    let hour = Validity::for_duration(Duration::from_secs(3600));
+    let ours = m.pki.dir.join("ca.crt");
+    let theirs = partner.dir.join("ca.crt");
+    m.specs[1].trust_domain = "partner.example".into();
+    m.specs[1].tls = partner.issue("b-partner", &b_id, hour).unwrap();
+    m.specs[1].extra = format!("federation:\n  - {{ trust_domain: test.causeway, bundle: \"{}\" }}\n", ours.display());
+    m.specs[0].extra =
+        format!("federation:\n  - {{ trust_domain: partner.example, bundle: \"{}\" }}\n", theirs.display());
+    m.specs[0].peers[0].0 = b_id.clone();
+    m.ids[1] = b_id;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await, "a never learned echo.test across trust domains");
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    assert_eq!(echo_flow(listen, b"across trust domains").await.unwrap().0, "b");
+
+    // partner.example's CA (trusted by b for partner identities) mints a's test.causeway identity:
+    // checked against test.causeway's bundle only, so refused.
+    let read_pem = |p: &std::path::Path| std::fs::read(p).unwrap();
+    let rogue_bundle = |own: &Pki| {
+        let b = causeway::certs::bundle_from_pem(&read_pem(&own.dir.join("ca.crt"))).unwrap();
+        let td = TrustDomain::new("partner.example").unwrap();
+        causeway::certs::federate_pem(b, td, &read_pem(&theirs)).unwrap()
+    };
+    // (Our own `certs::issue` refuses to do this; a CA with the partner's key and a relabelled
+    // trust domain does it anyway, as a compromised or careless partner CA would.)
+    let minting = Pki {
+        dir: partner.dir.clone(),
+        ca: causeway::certs::Ca {
+            cert_pem: partner.ca.cert_pem.clone(),
+            key_pem: partner.ca.key_pem.clone(),
+            trust_domain: TrustDomain::new(TRUST_DOMAIN).unwrap(),
+        },
+    };
+    let forged = rogue::credentials(&minting, &m.ids[0], hour, &m.pki).unwrap();
+    expect_refused(&m, (forged.0, rogue_bundle(&m.pki))).await;
+    assert!(
+        eventually(Duration::from_secs(5), || refusals(&m, 1, "unknown_ca") == 1.0).await,
+        "{}",
+        m.gw(1).metrics_text()
+    );
+    // A trust domain b holds no bundle for: refused with its own reason.
+    let nowhere = causeway_protocol::Identity::parse("spiffe://nowhere.example/zone/a/gateway/gw-1").unwrap();
+    let stranger = Pki::new("nowhere.example").unwrap();
+    let creds = rogue::credentials(&stranger, &nowhere, hour, &m.pki).unwrap();
+    expect_refused(&m, (creds.0, rogue_bundle(&stranger))).await;
+    assert!(eventually(Duration::from_secs(5), || refusals(&m, 1, "unknown_trust_domain") == 1.0).await);
+    // The real cross-domain peer is still served.
+    assert_eq!(echo_flow(listen, b"still here").await.unwrap().0, "b");
+    m.shutdown().await;
+}

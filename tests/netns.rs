@@ -55,6 +55,34 @@ ok = len(got) == n and hashlib.sha256(got).digest() == hashlib.sha256(data).dige
 print("OK" if ok else "MISMATCH %d" % len(got))
 "#;
 
+/// Floods `dst:port` from `src` with QUIC-shaped junk for SECS seconds (~4,000 datagrams/s):
+/// short-header junk, long headers of any version, truncated Initials and Initials whose payload
+/// does not decrypt. Prints how many it sent. (Valid Initials come from `causeway-flood`.)
+const FLOOD_PY: &str = r#"
+import os, random, socket, sys, time
+mode, src, dst, port, arg = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((src, 0))
+rng = random.Random(7)
+def initial():
+    head = bytes([0xc3]) + (1).to_bytes(4, "big") + bytes([8]) + os.urandom(8) + bytes([8]) + os.urandom(8) + b"\x00"
+    n = 1200 - len(head) - 2
+    return head + (0x4000 | n).to_bytes(2, "big") + os.urandom(n)
+def garbage():
+    k = rng.randrange(4)
+    if k == 0: return bytes([0x40 | rng.randrange(64)]) + os.urandom(rng.randrange(0, 1400))
+    if k == 1: return bytes([0xc0 | rng.randrange(64)]) + os.urandom(rng.randrange(4, 1400))
+    if k == 2: return initial()[:rng.randrange(1, 1200)]
+    return initial()
+sent = 0
+if mode == "garbage":
+    end = time.time() + arg
+    while time.time() < end:
+        for _ in range(20):
+            s.sendto(garbage(), (dst, port)); sent += 1
+        time.sleep(0.005)
+print(sent)
+"#;
+
 /// Connects and reads; prints RESET, EOF, DATA, TIMEOUT or ERR and the seconds it took.
 const PROBE_PY: &str = r#"
 import socket, sys, time
@@ -142,7 +170,8 @@ fn gateway_yaml(w: &World, zone: &str) -> std::path::PathBuf {
                 "redirectors:\n  - {{ id_prefix: \"spiffe://{TD}/zone/a/node/\" }}\nworkloads:\n  - {{ cidr: 10.11.0.0/24, id: \"{FRONTEND}\" }}\n"
             )
         } else {
-            String::new()
+            // Handshakes only from the configured peer (always allowed) and this range.
+            "allowed_sources: [10.21.0.0/24]\n".to_string()
         },
     };
     let path = w.dir.join(format!("gw-{zone}.yaml"));
@@ -381,6 +410,55 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
     let body = w.pod.exec(&["curl", "-sS", "--max-time", "10", "http://orders.shop.mesh:8080/"]).unwrap();
     assert_eq!(body, "hello from orders in cluster b\n");
     eprintln!("partition: b routed around after {noticed:?}, flows into it reset in {secs:.2} s, routes back {back:?} after healing");
+
+    // 4d. Floods at gateway b's overlay port while a transfer crosses it. First 10,000 real
+    // Initials (connection attempts, `causeway-flood`) from an address b does not allow
+    // (10.99.0.66): refused before any handshake crypto, counted; then
+    // 30 s of junk from the peer's own address (so past the source check, into QUIC's parsing and
+    // Initial decryption). Gateway b never panics, its peer stays up, and the transfers are intact.
+    w.gwa.exec(&["ip", "addr", "add", "10.99.0.66/24", "dev", &wan]).unwrap();
+    let failures_before = metric(&w.gwb, 9901, "causeway_peer_handshake_failures_total", "").unwrap_or(0.0);
+    let flood = |mode: &str, src: &str, arg: &str, n: u32| {
+        let args = ["python3", "-c", FLOOD_PY, mode, src, "10.99.0.2", "4433", arg];
+        w.gwa.spawn(&args, &w.dir.join(format!("flood-{n}.log"))).unwrap()
+    };
+    let flood_bin = causeway_bin().with_file_name("causeway-flood").display().to_string();
+    let mut initials = w
+        .gwa
+        .spawn(
+            &[&flood_bin, "--from", "10.99.0.66", "--to", "10.99.0.2:4433", "--count", "10000", "--rate", "2000"],
+            &w.dir.join("flood-1.log"),
+        )
+        .unwrap();
+    let bulk = w.pod.exec(&["python3", "-c", BULK_PY, "bulk.shop.mesh", "9000", &(16 << 20).to_string()]).unwrap();
+    assert_eq!(bulk.trim(), "OK", "a transfer during the Initial flood");
+    assert!(initials.child.wait().unwrap().success(), "{}", initials.log_text());
+    let refused =
+        || metric(&w.gwb, 9901, "causeway_quic_initials_refused_total", "reason=\"source_not_allowed\"").unwrap_or(0.0);
+    // Nearly all of them: the kernel may drop some from a full socket buffer, and quinn ignores
+    // Initials beyond `limits.pending_handshakes` waiting for this check (also before crypto).
+    assert!(wait(Duration::from_secs(5), || refused() >= 9_000.0), "only {} Initials refused", refused());
+    let failures = metric(&w.gwb, 9901, "causeway_peer_handshake_failures_total", "").unwrap_or(0.0);
+    assert_eq!(failures, failures_before, "the flood reached the TLS handshake");
+    let mut junk = flood("garbage", "10.99.0.1", "30", 2);
+    let junk_started = Instant::now();
+    let mut transfers = 0;
+    while junk_started.elapsed() < Duration::from_secs(28) {
+        let bulk = w.pod.exec(&["python3", "-c", BULK_PY, "bulk.shop.mesh", "9000", &(8 << 20).to_string()]).unwrap();
+        assert_eq!(bulk.trim(), "OK", "a transfer during the junk flood\ngw-b: {}", gw_b.log_text());
+        transfers += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(junk.child.wait().unwrap().success(), "{}", junk.log_text());
+    let health = w.gwb.exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9901/healthz"]).unwrap();
+    assert_eq!(health, "ok\n", "gateway b after the floods");
+    assert!(!gw_b.log_text().contains("panicked"), "gateway b panicked:\n{}", gw_b.log_text());
+    assert_eq!(peer_state(), "up", "the peer connection did not survive the floods");
+    eprintln!(
+        "floods: {} Initials refused before crypto; {} junk datagrams in 30 s; {transfers} transfers intact meanwhile",
+        refused(),
+        junk.log_text().trim()
+    );
 
     // 5. Non-mesh destinations are not captured. (A captured flow is counted when its relay ends,
     // a moment after curl has its answer: wait for the count to settle first.)

@@ -41,7 +41,12 @@ pub(crate) fn load_tls_files(
     if id.trust_domain() != *td {
         return Err(err("tls.cert", format!("certificate identity {id} is not in trust_domain {td}")));
     }
-    let bundle = crate::certs::bundle_from_pem(&bundle).map_err(|e| err("tls.bundle", format!("{e:#}")))?;
+    let mut bundle = crate::certs::bundle_from_pem(&bundle).map_err(|e| err("tls.bundle", format!("{e:#}")))?;
+    for (i, (fed_td, path)) in paths.federation.iter().enumerate() {
+        let key = format!("federation[{i}].bundle");
+        let pem = read(&key, path)?;
+        bundle = crate::certs::federate_pem(bundle, fed_td.clone(), &pem).map_err(|e| err(&key, format!("{e:#}")))?;
+    }
     Ok((creds, bundle))
 }
 
@@ -55,7 +60,10 @@ pub(crate) async fn watch_tls<A>(paths: TlsPaths, stop: CancellationToken, mut a
 where
     A: FnMut() -> Result<bool, Vec<ConfigError>>,
 {
-    let snapshot = || [&paths.cert, &paths.key, &paths.bundle].map(|p| std::fs::read(p).ok());
+    let snapshot = || {
+        let files = [&paths.cert, &paths.key, &paths.bundle].into_iter().chain(paths.federation.iter().map(|(_, b)| b));
+        files.map(|p| std::fs::read(p).ok()).collect::<Vec<_>>()
+    };
     let mut seen = snapshot();
     let mut tick = tokio::time::interval(paths.watch_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,6 +166,7 @@ impl Reloader {
             fixed("gateway", old.gateway != new.gateway),
             fixed("trust_domain", old.trust_domain != new.trust_domain),
             fixed("tls", (&ot.cert, &ot.key, &ot.bundle) != (&nt.cert, &nt.key, &nt.bundle)),
+            fixed("federation", ot.federation != nt.federation),
             fixed("listen.overlay", old.overlay != new.overlay),
             fixed("listen.admin", old.admin != new.admin),
             fixed("imports[].prefer_zones", old.preferences != new.preferences),
@@ -165,6 +174,12 @@ impl Reloader {
             fixed("workloads", old.workloads != new.workloads),
             fixed("allowed_sources", old.allowed_sources != new.allowed_sources),
             fixed("timing", d(&old.timing) != d(&new.timing) || ot.watch_interval != nt.watch_interval),
+            // The memory budget applies live; every other limit is fixed at start.
+            fixed(
+                "limits",
+                causeway_overlay::Limits { memory_budget: None, ..old.limits }
+                    != causeway_overlay::Limits { memory_budget: None, ..new.limits },
+            ),
             fixed("log", (old.log_format, &old.log_level) != (new.log_format, &new.log_level)),
         ]
         .into_iter()
@@ -218,6 +233,7 @@ impl Reloader {
                 self.tasks.spawn(l.run(self.mesh.clone(), stop));
             }
         }
+        self.mesh.set_memory_budget(new.limits.memory_budget);
         let r = self.mesh.reconfigure(new.peers.clone(), new.exports.clone());
         out.peers_added = r.peers_added;
         out.peers_removed = r.peers_removed;
@@ -293,6 +309,7 @@ impl Gateway {
             workloads: cfg.workloads.clone(),
             allowed_sources: cfg.allowed_sources.clone(),
             timing: cfg.timing,
+            limits: cfg.limits,
             metrics,
         })
         .context("listen.overlay")?;

@@ -148,3 +148,9 @@ pub fn bundle_from_pem(pem: &[u8]) -> anyhow::Result<TrustBundle> {
     let cas = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().context("bundle PEM")?;
     Ok(TrustBundle::new(&cas)?)
 }
+
+/// Adds a federated trust domain's bundle (PEM) to `bundle`.
+pub fn federate_pem(bundle: TrustBundle, td: TrustDomain, pem: &[u8]) -> anyhow::Result<TrustBundle> {
+    let cas = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().context("bundle PEM")?;
+    Ok(bundle.federate(td, &cas)?)
+}

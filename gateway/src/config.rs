@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use causeway_overlay::transport::Timers;
-use causeway_overlay::{Export, PeerSpec, Timing};
+use causeway_overlay::{Export, Limits, PeerSpec, Timing};
 use causeway_protocol::control::Protocol;
 use causeway_protocol::limits::{MAX_LABELS, MAX_LABEL_LEN};
 use causeway_protocol::{GatewayId, Identity, ServiceName, TrustDomain, ZoneName};
@@ -26,6 +26,9 @@ pub struct RawConfig {
     pub trust_domain: String,
     pub tls: RawTls,
     pub listen: RawListen,
+    /// Other trust domains whose identities this gateway accepts, each with its own bundle.
+    #[serde(default)]
+    pub federation: Vec<RawFederation>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
     #[serde(default)]
@@ -42,7 +45,46 @@ pub struct RawConfig {
     #[serde(default)]
     pub timing: RawTiming,
     #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
     pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederation {
+    pub trust_domain: String,
+    pub bundle: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub peer_flow_rate: Option<u32>,
+    pub flows_per_peer: Option<u32>,
+    /// Byte sizes: an integer, or a number with KiB, MiB or GiB.
+    pub stream_window: Option<String>,
+    pub peer_receive_window: Option<String>,
+    pub pending_handshakes: Option<u32>,
+    pub memory_budget: Option<String>,
+    pub connections_per_listener: Option<u32>,
+    pub connections_per_source: Option<u32>,
+}
+
+/// Parses a byte size: `65536`, `64KiB`, `16 MiB`, `1GiB`.
+pub fn byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a byte size (like 65536, 64KiB, 16MiB, 1GiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unit {other:?} is not one of B, KiB, MiB, GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -208,6 +250,7 @@ pub struct Config {
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
     pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
+    pub limits: Limits,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -217,7 +260,10 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub bundle: PathBuf,
-    /// How often the gateway re-reads the three files for a rotated certificate or bundle.
+    /// Bundles of federated trust domains (`federation`): each verifies only identities of its own
+    /// trust domain.
+    pub federation: Vec<(TrustDomain, PathBuf)>,
+    /// How often the gateway re-reads the files for a rotated certificate or bundle.
     pub watch_interval: Duration,
 }
 
@@ -243,7 +289,8 @@ pub(crate) fn load_with<T>(
     let mut cfg = parse(&text).map_err(fail)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let t = tls(&mut cfg);
-    for p in [&mut t.cert, &mut t.key, &mut t.bundle] {
+    let paths = [&mut t.cert, &mut t.key, &mut t.bundle].into_iter().chain(t.federation.iter_mut().map(|(_, b)| b));
+    for p in paths {
         if p.is_relative() {
             *p = base.join(&*p);
         }
@@ -264,6 +311,64 @@ pub(crate) fn from_yaml<R: serde::de::DeserializeOwned>(text: &str) -> Result<R,
 /// Parses and validates YAML text.
 pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
     validate(&from_yaml::<RawConfig>(text)?)
+}
+
+/// `limits.*`: each within a range that keeps memory bounded (README "Limits").
+fn limits(raw: &RawLimits, e: &mut Errors) -> Limits {
+    let mut l = Limits::default();
+    let mut count = |key: &str, v: Option<u32>, min: u32, max: u32| -> Option<u32> {
+        let v = v?;
+        if v < min || v > max {
+            e.push(format!("limits.{key}"), format!("{v} is outside {min}..={max}"));
+            return None;
+        }
+        Some(v)
+    };
+    if let Some(v) = count("peer_flow_rate", raw.peer_flow_rate, 1, 1_000_000) {
+        l.peer_flow_rate = v;
+    }
+    if let Some(v) = count("flows_per_peer", raw.flows_per_peer, 1, 100_000) {
+        l.quic.flows_per_peer = v;
+    }
+    if let Some(v) = count("pending_handshakes", raw.pending_handshakes, 1, 65_536) {
+        l.quic.pending_handshakes = v as usize;
+    }
+    if let Some(v) = count("connections_per_listener", raw.connections_per_listener, 1, 1_000_000) {
+        l.connections_per_listener = v;
+    }
+    if let Some(v) = count("connections_per_source", raw.connections_per_source, 1, 1_000_000) {
+        l.connections_per_source = v;
+    }
+    let mut bytes = |key: &str, v: &Option<String>, min: u64, max: u64| -> Option<u64> {
+        let s = v.as_deref()?;
+        match byte_size(s) {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            Ok(n) => {
+                e.push(format!("limits.{key}"), format!("{n} bytes is outside {min}..={max}"));
+                None
+            }
+            Err(why) => {
+                e.push(format!("limits.{key}"), why);
+                None
+            }
+        }
+    };
+    if let Some(v) = bytes("peer_receive_window", &raw.peer_receive_window, 1 << 20, 1 << 30) {
+        l.quic.peer_receive_window = v as u32;
+    }
+    if let Some(v) = bytes("stream_window", &raw.stream_window, 64 << 10, 1 << 30) {
+        l.quic.stream_window = v as u32;
+    }
+    if let Some(v) = bytes("memory_budget", &raw.memory_budget, 16 << 20, 1 << 50) {
+        l.memory_budget = Some(v);
+    }
+    if l.quic.stream_window > l.quic.peer_receive_window {
+        e.push("limits.stream_window", "must not exceed limits.peer_receive_window");
+    }
+    if l.connections_per_source > l.connections_per_listener {
+        e.push("limits.connections_per_source", "must not exceed limits.connections_per_listener");
+    }
+    l
 }
 
 pub(crate) struct Errors(pub(crate) Vec<ConfigError>);
@@ -331,6 +436,27 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     let overlay = e.parse("listen.overlay", addr(&raw.listen.overlay));
     let admin = raw.listen.admin.as_deref().and_then(|a| e.parse("listen.admin", addr(a)));
 
+    let mut federation: Vec<(TrustDomain, PathBuf)> = Vec::new();
+    for (i, f) in raw.federation.iter().enumerate() {
+        let Some(td) = e.parse(format!("federation[{i}].trust_domain"), TrustDomain::new(&f.trust_domain)) else {
+            continue;
+        };
+        if f.bundle.as_os_str().is_empty() {
+            e.push(format!("federation[{i}].bundle"), "must name a file");
+        }
+        if trust_domain.as_ref() == Some(&td) {
+            e.push(
+                format!("federation[{i}].trust_domain"),
+                "is this gateway's own trust_domain (its bundle is tls.bundle)",
+            );
+        } else if federation.iter().any(|(t, _)| *t == td) {
+            e.push(format!("federation[{i}].trust_domain"), format!("{td} is listed twice"));
+        } else {
+            federation.push((td, f.bundle.clone()));
+        }
+    }
+    let known_domain = |td: &TrustDomain| trust_domain.as_ref() == Some(td) || federation.iter().any(|(t, _)| t == td);
+
     let mut peers = Vec::new();
     let mut seen_peers = HashSet::new();
     for (i, p) in raw.peers.iter().enumerate() {
@@ -341,10 +467,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             if !seen_peers.insert(id.clone()) {
                 e.push(format!("peers[{i}].id"), format!("{id} is listed twice"));
             }
-            if let Some(td) = trust_domain.as_ref().filter(|td| **td != id.trust_domain()) {
+            if let Some(td) = trust_domain.as_ref().filter(|_| !known_domain(&id.trust_domain())) {
                 e.push(
                     format!("peers[{i}].id"),
-                    format!("trust domain {} differs from trust_domain {td}", id.trust_domain()),
+                    format!("trust domain {} is neither trust_domain {td} nor a federated one", id.trust_domain()),
                 );
             }
             peers.push(PeerSpec { id, address, zone: pzone });
@@ -489,6 +615,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         let mut tr: Timers = timing.transport;
         set("keep_alive", &t.keep_alive, &mut tr.keep_alive);
         set("idle_timeout", &t.idle_timeout, &mut tr.idle_timeout);
+        if t.idle_timeout.is_none() {
+            // Unset: QUIC's idle timeout must not close a connection liveness would still keep.
+            tr.idle_timeout = tr.idle_timeout.max(timing.peer_close_timeout);
+        }
         set("watch_interval", &t.watch_interval, &mut tls_watch);
         timing.transport = tr;
     }
@@ -510,6 +640,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     if timing.transport.idle_timeout <= timing.transport.keep_alive {
         e.push("timing.idle_timeout", "must be longer than timing.keep_alive");
     }
+    if timing.transport.idle_timeout < timing.peer_close_timeout {
+        e.push(
+            "timing.idle_timeout",
+            "must not be shorter than timing.peer_close_timeout (QUIC would close a silent peer's connection first)",
+        );
+    }
+    let limits = limits(&raw.limits, &mut e);
 
     let log_format = match raw.log.format.as_deref() {
         None | Some("text") => LogFormat::Text,
@@ -537,6 +674,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 cert: raw.tls.cert.clone(),
                 key: raw.tls.key.clone(),
                 bundle: raw.tls.bundle.clone(),
+                federation,
                 watch_interval: tls_watch,
             },
             overlay,
@@ -549,6 +687,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             workloads,
             allowed_sources,
             timing,
+            limits,
             log_format,
             log_level,
         }),
@@ -604,6 +743,51 @@ timing: { ping_interval: 100ms, peer_timeout: 500ms }
         let errs = parse(&bad).unwrap_err();
         let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, vec!["zone", "peers[0].address", "exports[0].endpoints[0]", "timing.ping_interval"]);
+    }
+
+    #[test]
+    fn limits_parse_with_units_and_refuse_what_is_out_of_range() {
+        let with = |l: &str| GOOD.replace("timing: {", &format!("limits: {{ {l} }}\ntiming: {{"));
+        let c =
+            parse(&with("peer_receive_window: 32MiB, stream_window: 4MiB, memory_budget: 2GiB, flows_per_peer: 500"))
+                .unwrap();
+        assert_eq!(c.limits.quic.peer_receive_window, 32 << 20);
+        assert_eq!(c.limits.quic.stream_window, 4 << 20);
+        assert_eq!(c.limits.quic.flows_per_peer, 500);
+        assert_eq!(c.limits.memory_budget, Some(2 << 30));
+        let defaults = parse(GOOD).unwrap().limits;
+        assert_eq!(defaults.quic.peer_receive_window, 64 << 20, "never unlimited by default");
+        assert_eq!(defaults.memory_budget, None);
+        let errs = parse(&with("peer_receive_window: 0, stream_window: 2GiB, memory_budget: lots, peer_flow_rate: 0"))
+            .unwrap_err();
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["limits.peer_flow_rate", "limits.peer_receive_window", "limits.stream_window", "limits.memory_budget"],
+            "{errs:?}"
+        );
+        let errs = parse(&with("stream_window: 128MiB")).unwrap_err();
+        assert_eq!(errs[0].path, "limits.stream_window");
+        assert!(errs[0].reason.contains("must not exceed limits.peer_receive_window"));
+        let errs = parse(&with("connections_per_listener: 10, connections_per_source: 20")).unwrap_err();
+        assert_eq!(errs[0].path, "limits.connections_per_source");
+    }
+
+    #[test]
+    fn federated_trust_domains_admit_their_peers_and_nothing_else() {
+        let partner = "  - { id: \"spiffe://partner.example/zone/ap/gw-1\", zone: ap }\n";
+        let with_peer = GOOD.replace("exports:", &format!("{partner}exports:"));
+        let errs = parse(&with_peer).unwrap_err();
+        assert_eq!(errs[0].path, "peers[1].id");
+        assert!(errs[0].reason.contains("neither trust_domain"), "{}", errs[0].reason);
+        let fed = with_peer
+            .replace("peers:", "federation:\n  - { trust_domain: partner.example, bundle: partner.crt }\npeers:");
+        let c = parse(&fed).unwrap();
+        assert_eq!(c.tls.federation.len(), 1);
+        assert_eq!(c.tls.federation[0].0.as_str(), "partner.example");
+        let own = fed.replace("trust_domain: partner.example", "trust_domain: prod.example");
+        let errs = parse(&own).unwrap_err();
+        assert_eq!(errs[0].path, "federation[0].trust_domain");
     }
 
     #[test]

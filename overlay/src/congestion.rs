@@ -27,6 +27,18 @@
 //!   a receiver's socket buffer or a shallow bottleneck overflowing.
 //!
 //! Unstretched, the window is exactly quinn's: nothing changes on a path whose RTT never grew.
+//!
+//! **A silent path is probed at a steady pace.** When no acknowledgement has arrived for two
+//! [`SILENCE_PROBE`] intervals while packets are in flight, the window grants one more MTU per
+//! interval beyond what was in flight. RFC 9002's probe timeout doubles after every unanswered probe,
+//! so on a WAN link that flaps (dark 2 s of every 5 s) the probes walk into the dark windows and the
+//! whole connection — flows and control pings alike, all behind a full window — stalls for 5 s and
+//! more: long enough for the peer to be closed as dead (found by the fault suite, `tests/impair.rs`).
+//! One packet per interval (≤ 1 MTU per 200 ms, ~60 kbit/s, only while silent) carries whatever is
+//! queued first, the peer acknowledges it at once, and recovery starts within an interval of the
+//! path coming back. Writers on the connection wake quinn (control pings every 100 ms), so the larger
+//! window is seen.
+//!
 //! Written by hand because no maintained crate offers this; the fix belongs upstream in quinn.
 
 use std::any::Any;
@@ -70,6 +82,10 @@ const STRETCH_OFF: f64 = 1.5;
 /// minimum window already covers the difference.
 const STRETCH_MARGIN: Duration = Duration::from_millis(1);
 
+/// A path with packets in flight and no acknowledgement for two of these (or two smoothed RTTs, if
+/// longer) is silent: the window grants one MTU per interval from then on (module documentation).
+pub const SILENCE_PROBE: Duration = Duration::from_millis(200);
+
 /// Our own ProbeRTT: every [`MIN_RTT_WINDOW`] while stretched, or when the path looks longer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Probe {
@@ -108,6 +124,11 @@ pub struct PathModel {
     probe_min: Option<Duration>,
     last_probe: Option<Instant>,
     srtt: Duration,
+    /// When the last acknowledgement was processed, and the bytes sent since the path fell silent.
+    last_ack: Instant,
+    silence_sent: u64,
+    /// Packets sent as silence probes over the connection's life.
+    silence_probes: u64,
 }
 
 impl PathModel {
@@ -130,6 +151,9 @@ impl PathModel {
             probe_min: None,
             last_probe: None,
             srtt: Duration::ZERO,
+            last_ack: now,
+            silence_sent: 0,
+            silence_probes: 0,
         }
     }
 
@@ -137,7 +161,11 @@ impl PathModel {
         CLEAN_PACKETS * self.mtu
     }
 
-    pub fn on_sent(&mut self, bytes: u64) {
+    pub fn on_sent(&mut self, now: Instant, bytes: u64) {
+        if self.silent_probes(now) > 0 {
+            self.silence_sent += bytes;
+            self.silence_probes += 1;
+        }
         self.in_flight += bytes;
         if self.in_flight > self.clean_limit() {
             self.clean_since = None;
@@ -199,6 +227,8 @@ impl PathModel {
     /// The end of an ACK frame's processing: `in_flight` is exact here.
     pub fn on_end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool) {
         self.in_flight = in_flight;
+        self.last_ack = now;
+        self.silence_sent = 0;
         if in_flight <= self.clean_limit() {
             self.clean_since.get_or_insert(now);
         } else {
@@ -246,12 +276,14 @@ impl PathModel {
     }
 
     /// Persistent congestion: the bandwidth samples no longer describe the path.
-    pub fn on_persistent_congestion(&mut self) {
+    pub fn on_persistent_congestion(&mut self, lost_bytes: u64) {
+        self.in_flight = self.in_flight.saturating_sub(lost_bytes);
         self.bw = [0; BW_ROUNDS];
     }
 
     /// Packets were lost: while stretched, cut the bandwidth estimate (once a round).
-    pub fn on_loss(&mut self) {
+    pub fn on_loss(&mut self, lost_bytes: u64) {
+        self.in_flight = self.in_flight.saturating_sub(lost_bytes);
         if self.stretched && self.cut_round != Some(self.rounds) {
             self.cut_round = Some(self.rounds);
             for b in &mut self.bw {
@@ -268,8 +300,29 @@ impl PathModel {
         self.bw.iter().copied().max().unwrap_or(0)
     }
 
-    /// The window to use given quinn's.
-    pub fn window(&self, bbr_window: u64) -> u64 {
+    /// How many silence probes the path has earned by `now`: none while acknowledgements arrive or
+    /// nothing is in flight, then one per interval from the second interval of silence on.
+    fn silent_probes(&self, now: Instant) -> u64 {
+        if self.in_flight == 0 {
+            return 0;
+        }
+        let interval = SILENCE_PROBE.max(self.srtt);
+        let silent = now.saturating_duration_since(self.last_ack);
+        (silent.as_nanos() / interval.as_nanos()).saturating_sub(1) as u64
+    }
+
+    /// The window to use at `now` given quinn's.
+    pub fn window(&self, now: Instant, bbr_window: u64) -> u64 {
+        let window = self.steady_window(bbr_window);
+        match self.silent_probes(now) {
+            0 => window,
+            // quinn sends while `in_flight + MTU < window`: this admits `probes` MTUs beyond what
+            // was in flight when the path fell silent, and no more.
+            probes => window.max(self.in_flight - self.silence_sent.min(self.in_flight)) + probes * self.mtu + 1,
+        }
+    }
+
+    fn steady_window(&self, bbr_window: u64) -> u64 {
         if self.probe != Probe::Off {
             return self.clean_limit();
         }
@@ -289,6 +342,11 @@ impl PathModel {
     pub fn stretched(&self) -> bool {
         self.stretched
     }
+
+    /// Packets sent as silence probes so far.
+    pub fn silence_probes(&self) -> u64 {
+        self.silence_probes
+    }
 }
 
 /// quinn's BBR with [`PathModel`]'s path minimum RTT. See the module documentation.
@@ -306,7 +364,7 @@ impl PathBbr {
 impl Controller for PathBbr {
     fn on_sent(&mut self, now: Instant, bytes: u64, last_packet_number: u64) {
         self.bbr.on_sent(now, bytes, last_packet_number);
-        self.model.on_sent(bytes);
+        self.model.on_sent(now, bytes);
     }
 
     fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, app_limited: bool, rtt: &RttEstimator) {
@@ -322,9 +380,9 @@ impl Controller for PathBbr {
     fn on_congestion_event(&mut self, now: Instant, sent: Instant, persistent: bool, lost_bytes: u64) {
         self.bbr.on_congestion_event(now, sent, persistent, lost_bytes);
         if persistent {
-            self.model.on_persistent_congestion();
+            self.model.on_persistent_congestion(lost_bytes);
         } else {
-            self.model.on_loss();
+            self.model.on_loss(lost_bytes);
         }
     }
 
@@ -334,7 +392,7 @@ impl Controller for PathBbr {
     }
 
     fn window(&self) -> u64 {
-        self.model.window(self.bbr.window())
+        self.model.window(Instant::now(), self.bbr.window())
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -369,11 +427,22 @@ impl ControllerFactory for PathBbrConfig {
     }
 }
 
-/// The path minimum RTT of a connection using [`PathBbr`], and whether its window is stretched.
-pub fn path_state(conn: &quinn::Connection) -> Option<(Duration, bool)> {
+/// What [`PathBbr`] knows about a connection's path, for the gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathState {
+    /// The path minimum RTT, once a clean sample was taken.
+    pub min_rtt: Option<Duration>,
+    pub stretched: bool,
+    /// Packets sent as silence probes over the connection's life.
+    pub silence_probes: u64,
+}
+
+/// The path state of a connection using [`PathBbr`].
+pub fn path_state(conn: &quinn::Connection) -> Option<PathState> {
     let any = conn.congestion_state().into_any();
     let c = any.downcast::<PathBbr>().ok()?;
-    Some((c.model.path_min_rtt()?, c.model.stretched()))
+    let m = &c.model;
+    Some(PathState { min_rtt: m.path_min_rtt(), stretched: m.stretched(), silence_probes: m.silence_probes() })
 }
 
 #[cfg(test)]
@@ -413,11 +482,11 @@ mod tests {
                 m.on_end_acks(now, flight.len() as u64 * PKT, false);
             }
             let mut sent_now = 0;
-            while (flight.len() as u64 + 1) * PKT <= m.window(bbr_at(now)) && sent_now < per_tick * 4 {
+            while (flight.len() as u64 + 1) * PKT <= m.window(now, bbr_at(now)) && sent_now < per_tick * 4 {
                 // The bottleneck serialises packets at `rate`: a standing queue delays them.
                 link_free = link_free.max(now) + Duration::from_secs_f64(PKT as f64 / rate as f64);
                 flight.push_back((now, link_free + rtt));
-                m.on_sent(PKT);
+                m.on_sent(now, PKT);
                 sent_now += 1;
             }
             now += tick;
@@ -429,9 +498,9 @@ mod tests {
     fn a_path_that_never_grew_keeps_quinns_window() {
         let t0 = Instant::now();
         let mut m = PathModel::new(t0, MTU);
-        run(&mut m, t0, Duration::from_secs(3), Duration::from_micros(100), 100_000_000, 64 * PKT);
+        let t = run(&mut m, t0, Duration::from_secs(3), Duration::from_micros(100), 100_000_000, 64 * PKT);
         assert!(!m.stretched());
-        assert_eq!(m.window(64 * PKT), 64 * PKT);
+        assert_eq!(m.window(t, 64 * PKT), 64 * PKT);
     }
 
     #[test]
@@ -447,13 +516,13 @@ mod tests {
         let min = m.path_min_rtt().unwrap();
         assert!(min >= Duration::from_millis(50) && min < Duration::from_millis(60), "path min {min:?}");
         // About 2 × BDP (2.5 MB at 50 ms): far above quinn's 19 KB.
-        let w = m.window(16 * PKT);
+        let w = m.window(t, 16 * PKT);
         assert!(w > 3_000_000 && w < 8_000_000, "window {w}");
         // Keep going: the window stays bounded and the minimum does not creep up with the queue.
-        run(&mut m, t, Duration::from_secs(25), Duration::from_millis(50), rate, 16 * PKT);
+        let t = run(&mut m, t, Duration::from_secs(25), Duration::from_millis(50), rate, 16 * PKT);
         let min = m.path_min_rtt().unwrap();
         assert!(min < Duration::from_millis(60), "path min crept up to {min:?}");
-        let w = m.window(16 * PKT);
+        let w = m.window(t, 16 * PKT);
         assert!(w < 8_000_000, "window ran away: {w}");
     }
 
@@ -463,7 +532,7 @@ mod tests {
         let t0 = Instant::now();
         let mut m = PathModel::new(t0, MTU);
         let ping = |m: &mut PathModel, at: Instant, rtt: Duration| {
-            m.on_sent(40);
+            m.on_sent(at, 40);
             m.on_ack(at + rtt, at, 40, true, Duration::from_micros(100), rtt);
             m.on_end_acks(at + rtt, 0, true);
         };
@@ -488,13 +557,13 @@ mod tests {
         let mut m = PathModel::new(t0, MTU);
         let t = run(&mut m, t0, Duration::from_secs(3), Duration::from_millis(50), 50_000_000, 16 * PKT);
         assert!(m.stretched());
-        let before = m.window(16 * PKT);
-        m.on_loss();
-        let once = m.window(16 * PKT);
+        let before = m.window(t, 16 * PKT);
+        m.on_loss(0);
+        let once = m.window(t, 16 * PKT);
         assert!((once as f64) < before as f64 * 0.75, "{before} -> {once}");
         // More loss in the same round cuts nothing more.
-        m.on_loss();
-        assert_eq!(m.window(16 * PKT), once);
+        m.on_loss(0);
+        assert_eq!(m.window(t, 16 * PKT), once);
         // Loss every round: the window falls back towards quinn's.
         let mut at = t;
         for _ in 0..30 {
@@ -506,10 +575,11 @@ mod tests {
                 Duration::from_micros(100),
                 Duration::from_millis(50),
             );
-            m.on_loss();
+            m.on_loss(0);
             at += Duration::from_millis(51);
         }
-        assert!(m.window(16 * PKT) < before / 10, "window {} after 30 lossy rounds", m.window(16 * PKT));
+        let w = m.steady_window(16 * PKT);
+        assert!(w < before / 10, "window {w} after 30 lossy rounds");
     }
 
     #[test]
@@ -520,8 +590,40 @@ mod tests {
         let t = run(&mut m, t0, Duration::from_secs(11), Duration::from_millis(20), rate, 16 * PKT);
         assert!(m.stretched());
         // Back to 0.1 ms: a lower clean sample is taken at once, the stretch ends.
-        run(&mut m, t, Duration::from_secs(12), Duration::from_micros(100), rate, 16 * PKT);
+        let t = run(&mut m, t, Duration::from_secs(12), Duration::from_micros(100), rate, 16 * PKT);
         assert!(!m.stretched());
-        assert_eq!(m.window(16 * PKT), 16 * PKT);
+        assert_eq!(m.window(t, 16 * PKT), 16 * PKT);
+    }
+
+    #[test]
+    fn a_silent_path_is_probed_once_an_interval_whatever_the_window() {
+        let t0 = Instant::now();
+        let mut m = PathModel::new(t0, MTU);
+        // A full window in flight (quinn's: 64 packets), acknowledged at t0, then nothing comes back.
+        for _ in 0..64 {
+            m.on_sent(t0, PKT);
+        }
+        m.on_end_acks(t0, 64 * PKT, false);
+        // quinn sends a packet while `in_flight + MTU < window`.
+        let can_send = |m: &PathModel, at: Instant| m.in_flight + PKT < m.window(at, 64 * PKT);
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert!(!can_send(&m, ms(100)) && !can_send(&m, ms(399)), "probing before two intervals of silence");
+        let mut sent = 0;
+        for step in (400..=5_000).step_by(10) {
+            while can_send(&m, ms(step)) {
+                m.on_sent(ms(step), PKT);
+                sent += 1;
+            }
+            // One probe per 200 ms from 400 ms on: never ahead of that pace.
+            assert!(sent <= (step - 200) / 200, "{sent} probes by {step} ms");
+        }
+        assert_eq!(sent, 24, "one probe per interval from 400 ms to 5 s");
+        assert_eq!(m.silence_probes(), 24);
+        // An acknowledgement ends the silence: quinn's window again, exactly.
+        m.on_end_acks(ms(5_000), 30 * PKT, false);
+        assert_eq!(m.window(ms(5_000), 64 * PKT), 64 * PKT);
+        // Nothing in flight is not silence.
+        m.on_end_acks(ms(5_010), 0, true);
+        assert_eq!(m.window(ms(9_000), 64 * PKT), 64 * PKT);
     }
 }

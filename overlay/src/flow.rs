@@ -12,14 +12,17 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use causeway_protocol::flow::{FlowError, ERROR, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT};
+use causeway_protocol::flow::{
+    FlowError, CLIENT_ADDRESS, CLIENT_DST, ERROR, MAX_HOPS, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT, VIA,
+};
 use causeway_protocol::trace::TraceParent;
 use causeway_protocol::{Identity, ServiceName, ZoneName};
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::mesh::Mesh;
+use crate::abuse::StreamEnd;
+use crate::mesh::{BackendLeg, Mesh};
 use crate::metrics::{
     FAILOVERS, FLOWS_ACTIVE, FLOWS_CLOSED, FLOWS_FAILED, FLOWS_OPENED, FLOW_BYTES, FLOW_CONNECT, FLOW_DURATION,
     FLOW_EARLY_BYTES, INBOUND_FLOWS,
@@ -32,6 +35,10 @@ use crate::routes::{PeerState, Target};
 pub struct Source {
     pub identity: Identity,
     pub addr: SocketAddr,
+    /// The address the client connected to (a listener's local address, or a captured
+    /// connection's original destination). With `addr`, it names the client's connection for
+    /// loop detection.
+    pub dst: SocketAddr,
 }
 
 /// Candidates tried per flow before giving up: enough to pass one dead and one refusing zone.
@@ -121,7 +128,9 @@ pub type ServerStream = h3::server::RequestStream<crate::h3q::BidiStream, Bytes>
 // would cost an allocation per flow for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Upstream {
-    Local(TcpStream, SocketAddr),
+    /// The endpoint's connection and address, and its registration as a backend leg (taken out to
+    /// live as long as the flow).
+    Local(TcpStream, SocketAddr, Option<BackendLeg>),
     Remote(relay::ClientSend, relay::ClientRecv, ZoneName, Identity, Option<crate::mesh::ConnFlow>),
 }
 
@@ -172,6 +181,20 @@ impl Mesh {
             self.flow_failed(&service, "draining");
             return Box::pin(down.refuse(FlowError::Draining)).await;
         };
+        // Above the memory budget: refused at once, existing flows keep going.
+        if self.0.budget.over() {
+            log.error = "over_budget";
+            self.flow_failed(&service, "over_budget");
+            return Box::pin(down.refuse(FlowError::OverBudget)).await;
+        }
+        // One of our own backend connections came back as a client: an endpoint leads back into
+        // the mesh (say, an export pointing at an import listener). Refused on the first repeat.
+        if self.0.backend_legs.contains(source.addr, source.dst) {
+            tracing::warn!(service = %service, client = %source.addr, "flow.loop");
+            log.error = "loop_detected";
+            self.flow_failed(&service, "loop_detected");
+            return Box::pin(down.refuse(FlowError::Loop)).await;
+        }
         // Establishment runs in a boxed future of its own, freed once the flow is up: its state
         // (header encoding, h3 request set-up, connects, retries) would otherwise size the flow's
         // future for the flow's whole life (B6: memory per idle flow).
@@ -179,7 +202,7 @@ impl Mesh {
             return;
         };
         let zone = match &upstream {
-            Upstream::Local(_, addr) => {
+            Upstream::Local(_, addr, _) => {
                 log.peer = addr.to_string();
                 self.0.zone.clone()
             }
@@ -189,11 +212,11 @@ impl Mesh {
             }
         };
         log.zone = zone.to_string();
-        // Keeps a replaced peer connection open until this flow ends.
+        // Keeps a replaced peer connection open, or the backend leg registered, until this flow ends.
         let mut upstream = upstream;
-        let _on_conn = match &mut upstream {
-            Upstream::Remote(.., held) => held.take(),
-            Upstream::Local(..) => None,
+        let (_on_conn, _leg) = match &mut upstream {
+            Upstream::Remote(.., held) => (held.take(), None),
+            Upstream::Local(.., leg) => (None, leg.take()),
         };
         let labels = [("service", service.as_str()), ("zone", zone.as_str())];
         let m = &self.0.metrics;
@@ -212,7 +235,7 @@ impl Mesh {
         // The relay phase runs in its own boxed future that owns exactly the two sides: the flow's
         // future then stays small for the flow's whole life (B6: memory per idle flow).
         let phase: RelayPhase<'_> = match (down, upstream) {
-            (Downstream::Tcp(tcp), Upstream::Local(b, _)) => {
+            (Downstream::Tcp(tcp), Upstream::Local(b, ..)) => {
                 let ((cs, ck), (us, uk)) = (relay::tcp(tcp), relay::tcp(b));
                 Box::pin(relay::relay_owned(cs, ck, us, uk, counters))
             }
@@ -264,10 +287,15 @@ impl Mesh {
         for target in candidates.into_iter().take(MAX_ATTEMPTS) {
             log.attempts += 1;
             let attempt = match target {
-                Target::Local => Box::pin(self.connect_local_with(service, &early))
-                    .await
-                    .map(|(tcp, addr)| Upstream::Local(tcp, addr))
-                    .map_err(|e| (e, e.as_str())),
+                Target::Local => match Box::pin(self.connect_local_with(service, &early)).await {
+                    // Checked again once connected (the client's own registration may have
+                    // raced this flow's start).
+                    Ok((tcp, _, _)) if self.0.backend_legs.contains(source.addr, source.dst) => {
+                        relay::abort(tcp);
+                        Err((FlowError::Loop, FlowError::Loop.as_str()))
+                    }
+                    r => r.map(|(tcp, addr, leg)| Upstream::Local(tcp, addr, Some(leg))).map_err(|e| (e, e.as_str())),
+                },
                 Target::Peer(id) => Box::pin(self.open_remote(service, &id, source, &log.trace, &early))
                     .await
                     .map(|(tx, rx, zone, held)| Upstream::Remote(tx, rx, zone, id, Some(held)))
@@ -283,6 +311,9 @@ impl Mesh {
                 }
                 Err((e, why)) => {
                     last = e;
+                    if !e.retryable_elsewhere() {
+                        break;
+                    }
                     self.failover(service, why);
                 }
             }
@@ -335,6 +366,9 @@ impl Mesh {
             .header(SOURCE_IDENTITY, source.identity.as_str())
             .header(SOURCE_ZONE, self.0.zone.as_str())
             .header(TRACEPARENT, trace.to_string())
+            .header(CLIENT_ADDRESS, source.addr.to_string())
+            .header(CLIENT_DST, source.dst.to_string())
+            .header(VIA, self.0.identity.as_str())
             .body(())
             .map_err(|_| AttemptError::Refused(FlowError::BadRequest))?;
         let attempt = async {
@@ -384,8 +418,8 @@ impl Mesh {
         &self,
         service: &ServiceName,
         early: &Bytes,
-    ) -> Result<(TcpStream, SocketAddr), FlowError> {
-        let (mut tcp, addr) = self.connect_local(service).await?;
+    ) -> Result<(TcpStream, SocketAddr, BackendLeg), FlowError> {
+        let (mut tcp, addr, leg) = self.connect_local(service).await?;
         if !early.is_empty() {
             use tokio::io::AsyncWriteExt;
             let t = self.0.timing.backend_connect_timeout;
@@ -394,11 +428,15 @@ impl Mesh {
                 return Err(FlowError::BackendRefused);
             }
         }
-        Ok((tcp, addr))
+        Ok((tcp, addr, leg))
     }
 
-    /// Connects to a healthy endpoint of an exported service, round robin, trying each once.
-    pub(crate) async fn connect_local(&self, service: &ServiceName) -> Result<(TcpStream, SocketAddr), FlowError> {
+    /// Connects to a healthy endpoint of an exported service, round robin, trying each once. The
+    /// connection is registered as a backend leg (loop detection) while the returned guard lives.
+    pub(crate) async fn connect_local(
+        &self,
+        service: &ServiceName,
+    ) -> Result<(TcpStream, SocketAddr, BackendLeg), FlowError> {
         let exports = self.exports();
         let svc = exports.get(service).ok_or(FlowError::UnknownService)?;
         let n = svc.export.endpoints.len();
@@ -413,7 +451,12 @@ impl Mesh {
             match tokio::time::timeout(self.0.timing.backend_connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
-                    return Ok((s, addr));
+                    let Ok(local) = s.local_addr() else {
+                        relay::abort(s);
+                        err = FlowError::BackendRefused;
+                        continue;
+                    };
+                    return Ok((s, addr, BackendLeg::new(&self.0.backend_legs, local, addr)));
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(service = %service, endpoint = %addr, error = %e, "endpoint.connect.failed");
@@ -441,14 +484,14 @@ async fn relay_redirected(
 ) -> (Outcome, u64, u64) {
     let ok = http::Response::builder().status(200).body(()).unwrap_or_default();
     if Box::pin(s.send_response(ok)).await.is_err() {
-        if let Upstream::Local(b, _) = up {
+        if let Upstream::Local(b, ..) = up {
             relay::abort(b);
         }
         return (Outcome::ClientReset, 0, 0);
     }
     let (mut ck, mut cs) = s.split();
     match up {
-        Upstream::Local(b, _) => {
+        Upstream::Local(b, ..) => {
             let (mut us, mut uk) = relay::tcp(b);
             relay::relay((&mut cs, &mut ck), (&mut us, &mut uk), &counters).await
         }
@@ -461,16 +504,30 @@ async fn relay_redirected(
 ///
 /// The request and the stream come boxed: arguments stay in a future for its whole life, and a flow
 /// may run for days; boxed, they cost 16 bytes there and are freed once read or split.
+///
+/// `admitted` is the peer's new-flow rate limit's verdict (`abuse`); the return value says whether
+/// the peer reset the stream, for the rapid-reset rule.
 pub(crate) async fn serve_inbound(
-    mesh: Mesh,
+    mesh: &Mesh,
     req: Box<http::Request<()>>,
     mut stream: Box<h3::server::RequestStream<crate::h3q::BidiStream, Bytes>>,
-    peer: Identity,
+    peer: &Identity,
     _on_conn: crate::mesh::ConnFlow,
-) {
+    admitted: bool,
+) -> StreamEnd {
     let start = Instant::now();
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let source_zone = header(SOURCE_ZONE);
+    // A flow whose client is one of our own backend connections, or whose hop marker names us (or
+    // too many gateways), would loop: refused before any connect.
+    let client_conn =
+        header(CLIENT_ADDRESS).parse::<SocketAddr>().ok().zip(header(CLIENT_DST).parse::<SocketAddr>().ok());
+    let is_leg = |c: Option<(SocketAddr, SocketAddr)>| c.is_some_and(|(a, d)| mesh.0.backend_legs.contains(a, d));
+    let looped = is_leg(client_conn) || {
+        let via = header(VIA);
+        let hops: Vec<&str> = via.split(',').map(str::trim).filter(|h| !h.is_empty()).collect();
+        hops.len() > MAX_HOPS || hops.contains(&mesh.0.identity.as_str())
+    };
     let trace = TraceParent::parse(&header(TRACEPARENT)).unwrap_or_else(new_trace);
     let authority = req.uri().authority().cloned();
     let is_connect = req.method() == http::Method::CONNECT;
@@ -502,15 +559,32 @@ pub(crate) async fn serve_inbound(
         Err(FlowError::BadRequest)
     } else if guard.is_none() {
         Err(FlowError::Draining)
+    } else if mesh.0.budget.over() {
+        Err(FlowError::OverBudget)
+    } else if !admitted {
+        Err(FlowError::RateLimited)
+    } else if looped {
+        Err(FlowError::Loop)
     } else if let Some(s) = exported {
-        Box::pin(mesh.connect_local(s)).await.map(|(tcp, addr)| (s.clone(), tcp, addr))
+        match Box::pin(mesh.connect_local(s)).await {
+            // Checked again once connected: the backend connection this flow came from may have
+            // been registered only now (its task and this one race).
+            Ok((tcp, _, _)) if is_leg(client_conn) => {
+                relay::abort(tcp);
+                Err(FlowError::Loop)
+            }
+            r => r.map(|(tcp, addr, leg)| (s.clone(), tcp, addr, leg)),
+        }
     } else {
         Err(FlowError::Forbidden)
     };
     let m = mesh.0.metrics.clone();
-    let (service, tcp, addr) = match target {
+    let (service, tcp, addr, _leg) = match target {
         Ok(t) => t,
         Err(e) => {
+            if e == FlowError::Loop {
+                tracing::warn!(service = %log.service, source = %peer, "flow.loop");
+            }
             log.error = e.as_str();
             m.counter(
                 INBOUND_FLOWS,
@@ -522,18 +596,18 @@ pub(crate) async fn serve_inbound(
             if Box::pin(stream.send_response(resp)).await.is_ok() {
                 let _ = Box::pin(stream.finish()).await;
             }
-            return;
+            return StreamEnd::Other;
         }
     };
     log.peer = addr.to_string();
     let ok = http::Response::builder().status(200).body(()).unwrap_or_default();
     if Box::pin(stream.send_response(ok)).await.is_err() {
         relay::abort(tcp);
-        return;
+        return StreamEnd::ResetByPeer;
     }
     let (tx, rx) = (*stream).split();
     let zone = mesh.0.zone.to_string();
-    let _active = Active::new(&mesh, m.gauge(FLOWS_ACTIVE, &[("service", service.as_str()), ("zone", "inbound")]));
+    let _active = Active::new(mesh, m.gauge(FLOWS_ACTIVE, &[("service", service.as_str()), ("zone", "inbound")]));
     let counters = Counters {
         up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_up")]),
         down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_down")]),
@@ -550,4 +624,8 @@ pub(crate) async fn serve_inbound(
     log.up = up;
     log.down = down;
     drop(guard);
+    match outcome {
+        Outcome::ClientReset => StreamEnd::ResetByPeer,
+        _ => StreamEnd::Other,
+    }
 }

@@ -162,7 +162,7 @@ fn read_err(e: quinn::ReadError) -> StreamErrorIncoming {
     }
 }
 
-fn varint(code: u64) -> VarInt {
+pub(crate) fn varint(code: u64) -> VarInt {
     VarInt::from_u64(code).unwrap_or(VarInt::MAX)
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use causeway_protocol::control::{self, Catalog, Message, Protocol, ServiceAd};
-use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ERROR, SOURCE_ADDRESS, TRACEPARENT};
+use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ERROR, ORIGINAL_DST, SOURCE_ADDRESS, TRACEPARENT};
 use causeway_protocol::limits::MAX_SERVICES_PER_FRAME;
 use causeway_protocol::trace::TraceParent;
 use causeway_protocol::{Identity, ServiceName};
@@ -99,7 +99,10 @@ async fn handle(mesh: Mesh, node: Identity, req: http::Request<()>, stream: Serv
     let trace = header(TRACEPARENT).and_then(TraceParent::parse);
     mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "accepted")]).increment(1);
     let span = tracing::info_span!("flow", service = %service, client = %src, via = "redirector");
-    mesh.serve(Downstream::Stream(Box::new(stream)), service, Source { identity, addr: src }, trace)
+    // The VIP the pod dialed (a redirector always sends it; unspecified otherwise).
+    let dst =
+        header(ORIGINAL_DST).and_then(|s| s.parse::<SocketAddr>().ok()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    mesh.serve(Downstream::Stream(Box::new(stream)), service, Source { identity, addr: src, dst }, trace)
         .instrument(span)
         .await;
 }

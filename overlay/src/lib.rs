@@ -8,6 +8,8 @@
 //! This crate does NOT read files, parse configuration, install a metrics recorder or listen on TCP
 //! for clients: the `causeway` binary does that and hands accepted connections to [`Mesh`].
 
+pub mod abuse;
+pub mod budget;
 pub mod congestion;
 pub mod flow;
 pub mod frame_guard;
@@ -22,5 +24,5 @@ pub mod session;
 pub mod tls;
 pub mod transport;
 
-pub use mesh::{Export, Mesh, MeshConfig, PeerSpec, Timing};
+pub use mesh::{Export, Limits, Mesh, MeshConfig, PeerSpec, Timing};
 pub use tls::{Credentials, TrustBundle};

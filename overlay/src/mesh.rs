@@ -110,7 +110,37 @@ pub struct MeshConfig {
     /// Empty: anyone may try (the certificate is still checked).
     pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
+    pub limits: Limits,
     pub metrics: Metrics,
+}
+
+/// What a peer's behaviour is held to, besides the transport's fixed limits (README "Limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// New flows per second a peer connection may open (a burst of one second's worth); more are
+    /// refused with 429 before any backend connect (`abuse`).
+    pub peer_flow_rate: u32,
+    /// Windows, streams and handshakes per peer connection.
+    pub quic: transport::QuicLimits,
+    /// Above this resident memory (bytes), new flows are refused with 503 `over_budget` while
+    /// existing ones keep going (`budget`). `None`: no budget.
+    pub memory_budget: Option<u64>,
+    /// Concurrent connections per local listener, and per source address on one (the gateway's
+    /// import listeners apply them).
+    pub connections_per_listener: u32,
+    pub connections_per_source: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            peer_flow_rate: crate::abuse::DEFAULT_PEER_FLOW_RATE,
+            quic: transport::QuicLimits::default(),
+            memory_budget: None,
+            connections_per_listener: 10_000,
+            connections_per_source: 1_000,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +175,49 @@ impl ConnFlow {
 impl Drop for ConnFlow {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// This gateway's backend connections (flows it relays to an endpoint) as (local, remote)
+/// address pairs: live ones, and those closed within [`LEG_LINGER`]. A new flow whose client
+/// connection is one of them — same source, same destination — is a loop: it left this gateway for
+/// an endpoint that leads back into the mesh, and came back (`flow`, `SPEC.md` §5). Closed legs
+/// linger because a loop cut at one gateway may already have its next round in flight. A live
+/// pair cannot belong to anyone else (TCP 4-tuples are unique); a lingering one only to a new
+/// connection from this host to the same endpoint from the same port within the linger.
+#[derive(Debug, Default)]
+pub(crate) struct BackendLegs(Mutex<HashMap<(SocketAddr, SocketAddr), Option<std::time::Instant>>>);
+
+/// How long a closed backend connection's address still counts as ours (see [`BackendLegs`]).
+pub(crate) const LEG_LINGER: Duration = Duration::from_secs(2);
+
+impl BackendLegs {
+    pub fn contains(&self, local: SocketAddr, remote: SocketAddr) -> bool {
+        let legs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        legs.get(&(local, remote)).is_some_and(|closed| closed.is_none_or(|t| t.elapsed() < LEG_LINGER))
+    }
+}
+
+/// One backend connection's local address, registered in [`BackendLegs`] while it lives.
+pub(crate) struct BackendLeg(Arc<BackendLegs>, (SocketAddr, SocketAddr));
+
+impl BackendLeg {
+    pub fn new(legs: &Arc<BackendLegs>, local: SocketAddr, remote: SocketAddr) -> Self {
+        let mut map = legs.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget legs closed longer ago than the linger: the map holds live legs plus at most
+        // LEG_LINGER's worth of closed ones.
+        map.retain(|_, closed| closed.is_none_or(|t| t.elapsed() < LEG_LINGER));
+        map.insert((local, remote), None);
+        Self(legs.clone(), (local, remote))
+    }
+}
+
+impl Drop for BackendLeg {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(closed) = map.get_mut(&self.1) {
+            *closed = Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -186,6 +259,7 @@ pub(crate) struct Inner {
     pub gateway: GatewayId,
     pub identity: Identity,
     pub timing: Timing,
+    pub limits: Limits,
     pub endpoint: quinn::Endpoint,
     pub tls: TlsFactory,
     /// Configured peers; replaced as a whole by [`Mesh::reconfigure`] (read with [`Mesh::peers`]).
@@ -219,6 +293,8 @@ pub(crate) struct Inner {
     pub draining: CancellationToken,
     pub flows: TaskTracker,
     pub active_flows: AtomicU32,
+    pub backend_legs: Arc<BackendLegs>,
+    pub budget: crate::budget::Budget,
 }
 
 /// One gateway's view of the mesh. Cheap to clone.
@@ -240,7 +316,8 @@ impl Mesh {
         let mut workloads = cfg.workloads;
         // Longest prefix first, so the first match is the most specific.
         workloads.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
-        let endpoint = transport::bind(cfg.listen, transport::server_config(server_tls, cfg.timing.transport)?)?;
+        let endpoint =
+            transport::bind(cfg.listen, transport::server_config(server_tls, cfg.timing.transport, cfg.limits.quic)?)?;
         let exports: BTreeMap<_, _> =
             cfg.exports.into_iter().map(|e| (e.name.clone(), Arc::new(LocalService::new(e)))).collect();
         let mut routes = RouteTable::new(cfg.zone.clone(), cfg.preferences);
@@ -251,6 +328,7 @@ impl Mesh {
             gateway: cfg.gateway,
             identity,
             timing: cfg.timing,
+            limits: cfg.limits,
             endpoint,
             tls,
             peers: RwLock::new(Arc::new(cfg.peers.into_iter().map(|p| (p.id.clone(), p)).collect())),
@@ -272,8 +350,20 @@ impl Mesh {
             draining: CancellationToken::new(),
             flows: TaskTracker::new(),
             active_flows: AtomicU32::new(0),
+            backend_legs: Arc::default(),
+            budget: crate::budget::Budget::new(cfg.limits.memory_budget),
         };
         Ok(Self(Arc::new(inner)))
+    }
+
+    /// The limits this gateway was started with.
+    pub fn limits(&self) -> Limits {
+        self.0.limits
+    }
+
+    /// Changes `limits.memory_budget` while running (configuration reload); `None` removes it.
+    pub fn set_memory_budget(&self, limit: Option<u64>) {
+        self.0.budget.set_limit(limit);
     }
 
     /// The metrics handle of this gateway.
@@ -394,6 +484,7 @@ impl Mesh {
             self.start_dialer(spec);
         }
         tasks.spawn(health_loop(self.clone()));
+        tasks.spawn(crate::budget::sample_loop(self.clone()));
         tasks.close();
         self.0.shutdown.cancelled().await;
         tasks.wait().await;

@@ -20,7 +20,12 @@ pub const PEER_RTT: &str = "causeway_peer_rtt_seconds";
 pub const PEER_CWND: &str = "causeway_peer_cwnd_bytes";
 pub const PEER_PATH_MIN_RTT: &str = "causeway_peer_path_min_rtt_seconds";
 pub const PEER_WINDOW_STRETCHED: &str = "causeway_peer_window_stretched";
+pub const PEER_SILENCE_PROBES: &str = "causeway_peer_silence_probes_total";
 pub const PEER_CONTROL_ERRORS: &str = "causeway_peer_control_errors_total";
+pub const PEER_ABUSE_CLOSES: &str = "causeway_peer_abuse_closes_total";
+pub const LISTENER_REFUSED: &str = "causeway_listener_refused_total";
+pub const MEMORY_RESIDENT: &str = "causeway_memory_resident_bytes";
+pub const MEMORY_OVER_BUDGET: &str = "causeway_memory_over_budget";
 pub const FLOWS_OPENED: &str = "causeway_flows_opened_total";
 pub const FLOWS_CLOSED: &str = "causeway_flows_closed_total";
 pub const FLOWS_FAILED: &str = "causeway_flows_failed_total";
@@ -108,6 +113,14 @@ impl Metrics {
         );
         g(PEER_RTT, Some(Unit::Seconds), "Smoothed round-trip time to a peer.");
         c(PEER_CONTROL_ERRORS, None, "Peer connections closed for a control-protocol error, by code.");
+        c(PEER_ABUSE_CLOSES, None, "Peer connections closed for abusing streams (rapid reset), by reason.");
+        c(LISTENER_REFUSED, None, "Connections a local listener reset at once, by service and reason (per_source: the source address has limits.connections_per_source open).");
+        g(MEMORY_RESIDENT, Some(Unit::Bytes), "Resident memory of the gateway, sampled every 100 ms.");
+        g(
+            MEMORY_OVER_BUDGET,
+            None,
+            "1 while resident memory is above limits.memory_budget: new flows get 503 over_budget.",
+        );
         c(FLOWS_OPENED, None, "Flows opened by a local client, by service and serving zone.");
         c(FLOWS_CLOSED, None, "Flows ended, by service, serving zone and outcome.");
         c(FLOWS_FAILED, None, "Flows that found no route or were refused everywhere, by service and reason.");
@@ -122,6 +135,11 @@ impl Metrics {
             PEER_WINDOW_STRETCHED,
             None,
             "1 while the window to a peer is sized for a path longer than the connection started on.",
+        );
+        c(
+            PEER_SILENCE_PROBES,
+            None,
+            "Packets sent beyond the congestion window to probe a path silent for two intervals (200 ms or an RTT).",
         );
         c(FLOW_BYTES, Some(Unit::Bytes), "Bytes relayed, by service, serving zone and direction.");
         c(

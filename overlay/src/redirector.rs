@@ -172,7 +172,8 @@ impl Redirector {
 
     async fn connect(&self) -> Result<quinn::Connection, String> {
         let tls = self.0.tls.client(self.0.cfg.gateway_id.clone()).map_err(|e| e.to_string())?;
-        let cfg = transport::client_config(tls, self.0.cfg.timing.transport).map_err(|e| e.to_string())?;
+        let cfg = transport::client_config(tls, self.0.cfg.timing.transport, transport::QuicLimits::default())
+            .map_err(|e| e.to_string())?;
         let t = self.0.cfg.timing.handshake_timeout;
         let local = self.0.endpoint.local_addr().map_err(|e| e.to_string())?;
         let addr = transport::resolve(&self.0.cfg.gateway, local, t).await?;

@@ -26,11 +26,12 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::abuse::{self, StreamEnd, StreamRules};
 use crate::h3q;
 use crate::mesh::{ConnFlow, LocalCatalog, Mesh, PeerConn, PeerSpec};
 use crate::metrics::{
-    H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND, PEER_PATH_MIN_RTT,
-    PEER_REPLACED, PEER_RTT, PEER_SILENCES, PEER_UP, PEER_WINDOW_STRETCHED,
+    H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_ABUSE_CLOSES, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND,
+    PEER_PATH_MIN_RTT, PEER_REPLACED, PEER_RTT, PEER_SILENCES, PEER_SILENCE_PROBES, PEER_UP, PEER_WINDOW_STRETCHED,
 };
 use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
@@ -181,7 +182,8 @@ async fn dial(mesh: &Mesh, spec: &PeerSpec, target: &str) -> Result<quinn::Conne
     let local = mesh.0.endpoint.local_addr().map_err(|e| e.to_string())?;
     let addr = crate::transport::resolve(target, local, mesh.0.timing.handshake_timeout).await?;
     let tls = mesh.0.tls.client(spec.id.clone()).map_err(|e| e.to_string())?;
-    let cfg = crate::transport::client_config(tls, mesh.0.timing.transport).map_err(|e| e.to_string())?;
+    let cfg =
+        crate::transport::client_config(tls, mesh.0.timing.transport, mesh.0.limits.quic).map_err(|e| e.to_string())?;
     let connecting = mesh.0.endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| e.to_string())?;
     match tokio::time::timeout(mesh.0.timing.handshake_timeout, connecting).await {
         Ok(Ok(c)) => Ok(c),
@@ -196,6 +198,9 @@ const RETRY_ABOVE: usize = 64;
 
 pub(crate) async fn accept_loop(mesh: Mesh) {
     let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Looked up once: under a flood this loop must stay cheap (quinn ignores Initials beyond
+    // `limits.pending_handshakes` waiting here, also before any crypto, but uncounted).
+    let not_allowed = mesh.0.metrics.counter(INITIALS_REFUSED, &[("reason", "source_not_allowed")]);
     loop {
         let incoming = tokio::select! {
             i = mesh.0.endpoint.accept() => match i { Some(i) => i, None => return },
@@ -204,7 +209,7 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
         let remote = incoming.remote_address();
         // Refuse unknown sources before any handshake crypto.
         if !mesh.source_allowed(remote.ip()) {
-            mesh.0.metrics.counter(INITIALS_REFUSED, &[("reason", "source_not_allowed")]).increment(1);
+            not_allowed.increment(1);
             incoming.refuse();
             continue;
         }
@@ -512,7 +517,7 @@ async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Ide
     // The acceptor takes the control stream from its request loop; the dialer opens it.
     let (ctl_tx, ctl_rx) = oneshot::channel();
     let slot: ControlSlot = Arc::new(Mutex::new((!dialed).then_some(ctl_tx)));
-    tokio::spawn(serve_requests(mesh.clone(), server, peer.clone(), slot, reg.flows.clone()));
+    tokio::spawn(serve_requests(mesh.clone(), conn.clone(), server, peer.clone(), slot, reg.flows.clone()));
 
     let hs = mesh.0.timing.handshake_timeout;
     let ctl = if dialed {
@@ -553,26 +558,31 @@ enum ControlIo {
 /// only, once) and flows.
 async fn serve_requests(
     mesh: Mesh,
+    conn: quinn::Connection,
     mut server: h3::server::Connection<h3q::Session, Bytes>,
     peer: Identity,
     slot: ControlSlot,
     flows: Arc<AtomicUsize>,
 ) {
+    let rules = Arc::new(StreamRules::new(mesh.0.limits.peer_flow_rate, std::time::Instant::now()));
     loop {
         let resolver = match server.accept().await {
             Ok(Some(r)) => r,
             Ok(None) | Err(_) => return,
         };
+        let opened = std::time::Instant::now();
         // Counted from its first byte: a replaced connection stays open while it is served.
         let held = ConnFlow::new(&flows);
-        let (mesh, peer, slot) = (mesh.clone(), peer.clone(), slot.clone());
+        let (mesh, conn, peer, slot, rules) = (mesh.clone(), conn.clone(), peer.clone(), slot.clone(), rules.clone());
         let header_timeout = mesh.0.timing.header_timeout;
         let fut = async move {
             // h3 hands out the resolver before any header byte arrived; bound the wait.
             let (req, stream) = match tokio::time::timeout(header_timeout, Box::pin(resolver.resolve_request())).await {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
+                    // Reset before its headers completed, or malformed: the peer's doing.
                     tracing::debug!(error = %e, "request.malformed");
+                    tally_stream(&mesh, &conn, &peer, &rules, opened, StreamEnd::ResetByPeer);
                     return;
                 }
                 Err(_) => {
@@ -602,9 +612,31 @@ async fn serve_requests(
             }
             // A task of its own: this one (and the resolver it holds) ends, and the flow keeps only
             // its own state for as long as it runs.
-            tokio::spawn(crate::flow::serve_inbound(mesh, Box::new(req), Box::new(stream), peer, held));
+            let admitted = rules.admit(std::time::Instant::now());
+            tokio::spawn(async move {
+                let inbound = crate::flow::serve_inbound(&mesh, Box::new(req), Box::new(stream), &peer, held, admitted);
+                let how = Box::pin(inbound).await;
+                tally_stream(&mesh, &conn, &peer, &rules, opened, how);
+            });
         };
         tokio::spawn(fut);
+    }
+}
+
+/// Tallies one ended stream of the peer's; closes the connection when its batch was mostly rapid
+/// resets (`abuse`).
+fn tally_stream(
+    mesh: &Mesh,
+    conn: &quinn::Connection,
+    peer: &Identity,
+    rules: &StreamRules,
+    opened: std::time::Instant,
+    how: StreamEnd,
+) {
+    if let Some(early) = rules.ended(opened, std::time::Instant::now(), how) {
+        tracing::warn!(%peer, early_resets = early, batch = abuse::RAPID_RESET_BATCH, "peer.rapid_reset");
+        mesh.0.metrics.counter(PEER_ABUSE_CLOSES, &[("peer", peer.as_str()), ("reason", "rapid_reset")]).increment(1);
+        conn.close(h3q::varint(ErrorCode::H3_EXCESSIVE_LOAD.0), b"rapid reset: most streams reset right after opening");
     }
 }
 
@@ -711,6 +743,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut nonce = 0u64;
     let mut said_goodbye = false;
     let mut silent = false;
+    let mut silence_probes = 0u64;
     let peer_zone = spec.as_ref().and_then(|s| s.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
     loop {
         tokio::select! {
@@ -781,10 +814,17 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             mesh.0.metrics.gauge(PEER_RTT, &[("peer", peer.as_str()), ("peer_zone", &peer_zone)]).set(rtt.as_secs_f64());
                             let cwnd = conn.stats().path.cwnd;
                             mesh.0.metrics.gauge(PEER_CWND, &[("peer", peer.as_str()), ("peer_zone", &peer_zone)]).set(cwnd as f64);
-                            if let Some((min, stretched)) = crate::congestion::path_state(conn) {
+                            if let Some(path) = crate::congestion::path_state(conn) {
                                 let labels = [("peer", peer.as_str()), ("peer_zone", peer_zone.as_str())];
-                                mesh.0.metrics.gauge(PEER_PATH_MIN_RTT, &labels).set(min.as_secs_f64());
-                                mesh.0.metrics.gauge(PEER_WINDOW_STRETCHED, &labels).set(f64::from(u8::from(stretched)));
+                                if let Some(min) = path.min_rtt {
+                                    mesh.0.metrics.gauge(PEER_PATH_MIN_RTT, &labels).set(min.as_secs_f64());
+                                }
+                                mesh.0.metrics.gauge(PEER_WINDOW_STRETCHED, &labels).set(f64::from(u8::from(path.stretched)));
+                                let probes = path.silence_probes.saturating_sub(silence_probes);
+                                if probes > 0 {
+                                    silence_probes = path.silence_probes;
+                                    mesh.0.metrics.counter(PEER_SILENCE_PROBES, &labels).increment(probes);
+                                }
                             }
                         }
                         Message::Load(_) => {}

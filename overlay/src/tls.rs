@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-use causeway_protocol::Identity;
+use causeway_protocol::{Identity, TrustDomain};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
@@ -50,6 +50,8 @@ pub enum Refusal {
     CaAsLeaf,
     UnexpectedIdentity,
     NoCertificate,
+    /// The leaf names a trust domain we hold no bundle for.
+    UnknownTrustDomain,
 }
 
 impl Refusal {
@@ -66,12 +68,13 @@ impl Refusal {
             Refusal::CaAsLeaf => "ca_as_leaf",
             Refusal::UnexpectedIdentity => "unexpected_identity",
             Refusal::NoCertificate => "no_certificate",
+            Refusal::UnknownTrustDomain => "unknown_trust_domain",
         }
     }
 
     fn to_rustls(self) -> rustls::Error {
         let e = match self {
-            Refusal::UnknownCa => CertificateError::UnknownIssuer,
+            Refusal::UnknownCa | Refusal::UnknownTrustDomain => CertificateError::UnknownIssuer,
             Refusal::Expired => CertificateError::Expired,
             Refusal::NotYetValid => CertificateError::NotValidYet,
             Refusal::UnexpectedIdentity
@@ -105,27 +108,54 @@ impl Credentials {
     }
 }
 
-/// CA certificates trusted for peers.
+/// CA certificates trusted for peers: those of our own trust domain, and those of each federated
+/// trust domain. A chain is verified only against the bundle of the trust domain its leaf names,
+/// so a federated CA cannot mint identities of our trust domain or of another federated one
+/// (SPIFFE federation: one bundle per trust domain).
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
     anchors: Vec<TrustAnchor<'static>>,
+    federated: Vec<(TrustDomain, Vec<TrustAnchor<'static>>)>,
+}
+
+fn anchors(cas: &[CertificateDer<'_>]) -> Result<Vec<TrustAnchor<'static>>, TlsError> {
+    let anchors = cas
+        .iter()
+        .enumerate()
+        .map(|(index, der)| {
+            webpki::anchor_from_trusted_cert(der)
+                .map(|a| a.to_owned())
+                .map_err(|e| TlsError::BadAnchor { index, reason: e.to_string() })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if anchors.is_empty() {
+        return Err(TlsError::EmptyBundle);
+    }
+    Ok(anchors)
 }
 
 impl TrustBundle {
+    /// The bundle of our own trust domain.
     pub fn new(cas: &[CertificateDer<'_>]) -> Result<Self, TlsError> {
-        let anchors = cas
-            .iter()
-            .enumerate()
-            .map(|(index, der)| {
-                webpki::anchor_from_trusted_cert(der)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| TlsError::BadAnchor { index, reason: e.to_string() })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if anchors.is_empty() {
-            return Err(TlsError::EmptyBundle);
+        Ok(Self { anchors: anchors(cas)?, federated: Vec::new() })
+    }
+
+    /// Adds (or replaces) the bundle of a federated trust domain.
+    pub fn federate(mut self, td: TrustDomain, cas: &[CertificateDer<'_>]) -> Result<Self, TlsError> {
+        let a = anchors(cas)?;
+        self.federated.retain(|(t, _)| *t != td);
+        self.federated.push((td, a));
+        Ok(self)
+    }
+
+    /// The anchors that may vouch for an identity in `td`, given our own trust domain (`None`: not
+    /// known, as for test clients without a valid identity; our bundle then covers every trust
+    /// domain not federated).
+    fn anchors_for(&self, td: &TrustDomain, own: Option<&TrustDomain>) -> Option<&[TrustAnchor<'static>]> {
+        if let Some((_, a)) = self.federated.iter().find(|(t, _)| t == td) {
+            return Some(a);
         }
-        Ok(Self { anchors })
+        own.is_none_or(|o| o == td).then_some(self.anchors.as_slice())
     }
 }
 
@@ -179,6 +209,7 @@ pub fn spiffe_id(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
 #[derive(Debug)]
 struct Checker {
     current: Arc<Current>,
+    own_domain: Option<TrustDomain>,
     algs: WebPkiSupportedAlgorithms,
     metrics: Metrics,
 }
@@ -210,8 +241,12 @@ impl Checker {
     ) -> Result<Identity, Refusal> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| Refusal::BadCertificate)?;
         let usage = if client { webpki::KeyUsage::client_auth() } else { webpki::KeyUsage::server_auth() };
+        // The leaf's trust domain picks the only bundle that may vouch for it.
+        let id = spiffe_id(end_entity)?;
         let bundle = self.current.bundle();
-        cert.verify_for_usage(self.algs.all, &bundle.anchors, intermediates, now, usage, None, None).map_err(|e| {
+        let anchors =
+            bundle.anchors_for(&id.trust_domain(), self.own_domain.as_ref()).ok_or(Refusal::UnknownTrustDomain)?;
+        cert.verify_for_usage(self.algs.all, anchors, intermediates, now, usage, None, None).map_err(|e| {
             tracing::debug!(error = ?e, "peer.certificate.invalid");
             match e {
                 // A CA with the same name as ours but another key shows up as a bad signature on
@@ -223,7 +258,6 @@ impl Checker {
                 _ => Refusal::BadCertificate,
             }
         })?;
-        let id = spiffe_id(end_entity)?;
         if !expected(&id) {
             return Err(Refusal::UnexpectedIdentity);
         }
@@ -449,6 +483,7 @@ impl TlsFactory {
     fn checker(&self) -> Checker {
         Checker {
             current: self.current.clone(),
+            own_domain: self.identity.as_ref().map(Identity::trust_domain),
             algs: provider().signature_verification_algorithms,
             metrics: self.metrics.clone(),
         }

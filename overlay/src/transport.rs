@@ -47,6 +47,32 @@ impl Default for Timers {
     }
 }
 
+/// What one peer connection may hold, configurable as `limits.*` (README "Limits"); the defaults
+/// are the constants above, with their memory arithmetic. Every window is finite: quinn's own
+/// default connection window is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicLimits {
+    /// Concurrent flows (bidirectional streams) a peer may have open toward us.
+    pub flows_per_peer: u32,
+    /// Per-flow receive window, bytes.
+    pub stream_window: u32,
+    /// Per-peer receive window (all flows together), bytes; also our send buffer per peer.
+    pub peer_receive_window: u32,
+    /// Incoming handshakes held at once.
+    pub pending_handshakes: usize,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        Self {
+            flows_per_peer: MAX_FLOWS_PER_PEER,
+            stream_window: STREAM_WINDOW,
+            peer_receive_window: CONNECTION_WINDOW,
+            pending_handshakes: MAX_PENDING_HANDSHAKES,
+        }
+    }
+}
+
 /// Loss detection thresholds (RFC 9002 §6.1). The defaults (3 packets, 9/8 RTT) declare a packet
 /// lost as soon as a few later ones arrive; WAN paths with per-packet jitter reorder far more, and
 /// every spurious loss halves the congestion window. 8 packets and 1.5 RTT tolerate that reordering
@@ -54,7 +80,7 @@ impl Default for Timers {
 pub const PACKET_THRESHOLD: u32 = 8;
 pub const TIME_THRESHOLD: f32 = 1.5;
 
-pub fn transport_config(t: Timers) -> TransportConfig {
+pub fn transport_config(t: Timers, l: QuicLimits) -> TransportConfig {
     let mut c = TransportConfig::default();
     c.packet_threshold(PACKET_THRESHOLD).time_threshold(TIME_THRESHOLD);
     // BBR rather than quinn's default Cubic: an overlay spans lossy, jittery WAN paths, where Cubic
@@ -66,11 +92,11 @@ pub fn transport_config(t: Timers) -> TransportConfig {
     // so a long-lived connection whose path gets longer collapses; `PathBbr` keeps a path minimum
     // RTT that may rise (crate::congestion; BENCHMARKS.md, B1r).
     c.congestion_controller_factory(Arc::new(crate::congestion::PathBbrConfig::default()));
-    c.max_concurrent_bidi_streams(VarInt::from_u32(MAX_FLOWS_PER_PEER + STREAM_HEADROOM))
+    c.max_concurrent_bidi_streams(VarInt::from_u32(l.flows_per_peer.saturating_add(STREAM_HEADROOM)))
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
-        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
-        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
-        .send_window(SEND_WINDOW)
+        .stream_receive_window(VarInt::from_u32(l.stream_window))
+        .receive_window(VarInt::from_u32(l.peer_receive_window))
+        .send_window(u64::from(l.peer_receive_window))
         .keep_alive_interval(Some(t.keep_alive))
         .max_idle_timeout(Some(
             IdleTimeout::try_from(t.idle_timeout).unwrap_or(IdleTimeout::from(VarInt::from_u32(5_000))),
@@ -103,20 +129,28 @@ pub fn bind(addr: SocketAddr, server: quinn::ServerConfig) -> Result<quinn::Endp
         .map_err(EndpointError::Quic)
 }
 
-pub fn server_config(tls: rustls::ServerConfig, timers: Timers) -> Result<quinn::ServerConfig, EndpointError> {
+pub fn server_config(
+    tls: rustls::ServerConfig,
+    timers: Timers,
+    limits: QuicLimits,
+) -> Result<quinn::ServerConfig, EndpointError> {
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Tls(e.to_string()))?;
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    s.transport_config(Arc::new(transport_config(timers)));
-    s.max_incoming(MAX_PENDING_HANDSHAKES);
+    s.transport_config(Arc::new(transport_config(timers, limits)));
+    s.max_incoming(limits.pending_handshakes);
     Ok(s)
 }
 
-pub fn client_config(tls: rustls::ClientConfig, timers: Timers) -> Result<quinn::ClientConfig, EndpointError> {
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    timers: Timers,
+    limits: QuicLimits,
+) -> Result<quinn::ClientConfig, EndpointError> {
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Tls(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(Arc::new(transport_config(timers)));
+    c.transport_config(Arc::new(transport_config(timers, limits)));
     Ok(c)
 }
 

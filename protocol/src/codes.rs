@@ -30,6 +30,9 @@ macro_rules! codes {
 codes! {
     /// Graceful close: drained, or the losing duplicate of a simultaneous dial.
     (0x100, H3_NO_ERROR);
+    /// The peer's behaviour exceeds what we serve: an HTTP/3 frame over its limit, or most of a
+    /// batch of streams reset right after opening (rapid reset).
+    (0x107, H3_EXCESSIVE_LOAD);
     /// A control frame could not be decoded (bad postcard body, trailing bytes, bad name).
     (0x4357_0001, CONTROL_MALFORMED);
     /// A control frame declared a length above the limit.

@@ -31,10 +31,17 @@ pub enum FlowError {
     /// The target is not a service this gateway exports (an address, its own ports, an unexported
     /// name): refused before any connection is attempted (403).
     Forbidden,
+    /// The peer opened new flows faster than `limits.peer_flow_rate` (429).
+    RateLimited,
+    /// The gateway is above its memory budget: no new flows until it is back below (503).
+    OverBudget,
+    /// The flow would re-enter a gateway it already crossed (508): the destination's own backend
+    /// connection came back as this flow's client, or the hop marker names the destination.
+    Loop,
 }
 
 impl FlowError {
-    pub const ALL: [FlowError; 7] = [
+    pub const ALL: [FlowError; 10] = [
         Self::UnknownService,
         Self::NoHealthyEndpoint,
         Self::Draining,
@@ -42,15 +49,20 @@ impl FlowError {
         Self::BackendTimeout,
         Self::BadRequest,
         Self::Forbidden,
+        Self::RateLimited,
+        Self::Loop,
+        Self::OverBudget,
     ];
 
     pub fn status(self) -> u16 {
         match self {
-            Self::UnknownService | Self::NoHealthyEndpoint | Self::Draining => 503,
+            Self::UnknownService | Self::NoHealthyEndpoint | Self::Draining | Self::OverBudget => 503,
             Self::BackendRefused => 502,
             Self::BackendTimeout => 504,
             Self::BadRequest => 400,
             Self::Forbidden => 403,
+            Self::RateLimited => 429,
+            Self::Loop => 508,
         }
     }
 
@@ -63,6 +75,9 @@ impl FlowError {
             Self::BackendTimeout => "backend_timeout",
             Self::BadRequest => "bad_request",
             Self::Forbidden => "forbidden_target",
+            Self::RateLimited => "peer_flow_rate",
+            Self::Loop => "loop_detected",
+            Self::OverBudget => "over_budget",
         }
     }
 
@@ -72,7 +87,7 @@ impl FlowError {
 
     /// Whether another zone might serve the flow instead.
     pub fn retryable_elsewhere(self) -> bool {
-        !matches!(self, Self::BadRequest)
+        !matches!(self, Self::BadRequest | Self::Loop)
     }
 }
 
@@ -82,3 +97,16 @@ pub const CATALOG_AUTHORITY: &str = "catalog.causeway.invalid:1";
 pub const ORIGINAL_DST: &str = "causeway-original-dst";
 /// Header a redirector sets: the captured connection's source address (pod IP:port).
 pub const SOURCE_ADDRESS: &str = "causeway-source-address";
+/// Header on a flow's CONNECT between gateways: the address the flow's client connected from. The
+/// destination refuses the flow (508) when the client's connection ([`CLIENT_DST`] too) is one of
+/// its own backend connections: a flow that left it for an endpoint came back (`SPEC.md` §5).
+pub const CLIENT_ADDRESS: &str = "causeway-client-address";
+/// Header on a flow's CONNECT between gateways: the address the flow's client connected to (with
+/// [`CLIENT_ADDRESS`], the client's TCP connection, for loop detection).
+pub const CLIENT_DST: &str = "causeway-client-dst";
+/// Header on a flow's CONNECT between gateways: the hop marker, the SPIFFE IDs of the gateways the
+/// flow crossed so far, comma-separated. A gateway that finds itself in it, or more than
+/// [`MAX_HOPS`] entries, refuses the flow (508).
+pub const VIA: &str = "causeway-via";
+/// Most gateways a flow may cross.
+pub const MAX_HOPS: usize = 8;

@@ -30,7 +30,7 @@ pub async fn server(
 ) -> anyhow::Result<()> {
     let f = factory(tls.0, tls.1, tls.2)?;
     let allowed = Arc::new(RwLock::new(AllowedSet { peers: [peer].into_iter().collect(), ..Default::default() }));
-    let server = transport::server_config(f.server(allowed)?, Timers::default())?;
+    let server = transport::server_config(f.server(allowed)?, Timers::default(), transport::QuicLimits::default())?;
     let endpoint = transport::bind(listen, server)?;
     while let Some(incoming) = endpoint.accept().await {
         tokio::spawn(async move {
@@ -55,8 +55,9 @@ pub async fn client(
     peer: Identity,
 ) -> anyhow::Result<()> {
     let f = factory(tls.0, tls.1, tls.2)?;
-    let client = transport::client_config(f.client(peer)?, Timers::default())?;
-    let server = transport::server_config(f.server(Arc::default())?, Timers::default())?;
+    let client = transport::client_config(f.client(peer)?, Timers::default(), transport::QuicLimits::default())?;
+    let server =
+        transport::server_config(f.server(Arc::default())?, Timers::default(), transport::QuicLimits::default())?;
     let bind: SocketAddr = if peer_addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
     let endpoint = transport::bind(bind, server)?;
     let dial = || async {

@@ -32,7 +32,41 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ErrorCounter {
         if *e.metadata().level() == tracing::Level::ERROR {
             ERRORS.fetch_add(1, Ordering::Relaxed);
         }
+        if e.metadata().target() == "causeway::access" {
+            let mut line = AccessLine::default();
+            e.record(&mut line);
+            let mut log = ACCESS.lock().unwrap_or_else(|p| p.into_inner());
+            if log.len() < 100_000 {
+                log.push(line);
+            }
+        }
     }
+}
+
+/// One access-log event (`causeway::access`) of the gateways in this test binary, field by field.
+#[derive(Debug, Default, Clone)]
+pub struct AccessLine(pub std::collections::BTreeMap<String, String>);
+
+impl AccessLine {
+    pub fn get(&self, field: &str) -> &str {
+        self.0.get(field).map(String::as_str).unwrap_or("")
+    }
+}
+
+impl tracing::field::Visit for AccessLine {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_string(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+static ACCESS: std::sync::Mutex<Vec<AccessLine>> = std::sync::Mutex::new(Vec::new());
+
+/// The access-log events written so far by the gateways in this test binary (at most 100,000).
+pub fn access_log() -> Vec<AccessLine> {
+    ACCESS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Installs logging for a test binary (once) and raises the open-file limit to its hard maximum,

@@ -46,7 +46,7 @@ pub async fn dial_from(
     target: SocketAddr,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let tls = TlsFactory::new(creds, bundle, Metrics::noop())?.client(server.clone())?;
-    let cfg = transport::client_config(tls, Timers::default())?;
+    let cfg = transport::client_config(tls, Timers::default(), transport::QuicLimits::default())?;
     let endpoint = quinn::Endpoint::client(bind)?;
     let conn = tokio::time::timeout(Duration::from_secs(5), endpoint.connect_with(cfg, target, "gateway")?).await??;
     Ok((endpoint, conn))
@@ -58,13 +58,19 @@ pub struct Control {
     pub requests: h3::client::SendRequest<h3q::Opener, Bytes>,
 }
 
-pub async fn open_control(conn: &quinn::Connection) -> anyhow::Result<Control> {
+/// An HTTP/3 client session on `conn`, as a dialing gateway or a redirector opens one.
+pub async fn h3_client(conn: &quinn::Connection) -> anyhow::Result<h3::client::SendRequest<h3q::Opener, Bytes>> {
     let (client, _server, demux) = h3q::split(conn, true, metrics::Counter::noop());
     tokio::spawn(demux);
-    let (mut driver, mut requests) = h3::client::builder().build::<_, _, Bytes>(client).await?;
+    let (mut driver, requests) = h3::client::builder().build::<_, _, Bytes>(client).await?;
     tokio::spawn(async move {
         let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
     });
+    Ok(requests)
+}
+
+pub async fn open_control(conn: &quinn::Connection) -> anyhow::Result<Control> {
+    let mut requests = h3_client(conn).await?;
     let mut stream = requests.send_request(http::Request::connect(CONTROL_AUTHORITY).body(())?).await?;
     let resp = stream.recv_response().await?;
     anyhow::ensure!(resp.status() == 200, "control stream refused: {}", resp.status());

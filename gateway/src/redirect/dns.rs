@@ -2,7 +2,7 @@
 //! unknown mesh names, an empty answer for other record types of mesh names, and forwards every
 //! other query, unchanged, to the upstream resolver. Parsing and encoding are hickory-proto's.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,25 +53,20 @@ impl MeshDns {
             };
             let query = &buf[..n];
             let count = |result: &'static str| metrics.counter(DNS_QUERIES, &[("result", result)]).increment(1);
-            let Ok(msg) = Message::from_vec(query) else {
-                count("malformed");
-                continue;
-            };
-            match self.answer(&msg, &redirector) {
-                Some((reply, result)) => {
+            let table = redirector.table();
+            match handle(query, &self.suffix, self.ttl, |s| table.vips.vip(s)) {
+                Handling::Malformed => count("malformed"),
+                Handling::Answer(bytes, result) => {
                     count(result);
-                    if let Ok(bytes) = reply.to_vec() {
-                        let _ = self.socket.send_to(&bytes, client).await;
-                    }
+                    let _ = self.socket.send_to(&bytes, client).await;
                 }
-                None => {
+                Handling::Forward(id) => {
                     let Ok(permit) = forwards.clone().try_acquire_owned() else {
                         count("dropped");
                         continue;
                     };
                     let (socket, upstream, query) = (self.socket.clone(), self.upstream, query.to_vec());
                     let m = metrics.clone();
-                    let id = msg.metadata.id;
                     tokio::spawn(async move {
                         let result = match forward(&query, upstream, id).await {
                             Some(resp) => {
@@ -87,34 +82,59 @@ impl MeshDns {
             }
         }
     }
+}
 
-    /// The reply to a mesh name, or `None` when the query is for the upstream resolver.
-    fn answer(&self, msg: &Message, redirector: &Redirector) -> Option<(Message, &'static str)> {
-        if msg.metadata.message_type != MessageType::Query || msg.metadata.op_code != OpCode::Query {
-            return None;
-        }
-        let [q] = msg.queries.as_slice() else { return None };
-        let name = q.name().to_lowercase().to_ascii();
-        let fqdn = if name.ends_with('.') { name } else { format!("{name}.") };
-        let service = fqdn.strip_suffix(&self.suffix)?;
-        let mut reply = Message::response(msg.metadata.id, OpCode::Query);
-        reply.metadata.recursion_desired = msg.metadata.recursion_desired;
-        reply.metadata.recursion_available = true;
-        reply.metadata.authoritative = true;
-        reply.add_query(q.clone());
-        let table = redirector.table();
-        let vip = ServiceName::new(service).ok().and_then(|s| table.vips.vip(&s));
-        let Some(vip) = vip else {
-            reply.metadata.response_code = ResponseCode::NXDomain;
-            return Some((reply, "mesh_nxdomain"));
-        };
-        if q.query_type() != RecordType::A {
-            // The name exists, with no record of this type (NODATA).
-            return Some((reply, "mesh_nodata"));
-        }
-        reply.add_answer(Record::from_rdata(q.name().clone(), self.ttl, RData::A(A(vip))));
-        Some((reply, "mesh_a"))
+/// What mesh DNS does with one datagram from a pod.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handling {
+    /// Not a DNS message: dropped, counted.
+    Malformed,
+    /// A mesh name: this reply (encoded), counted under this result.
+    Answer(Vec<u8>, &'static str),
+    /// Anything else: forwarded unchanged to the upstream resolver; the answer must carry this ID.
+    Forward(u16),
+}
+
+/// Decides what to do with `query` (pure: the fuzz target `mesh_dns` drives it). `suffix` is the
+/// mesh suffix as `.mesh.`; `vip` looks a service up in the VIP table.
+pub fn handle(query: &[u8], suffix: &str, ttl: u32, vip: impl Fn(&ServiceName) -> Option<Ipv4Addr>) -> Handling {
+    let Ok(msg) = Message::from_vec(query) else { return Handling::Malformed };
+    match answer(&msg, suffix, ttl, vip).map(|(reply, result)| (reply.to_vec(), result)) {
+        Some((Ok(bytes), result)) => Handling::Answer(bytes, result),
+        Some((Err(_), _)) => Handling::Malformed,
+        None => Handling::Forward(msg.metadata.id),
     }
+}
+
+/// The reply to a mesh name, or `None` when the query is for the upstream resolver.
+fn answer(
+    msg: &Message,
+    suffix: &str,
+    ttl: u32,
+    vip: impl Fn(&ServiceName) -> Option<Ipv4Addr>,
+) -> Option<(Message, &'static str)> {
+    if msg.metadata.message_type != MessageType::Query || msg.metadata.op_code != OpCode::Query {
+        return None;
+    }
+    let [q] = msg.queries.as_slice() else { return None };
+    let name = q.name().to_lowercase().to_ascii();
+    let fqdn = if name.ends_with('.') { name } else { format!("{name}.") };
+    let service = fqdn.strip_suffix(suffix)?;
+    let mut reply = Message::response(msg.metadata.id, OpCode::Query);
+    reply.metadata.recursion_desired = msg.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.authoritative = true;
+    reply.add_query(q.clone());
+    let Some(addr) = ServiceName::new(service).ok().and_then(|s| vip(&s)) else {
+        reply.metadata.response_code = ResponseCode::NXDomain;
+        return Some((reply, "mesh_nxdomain"));
+    };
+    if q.query_type() != RecordType::A {
+        // The name exists, with no record of this type (NODATA).
+        return Some((reply, "mesh_nodata"));
+    }
+    reply.add_answer(Record::from_rdata(q.name().clone(), ttl, RData::A(A(addr))));
+    Some((reply, "mesh_a"))
 }
 
 /// Sends a query to the upstream resolver from a fresh socket and returns its answer.
@@ -134,4 +154,45 @@ async fn forward(query: &[u8], upstream: SocketAddr, id: u16) -> Option<Vec<u8>>
         }
     };
     tokio::time::timeout(FORWARD_TIMEOUT, exchange).await.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.').filter(|l| !l.is_empty()) {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&[0, 1]);
+        q
+    }
+
+    fn table(s: &ServiceName) -> Option<Ipv4Addr> {
+        (s.as_str() == "orders.shop").then_some(Ipv4Addr::new(240, 240, 0, 7))
+    }
+
+    #[test]
+    fn mesh_names_are_answered_and_others_forwarded() {
+        let Handling::Answer(reply, "mesh_a") = handle(&query("Orders.Shop.mesh", 1), ".mesh.", 5, table) else {
+            panic!("no A answer")
+        };
+        let reply = Message::from_vec(&reply).unwrap();
+        assert_eq!(reply.metadata.id, 0x1234);
+        assert_eq!(reply.answers.len(), 1);
+        assert!(matches!(
+            handle(&query("nope.shop.mesh", 1), ".mesh.", 5, table),
+            Handling::Answer(_, "mesh_nxdomain")
+        ));
+        assert!(matches!(
+            handle(&query("orders.shop.mesh", 28), ".mesh.", 5, table),
+            Handling::Answer(_, "mesh_nodata")
+        ));
+        assert_eq!(handle(&query("example.com", 1), ".mesh.", 5, table), Handling::Forward(0x1234));
+        assert_eq!(handle(b"\x12", ".mesh.", 5, table), Handling::Malformed);
+    }
 }

@@ -163,6 +163,7 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
                 cert: raw.tls.cert.clone(),
                 key: raw.tls.key.clone(),
                 bundle: raw.tls.bundle.clone(),
+                federation: Vec::new(),
                 watch_interval: crate::config::WATCH_INTERVAL,
             },
             gateway,
@@ -294,6 +295,7 @@ pub fn check(cfg: &RedirectConfig) -> Result<Identity, Vec<ConfigError>> {
 
 async fn capture_loop(listener: TcpListener, redirector: Redirector, metrics: Metrics, stop: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CAPTURED));
+    let per_source = crate::listeners::PerSource::new(crate::listeners::MAX_PER_SOURCE);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -317,10 +319,15 @@ async fn capture_loop(listener: TcpListener, redirector: Redirector, metrics: Me
             causeway_overlay::relay::abort(tcp);
             continue;
         };
+        let Some(slot) = per_source.admit(src.ip()) else {
+            metrics.counter(CAPTURED, &[("outcome", "source_full")]).increment(1);
+            causeway_overlay::relay::abort(tcp);
+            continue;
+        };
         let r = redirector.clone();
         tokio::spawn(async move {
             r.serve_captured(tcp, dst, src).await;
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }
