@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use causeway_overlay::metrics::{Metrics, CONFIG_RELOADS};
 use causeway_overlay::{Credentials, Mesh, MeshConfig, TrustBundle};
+use causeway_protocol::control::Protocol;
 use causeway_protocol::{ServiceName, TrustDomain};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
@@ -121,6 +122,7 @@ struct ImportRun {
 #[derive(Clone)]
 pub struct Reloader {
     mesh: Mesh,
+    http: Arc<crate::http::Http>,
     config: Arc<Mutex<Config>>,
     imports: Arc<Mutex<Vec<ImportRun>>>,
     stop_listeners: CancellationToken,
@@ -167,6 +169,14 @@ impl Reloader {
             fixed("trust_domain", old.trust_domain != new.trust_domain),
             fixed("tls", (&ot.cert, &ot.key, &ot.bundle) != (&nt.cert, &nt.key, &nt.bundle)),
             fixed("federation", ot.federation != nt.federation),
+            fixed("http_routes", old.http_routes != new.http_routes),
+            fixed("imports[].protocol", {
+                let p = |c: &Config| {
+                    c.imports.iter().map(|i| (i.service.clone(), i.listen, i.protocol)).collect::<Vec<_>>()
+                };
+                let (o, n) = (p(&old), p(new));
+                n.iter().any(|x| o.iter().any(|y| (&y.0, y.1) == (&x.0, x.1) && y.2 != x.2))
+            }),
             fixed("listen.overlay", old.overlay != new.overlay),
             fixed("listen.admin", old.admin != new.admin),
             fixed("imports[].prefer_zones", old.preferences != new.preferences),
@@ -201,7 +211,8 @@ impl Reloader {
             if running.contains(&(imp.service.clone(), imp.listen)) {
                 continue;
             }
-            match ImportListener::bind(imp.listen, imp.service.clone()).await {
+            let http = (imp.protocol == Protocol::Http).then(|| self.http.clone());
+            match ImportListener::bind(imp.listen, imp.service.clone(), http).await {
                 Ok(l) => bound.push((imp.clone(), l)),
                 Err(e) => {
                     return Err(vec![ConfigError {
@@ -317,9 +328,12 @@ impl Gateway {
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
 
+        let http = crate::http::Http::new(mesh.clone(), cfg.http_routes.clone());
+        mesh.set_http_handler(http.clone());
         let mut imports = Vec::new();
         for (i, imp) in cfg.imports.iter().enumerate() {
-            let l = ImportListener::bind(imp.listen, imp.service.clone())
+            let h = (imp.protocol == Protocol::Http).then(|| http.clone());
+            let l = ImportListener::bind(imp.listen, imp.service.clone(), h)
                 .await
                 .with_context(|| format!("imports[{i}].listen: cannot bind {}", imp.listen))?;
             let own = stop.child_token();
@@ -355,6 +369,7 @@ impl Gateway {
         );
         let reloader = Reloader {
             mesh: mesh.clone(),
+            http,
             config: Arc::new(Mutex::new(cfg.clone())),
             imports: Arc::new(Mutex::new(imports)),
             stop_listeners: stop.clone(),

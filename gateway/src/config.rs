@@ -30,6 +30,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub federation: Vec<RawFederation>,
     #[serde(default)]
+    pub http_routes: Vec<RawHttpRoute>,
+    #[serde(default)]
     pub peers: Vec<RawPeer>,
     #[serde(default)]
     pub exports: Vec<RawExport>,
@@ -155,6 +157,92 @@ pub struct RawImport {
     pub listen: String,
     #[serde(default)]
     pub prefer_zones: Vec<String>,
+    /// `tcp` (default): opaque bytes; `http`: each HTTP/1.1 request routed on its own.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+/// An HTTP route (shaped like Gateway API's `HTTPRoute`): for requests to `service` through an
+/// `http` import, the first rule whose matches hold picks a weighted backend subset.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttpRoute {
+    pub name: String,
+    pub service: String,
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Any one of them must hold; none: every request.
+    #[serde(default)]
+    pub matches: Vec<RawMatch>,
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default)]
+    pub path: Option<RawPathMatch>,
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Header name → exact value, or `"*"`: present with any value.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPathMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    /// Labels the serving zone's service must carry, e.g. `{ version: v2 }`.
+    #[serde(default)]
+    pub subset: BTreeMap<String, String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// A validated HTTP route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRoute {
+    pub name: String,
+    pub service: ServiceName,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub matches: Vec<RouteMatch>,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteMatch {
+    pub path_exact: Option<String>,
+    pub path_prefix: Option<String>,
+    pub method: Option<String>,
+    /// (lower-case name, exact value or `None` for present)
+    pub headers: Vec<(String, Option<String>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub subset: Vec<(String, String)>,
+    pub weight: u32,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -231,6 +319,7 @@ pub enum LogFormat {
 pub struct Import {
     pub service: ServiceName,
     pub listen: SocketAddr,
+    pub protocol: Protocol,
 }
 
 /// A validated configuration.
@@ -251,6 +340,7 @@ pub struct Config {
     pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
     pub limits: Limits,
+    pub http_routes: Vec<HttpRoute>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -311,6 +401,63 @@ pub(crate) fn from_yaml<R: serde::de::DeserializeOwned>(text: &str) -> Result<R,
 /// Parses and validates YAML text.
 pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
     validate(&from_yaml::<RawConfig>(text)?)
+}
+
+/// `http_routes`: each for a service imported as `http`, with valid matches and weighted backends.
+fn http_routes(raw: &[RawHttpRoute], imports: &[Import], e: &mut Errors) -> Vec<HttpRoute> {
+    let mut out = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let at = |k: &str| format!("http_routes[{i}].{k}");
+        let Some(service) = e.parse(at("service"), ServiceName::new(&r.service)) else { continue };
+        if !imports.iter().any(|im| im.service == service && im.protocol == Protocol::Http) {
+            e.push(at("service"), format!("{service} is not imported with protocol: http"));
+        }
+        if r.name.is_empty() || r.name.len() > MAX_LABEL_LEN {
+            e.push(at("name"), format!("must be 1-{MAX_LABEL_LEN} bytes"));
+        }
+        if r.rules.is_empty() {
+            e.push(at("rules"), "must list at least one rule");
+        }
+        let mut rules = Vec::new();
+        for (j, rule) in r.rules.iter().enumerate() {
+            let at = |k: &str| format!("http_routes[{i}].rules[{j}].{k}");
+            let mut matches = Vec::new();
+            for (k, m) in rule.matches.iter().enumerate() {
+                let mut rm = RouteMatch { method: m.method.clone(), ..Default::default() };
+                if let Some(p) = &m.path {
+                    match (&p.exact, &p.prefix) {
+                        (Some(x), None) | (None, Some(x)) if x.starts_with('/') => {
+                            rm.path_exact = p.exact.clone();
+                            rm.path_prefix = p.prefix.clone();
+                        }
+                        _ => e.push(at(&format!("matches[{k}].path")), "one of exact or prefix, starting with '/'"),
+                    }
+                }
+                for (name, value) in &m.headers {
+                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        e.push(at(&format!("matches[{k}].headers.{name}")), "not a valid header name");
+                    }
+                    let v = (value != "*").then(|| value.clone());
+                    rm.headers.push((name.to_ascii_lowercase(), v));
+                }
+                matches.push(rm);
+            }
+            if rule.backends.is_empty() || rule.backends.iter().all(|b| b.weight == 0) {
+                e.push(at("backends"), "must list at least one backend with a weight above 0");
+            }
+            let backends = rule
+                .backends
+                .iter()
+                .map(|b| Backend {
+                    subset: b.subset.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    weight: b.weight,
+                })
+                .collect();
+            rules.push(Rule { matches, backends });
+        }
+        out.push(HttpRoute { name: r.name.clone(), service, rules });
+    }
+    out
 }
 
 /// `limits.*`: each within a range that keeps memory bounded (README "Limits").
@@ -484,8 +631,9 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         let name = e.parse(path("name"), ServiceName::new(&x.name));
         let protocol = match x.protocol.as_str() {
             "tcp" => Some(Protocol::Tcp),
+            "http" => Some(Protocol::Http),
             other => {
-                e.push(path("protocol"), format!("{other:?} is not supported (supported: tcp)"));
+                e.push(path("protocol"), format!("{other:?} is not one of tcp, http"));
                 None
             }
         };
@@ -538,13 +686,22 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 e.push(format!("imports[{i}].listen"), format!("{l} is already used by another listener"));
             }
         }
-        if let (Some(service), Some(listen)) = (service, listen) {
+        let protocol = match x.protocol.as_str() {
+            "tcp" => Some(Protocol::Tcp),
+            "http" => Some(Protocol::Http),
+            other => {
+                e.push(format!("imports[{i}].protocol"), format!("{other:?} is not one of tcp, http"));
+                None
+            }
+        };
+        if let (Some(service), Some(listen), Some(protocol)) = (service, listen, protocol) {
             if !prefs.is_empty() {
                 preferences.insert(service.clone(), prefs);
             }
-            imports.push(Import { service, listen });
+            imports.push(Import { service, listen, protocol });
         }
     }
+    let http_routes = http_routes(&raw.http_routes, &imports, &mut e);
 
     let mut redirectors = Vec::new();
     for (i, r) in raw.redirectors.iter().enumerate() {
@@ -688,6 +845,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             allowed_sources,
             timing,
             limits,
+            http_routes,
             log_format,
             log_level,
         }),

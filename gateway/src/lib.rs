@@ -10,6 +10,7 @@ pub mod app;
 pub mod certs;
 pub mod config;
 pub mod demo;
+pub mod http;
 pub mod listeners;
 pub mod redirect;
 pub mod telemetry;

@@ -77,11 +77,17 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub struct ImportListener {
     listener: TcpListener,
     service: ServiceName,
+    /// Set for an `http` import: each request is routed on its own.
+    http: Option<Arc<crate::http::Http>>,
 }
 
 impl ImportListener {
-    pub async fn bind(addr: SocketAddr, service: ServiceName) -> std::io::Result<Self> {
-        Ok(Self { listener: listen(addr)?, service })
+    pub async fn bind(
+        addr: SocketAddr,
+        service: ServiceName,
+        http: Option<Arc<crate::http::Http>>,
+    ) -> std::io::Result<Self> {
+        Ok(Self { listener: listen(addr)?, service, http })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -125,9 +131,13 @@ impl ImportListener {
             let dst = tcp.local_addr().unwrap_or(self.local_addr());
             let source = Source { identity: identity.clone(), addr, dst };
             let span = tracing::info_span!("flow", service = %service, client = %addr);
+            let http = self.http.clone();
             tokio::spawn(
                 async move {
-                    mesh.serve_client(tcp, service, source).await;
+                    match http {
+                        Some(h) => h.serve_client(tcp, service, source).await,
+                        None => mesh.serve_client(tcp, service, source).await,
+                    }
                     drop((permit, slot));
                 }
                 .instrument(span),

@@ -15,6 +15,7 @@ pub mod flow;
 pub mod frame_guard;
 pub mod h3q;
 mod handoff;
+pub mod http;
 pub mod mesh;
 pub mod metrics;
 pub mod redirector;

@@ -163,7 +163,7 @@ pub(crate) struct PeerConn {
 }
 
 /// Counts one flow on a peer connection while it lives.
-pub(crate) struct ConnFlow(Arc<AtomicUsize>);
+pub struct ConnFlow(Arc<AtomicUsize>);
 
 impl ConnFlow {
     pub fn new(flows: &Arc<AtomicUsize>) -> Self {
@@ -295,6 +295,8 @@ pub(crate) struct Inner {
     pub active_flows: AtomicU32,
     pub backend_legs: Arc<BackendLegs>,
     pub budget: crate::budget::Budget,
+    /// Serves peers' HTTP requests for `http` exports (set by the gateway).
+    pub http: std::sync::OnceLock<Arc<dyn crate::http::HttpHandler>>,
 }
 
 /// One gateway's view of the mesh. Cheap to clone.
@@ -352,8 +354,14 @@ impl Mesh {
             active_flows: AtomicU32::new(0),
             backend_legs: Arc::default(),
             budget: crate::budget::Budget::new(cfg.limits.memory_budget),
+            http: std::sync::OnceLock::new(),
         };
         Ok(Self(Arc::new(inner)))
+    }
+
+    /// Whether resident memory is above `limits.memory_budget` now (new work is refused).
+    pub fn is_over_budget(&self) -> bool {
+        self.0.budget.over()
     }
 
     /// The limits this gateway was started with.

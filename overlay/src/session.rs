@@ -612,6 +612,19 @@ async fn serve_requests(
             }
             // A task of its own: this one (and the resolver it holds) ends, and the flow keeps only
             // its own state for as long as it runs.
+            // An HTTP request for an `http` export: the gateway's handler serves it.
+            if req.method() != http::Method::CONNECT {
+                if let Some(h) = mesh.0.http.get().cloned() {
+                    let zone = mesh.routes().peer(&peer).and_then(|e| e.zone.clone());
+                    let serving = h.serve(req, stream, crate::http::PeerInfo { identity: peer.clone(), zone });
+                    tokio::spawn(async move {
+                        let _held = held;
+                        let how = serving.await;
+                        tally_stream(&mesh, &conn, &peer, &rules, opened, how);
+                    });
+                    return;
+                }
+            }
             let admitted = rules.admit(std::time::Instant::now());
             tokio::spawn(async move {
                 let inbound = crate::flow::serve_inbound(&mesh, Box::new(req), Box::new(stream), &peer, held, admitted);

@@ -1,0 +1,512 @@
+//! HTTP services across zones (`protocol: http`). A local listener of an `http` import parses
+//! HTTP/1.1 requests (hyper); each request picks a route (`http_routes`), a weighted backend and
+//! its subset (services' labels), then the best zone whose service carries those labels, and
+//! crosses the overlay as its own HTTP/3 request carrying the source identity and `traceparent`.
+//! The destination gateway sends it to an endpoint over pooled HTTP/1.1 connections. Bodies and
+//! trailers stream both ways with back-pressure (bounded channels); hop-by-hop headers are dropped
+//! per RFC 9110 §7.6.1. Every request gets one access-log line and its metrics.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use causeway_overlay::abuse::StreamEnd;
+use causeway_overlay::flow::{ServerStream, Source};
+use causeway_overlay::http::{refuse, Candidate, HttpHandler, PeerInfo};
+use causeway_overlay::routes::Target;
+use causeway_overlay::Mesh;
+use causeway_protocol::flow::{FlowError, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT, VIA};
+use causeway_protocol::trace::TraceParent;
+use causeway_protocol::ServiceName;
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::config::{HttpRoute, RouteMatch};
+
+/// Requests served, by service, route, serving zone and status code.
+pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
+/// Request latency from the first header byte to the response head.
+pub const HTTP_DURATION: &str = "causeway_http_request_duration_seconds";
+
+/// Body chunks buffered between the two sides of one request (each at most one read: ~64 KiB).
+const BODY_QUEUE: usize = 4;
+/// Waiting for the response head of a request (the route timeout comes with routes' timeouts).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body fed from a channel: what one side of the gateway reads, the other writes.
+pub struct ChanBody(mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+fn chan() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, ChanBody) {
+    let (tx, rx) = mpsc::channel(BODY_QUEUE);
+    (tx, ChanBody(rx))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), those named by `Connection`, and anything a client sends
+/// under our own `causeway-` prefix: identity is named by gateways only.
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    const HOP: [&str; 8] =
+        ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "host", "trailer"];
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (k, v) in headers {
+        let n = k.as_str();
+        if HOP.contains(&n) || named.iter().any(|c| c == n) || n.starts_with("causeway-") || n == "traceparent" {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    out
+}
+
+/// Streams an h3 body (and its trailers) into `tx`.
+async fn pump_h3<S>(
+    mut rx: h3::client::RequestStream<S, Bytes>,
+    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+) -> u64
+where
+    S: h3::quic::RecvStream,
+{
+    let mut n = 0;
+    loop {
+        match rx.recv_data().await {
+            Ok(Some(mut b)) => {
+                let b = b.copy_to_bytes(b.remaining());
+                n += b.len() as u64;
+                if tx.send(Ok(Frame::data(b))).await.is_err() {
+                    return n;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(Box::new(e))).await;
+                return n;
+            }
+        }
+    }
+    if let Ok(Some(t)) = rx.recv_trailers().await {
+        let _ = tx.send(Ok(Frame::trailers(t))).await;
+    }
+    n
+}
+
+/// The gateway's HTTP side: routes for the source, an endpoint client for the destination.
+pub struct Http {
+    mesh: Mesh,
+    routes: Vec<HttpRoute>,
+    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChanBody>,
+}
+
+impl Http {
+    pub fn new(mesh: Mesh, routes: Vec<HttpRoute>) -> Arc<Self> {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Arc::new(Self { mesh, routes, client })
+    }
+
+    /// Serves one client connection of an `http` import listener until it closes.
+    pub async fn serve_client(self: Arc<Self>, tcp: TcpStream, service: ServiceName, source: Source) {
+        let _ = tcp.set_nodelay(true);
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (this, service, source) = (self.clone(), service.clone(), source.clone());
+            async move { Ok::<_, Infallible>(this.route(req, &service, &source).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(tcp), svc);
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "http.client.connection");
+        }
+    }
+
+    /// The route for a request: its name and the labels its chosen backend requires.
+    fn pick(&self, service: &ServiceName, req: &Request<Incoming>) -> (String, Vec<(String, String)>) {
+        for r in self.routes.iter().filter(|r| &r.service == service) {
+            for rule in &r.rules {
+                if !rule.matches.is_empty() && !rule.matches.iter().any(|m| matches(m, req)) {
+                    continue;
+                }
+                let total: u32 = rule.backends.iter().map(|b| b.weight).sum();
+                let mut x = if total == 0 { 0 } else { rand::rng().random_range(0..total) };
+                for b in &rule.backends {
+                    if x < b.weight {
+                        return (r.name.clone(), b.subset.clone());
+                    }
+                    x -= b.weight;
+                }
+                return (r.name.clone(), Vec::new());
+            }
+        }
+        ("default".into(), Vec::new())
+    }
+
+    async fn route(&self, req: Request<Incoming>, service: &ServiceName, source: &Source) -> Response<ChanBody> {
+        let start = Instant::now();
+        let (route, subset) = self.pick(service, &req);
+        let trace = req
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse)
+            .map(|t| t.child(rand::rng().random::<u64>() | 1))
+            .unwrap_or_else(new_trace);
+        let candidates: Vec<Candidate> = self
+            .mesh
+            .http_candidates(service)
+            .into_iter()
+            .filter(|c| subset.iter().all(|kv| c.labels.contains(kv)))
+            .collect();
+        let method = req.method().clone();
+        let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+        let (resp, zone, attempts) = match candidates.into_iter().next() {
+            None => (error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint), String::new(), 0),
+            Some(c) => {
+                let zone = c.zone.to_string();
+                let resp = match c.target {
+                    Target::Local => self.to_endpoint(service, req).await,
+                    Target::Peer(id) => self.to_peer(&id, service, req, source, &trace).await,
+                };
+                (resp, zone, 1)
+            }
+        };
+        let code = resp.status().as_u16().to_string();
+        let m = self.mesh.metrics();
+        let labels = [
+            ("service", service.as_str()),
+            ("route", route.as_str()),
+            ("zone", zone.as_str()),
+            ("code", code.as_str()),
+        ];
+        m.counter(HTTP_REQUESTS, &labels).increment(1);
+        m.histogram(HTTP_DURATION, &[("service", service.as_str()), ("route", route.as_str())])
+            .record(start.elapsed().as_secs_f64());
+        tracing::info!(
+            target: "causeway::access",
+            direction = "outbound",
+            kind = "http",
+            service = %service,
+            source_identity = %source.identity,
+            source = %source.addr,
+            route = %route,
+            subset = %subset.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+            zone = %zone,
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            attempts,
+            traceparent = %trace,
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "http"
+        );
+        resp
+    }
+
+    /// Sends a request to `peer` as an HTTP/3 request and relays its response.
+    async fn to_peer(
+        &self,
+        peer: &causeway_protocol::Identity,
+        service: &ServiceName,
+        req: Request<Incoming>,
+        source: &Source,
+        trace: &TraceParent,
+    ) -> Response<ChanBody> {
+        let port = self.mesh.advertised_port(peer, service).unwrap_or(0);
+        let (parts, mut body) = req.into_parts();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut h3req = Request::builder().method(parts.method.clone()).uri(format!("https://{service}:{port}{pq}"));
+        if let Some(h) = h3req.headers_mut() {
+            *h = end_to_end(&parts.headers);
+            let set = |h: &mut HeaderMap, k: &'static str, v: &str| {
+                if let Ok(v) = v.parse() {
+                    h.insert(HeaderName::from_static(k), v);
+                }
+            };
+            set(h, SOURCE_IDENTITY, source.identity.as_str());
+            set(h, SOURCE_ZONE, self.mesh.zone().as_str());
+            set(h, TRACEPARENT, &trace.to_string());
+            set(h, VIA, self.mesh.identity().as_str());
+        }
+        let Ok(h3req) = h3req.body(()) else {
+            return error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest);
+        };
+        let (stream, held) = match self.mesh.open_http(peer, h3req).await {
+            Ok(x) => x,
+            Err(e) => return error_response(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY), e),
+        };
+        let (mut send, mut recv) = stream.split();
+        // Request body: hyper → HTTP/3, as it arrives.
+        tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return };
+                let r = match frame.into_data() {
+                    Ok(d) => send.send_data(d).await,
+                    Err(f) => match f.into_trailers() {
+                        Ok(t) => send.send_trailers(t).await,
+                        Err(_) => Ok(()),
+                    },
+                };
+                if r.is_err() {
+                    return;
+                }
+            }
+            let _ = send.finish().await;
+        });
+        let head = match tokio::time::timeout(RESPONSE_TIMEOUT, recv.recv_response()).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(_)) => return error_response(StatusCode::BAD_GATEWAY, FlowError::BackendRefused),
+            Err(_) => return error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout),
+        };
+        let (tx, out) = chan();
+        tokio::spawn(async move {
+            let _held = held;
+            pump_h3(recv, tx).await;
+        });
+        let mut resp = Response::new(out);
+        *resp.status_mut() = head.status();
+        *resp.headers_mut() = end_to_end(head.headers());
+        if let Some(e) = head.headers().get(causeway_protocol::flow::ERROR) {
+            resp.headers_mut().insert(causeway_protocol::flow::ERROR, e.clone());
+        }
+        resp
+    }
+
+    /// Sends a request to a local endpoint of `service` over a pooled HTTP/1.1 connection.
+    async fn to_endpoint<B>(&self, service: &ServiceName, req: Request<B>) -> Response<ChanBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
+        let Some(endpoint) = self.mesh.pick_endpoint(service) else {
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint);
+        };
+        let (parts, mut body) = req.into_parts();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let (btx, bbody) = chan();
+        tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            while let Some(f) = body.frame().await {
+                let f = f.map_err(Into::into);
+                let stop = f.is_err();
+                if btx.send(f).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut out = Request::builder().method(parts.method).uri(format!("http://{endpoint}{pq}"));
+        if let Some(h) = out.headers_mut() {
+            *h = end_to_end(&parts.headers);
+            if let Ok(host) = service.as_str().parse() {
+                h.insert(http::header::HOST, host);
+            }
+        }
+        let Ok(out) = out.body(bbody) else {
+            return error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest);
+        };
+        let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(out)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::debug!(%endpoint, error = %e, "http.endpoint.failed");
+                return error_response(StatusCode::BAD_GATEWAY, FlowError::BackendRefused);
+            }
+            Err(_) => return error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout),
+        };
+        let (parts, mut body) = resp.into_parts();
+        let (tx, rbody) = chan();
+        tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            while let Some(f) = body.frame().await {
+                let f = f.map_err(|e| Box::new(e) as BoxError);
+                let stop = f.is_err();
+                if tx.send(f).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut r = Response::new(rbody);
+        *r.status_mut() = parts.status;
+        *r.headers_mut() = end_to_end(&parts.headers);
+        r
+    }
+}
+
+fn matches(m: &RouteMatch, req: &Request<Incoming>) -> bool {
+    let path = req.uri().path();
+    let path_ok = match (&m.path_exact, &m.path_prefix) {
+        (Some(p), _) => path == p,
+        (None, Some(p)) => path.starts_with(p.as_str()),
+        (None, None) => true,
+    };
+    let method_ok = m.method.as_ref().is_none_or(|x| req.method().as_str().eq_ignore_ascii_case(x));
+    let headers_ok = m.headers.iter().all(|(name, value)| {
+        let got = req.headers().get(name.as_str()).and_then(|v| v.to_str().ok());
+        match value {
+            Some(v) => got == Some(v.as_str()),
+            None => got.is_some(),
+        }
+    });
+    path_ok && method_ok && headers_ok
+}
+
+fn new_trace() -> TraceParent {
+    let mut rng = rand::rng();
+    TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
+}
+
+/// A response the gateway writes itself: status, `causeway-error`, and the reason as the body.
+fn error_response(status: StatusCode, e: FlowError) -> Response<ChanBody> {
+    let (tx, body) = chan();
+    let _ = tx.try_send(Ok(Frame::data(Bytes::from(format!("{}\n", e.as_str())))));
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert(causeway_protocol::flow::ERROR, http::HeaderValue::from_static(e.as_str()));
+    r
+}
+
+impl HttpHandler for Http {
+    fn serve(
+        &self,
+        req: Request<()>,
+        stream: ServerStream,
+        from: PeerInfo,
+    ) -> Pin<Box<dyn std::future::Future<Output = StreamEnd> + Send + 'static>> {
+        let mesh = self.mesh.clone();
+        let this = Http { mesh: mesh.clone(), routes: Vec::new(), client: self.client.clone() };
+        Box::pin(async move { this.serve_inbound(req, stream, from).await })
+    }
+}
+
+impl Http {
+    /// A peer's request for one of our `http` exports: to an endpoint, and the response back.
+    async fn serve_inbound(&self, req: Request<()>, stream: ServerStream, from: PeerInfo) -> StreamEnd {
+        let start = Instant::now();
+        let authority = req.uri().authority().cloned();
+        let service = authority.as_ref().and_then(|a| ServiceName::new(a.host()).ok());
+        let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let (source_identity, trace) = (header(SOURCE_IDENTITY), header(TRACEPARENT));
+        let port = authority.as_ref().and_then(|a| a.port_u16());
+        let Some(service) = service.filter(|s| self.mesh.exports_http(s, port)) else {
+            refuse(stream, FlowError::Forbidden).await;
+            return StreamEnd::Other;
+        };
+        if self.mesh.is_over_budget() {
+            refuse(stream, FlowError::OverBudget).await;
+            return StreamEnd::Other;
+        }
+        let (mut send, recv) = stream.split();
+        let (tx, body) = chan();
+        let pump = tokio::spawn(async move { pump_server(recv, tx).await });
+        let (method, path) = (req.method().clone(), req.uri().path_and_query().map(|p| p.to_string()));
+        let resp = self.to_endpoint(&service, req.map(|()| body)).await;
+        let status = resp.status();
+        let (parts, mut rbody) = resp.into_parts();
+        let mut head = Response::builder().status(parts.status);
+        if let Some(h) = head.headers_mut() {
+            *h = parts.headers;
+        }
+        let mut how = StreamEnd::Other;
+        if send.send_response(head.body(()).unwrap_or_default()).await.is_err() {
+            how = StreamEnd::ResetByPeer;
+        } else {
+            use http_body_util::BodyExt;
+            while let Some(f) = rbody.frame().await {
+                let Ok(f) = f else { break };
+                let r = match f.into_data() {
+                    Ok(d) => send.send_data(d).await,
+                    Err(f) => match f.into_trailers() {
+                        Ok(t) => send.send_trailers(t).await,
+                        Err(_) => Ok(()),
+                    },
+                };
+                if r.is_err() {
+                    how = StreamEnd::ResetByPeer;
+                    break;
+                }
+            }
+            let _ = send.finish().await;
+        }
+        pump.abort();
+        let code = status.as_u16().to_string();
+        let source_zone = from.zone.as_ref().map(|z| z.to_string()).unwrap_or_default();
+        self.mesh
+            .metrics()
+            .counter(
+                HTTP_REQUESTS,
+                &[
+                    ("service", service.as_str()),
+                    ("route", "inbound"),
+                    ("zone", source_zone.as_str()),
+                    ("code", code.as_str()),
+                ],
+            )
+            .increment(1);
+        tracing::info!(
+            target: "causeway::access",
+            direction = "inbound",
+            kind = "http",
+            service = %service,
+            source_identity = %source_identity,
+            source = %from.identity,
+            zone = %self.mesh.zone(),
+            method = %method,
+            path = %path.unwrap_or_default(),
+            status = status.as_u16(),
+            traceparent = %trace,
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "http"
+        );
+        how
+    }
+}
+
+/// Streams a peer's request body (server side of the h3 stream) into `tx`.
+async fn pump_server<S>(mut rx: h3::server::RequestStream<S, Bytes>, tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>)
+where
+    S: h3::quic::RecvStream,
+{
+    loop {
+        match rx.recv_data().await {
+            Ok(Some(mut b)) => {
+                if tx.send(Ok(Frame::data(b.copy_to_bytes(b.remaining())))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = tx.send(Err(Box::new(e))).await;
+                return;
+            }
+        }
+    }
+    if let Ok(Some(t)) = rx.recv_trailers().await {
+        let _ = tx.send(Ok(Frame::trailers(t))).await;
+    }
+}

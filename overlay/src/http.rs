@@ -1,0 +1,130 @@
+//! HTTP requests across the overlay: each request of an `http` service is its own HTTP/3 request
+//! on the peer connection (not a CONNECT tunnel), so one slow response never holds up another.
+//!
+//! The overlay only carries them: it hands a peer's non-CONNECT requests to the [`HttpHandler`] the
+//! gateway registered, and lets the gateway open a request toward a chosen peer
+//! ([`Mesh::open_http`]). Parsing client HTTP, routes, load balancing and talking to endpoints are
+//! the gateway's (`causeway::http`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use causeway_protocol::control::ServiceAd;
+use causeway_protocol::flow::{FlowError, ERROR};
+use causeway_protocol::{Identity, ServiceName, ZoneName};
+
+use crate::abuse::StreamEnd;
+use crate::flow::ServerStream;
+use crate::mesh::Mesh;
+use crate::routes::{PeerState, Target};
+
+/// The client side of an HTTP/3 request toward a peer.
+pub type ClientStream = h3::client::RequestStream<crate::h3q::BidiStream, Bytes>;
+
+/// Who sent a request across the overlay.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub identity: Identity,
+    pub zone: Option<ZoneName>,
+}
+
+/// Serves HTTP requests peers send for this gateway's `http` exports.
+pub trait HttpHandler: Send + Sync + 'static {
+    /// Serves one request until its response is complete. Returns whether the peer reset it (for
+    /// the rapid-reset rule).
+    fn serve(
+        &self,
+        req: http::Request<()>,
+        stream: ServerStream,
+        from: PeerInfo,
+    ) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>>;
+}
+
+/// A candidate for a request: where, and the labels it advertised for the service.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub target: Target,
+    pub zone: ZoneName,
+    pub labels: Vec<(String, String)>,
+}
+
+impl Mesh {
+    /// Registers the gateway's HTTP handler (once; later calls are ignored).
+    pub fn set_http_handler(&self, h: Arc<dyn HttpHandler>) {
+        let _ = self.0.http.set(h);
+    }
+
+    /// Where `service` can be served now, best first (as for flows: local, then preferred zones,
+    /// then by RTT), with the labels each place advertised.
+    pub fn http_candidates(&self, service: &ServiceName) -> Vec<Candidate> {
+        let routes = self.routes();
+        let local_labels = |ad: Option<&ServiceAd>| ad.map(|a| a.labels.clone()).unwrap_or_default();
+        routes
+            .candidates(service)
+            .into_iter()
+            .filter_map(|t| match &t {
+                Target::Local => Some(Candidate {
+                    zone: self.0.zone.clone(),
+                    labels: local_labels(routes.local().find(|a| &a.name == service)),
+                    target: t,
+                }),
+                Target::Peer(id) => {
+                    let e = routes.peer(id).filter(|e| e.state == PeerState::Up)?;
+                    Some(Candidate { zone: e.zone.clone()?, labels: local_labels(e.services.get(service)), target: t })
+                }
+            })
+            .collect()
+    }
+
+    /// The port `peer` advertised for `service` (the request's `:authority` port).
+    pub fn advertised_port(&self, peer: &Identity, service: &ServiceName) -> Option<u16> {
+        self.routes().peer(peer)?.services.get(service).map(|a| a.port)
+    }
+
+    /// Opens an HTTP/3 request toward `peer` (its headers are sent; the body and the response are
+    /// the caller's). The connection is kept open for the request's life.
+    pub async fn open_http(
+        &self,
+        peer: &Identity,
+        req: http::Request<()>,
+    ) -> Result<(ClientStream, crate::mesh::ConnFlow), FlowError> {
+        let (mut requests, held) = {
+            let conns = self.conns();
+            let c = conns.get(peer).ok_or(FlowError::NoHealthyEndpoint)?;
+            let req = c.requests.clone().ok_or(FlowError::NoHealthyEndpoint)?;
+            (req, crate::mesh::ConnFlow::new(&c.flows))
+        };
+        let stream = requests.send_request(req).await.map_err(|_| FlowError::BackendRefused)?;
+        Ok((stream, held))
+    }
+
+    /// Whether this gateway exports `service` as an `http` service on `port` (its advertised
+    /// port): nothing else may be asked of it (as for CONNECT, `flow`).
+    pub fn exports_http(&self, service: &ServiceName, port: Option<u16>) -> bool {
+        self.exports().get(service).is_some_and(|s| {
+            s.export.protocol == causeway_protocol::control::Protocol::Http && port == Some(s.export.port)
+        })
+    }
+
+    /// A healthy endpoint of an exported service, round robin.
+    pub fn pick_endpoint(&self, service: &ServiceName) -> Option<std::net::SocketAddr> {
+        let exports = self.exports();
+        let svc = exports.get(service)?;
+        let n = svc.export.endpoints.len();
+        let first = svc.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (0..n)
+            .map(|i| (first + i) % n)
+            .find(|&i| svc.healthy[i].load(std::sync::atomic::Ordering::Relaxed))
+            .map(|i| svc.export.endpoints[i])
+    }
+}
+
+/// Answers a request the gateway cannot serve with `e`'s status and reason.
+pub async fn refuse(mut stream: ServerStream, e: FlowError) {
+    let resp = http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
+    if stream.send_response(resp).await.is_ok() {
+        let _ = stream.finish().await;
+    }
+}
