@@ -12,14 +12,27 @@ use std::process::{Child, Command, Stdio};
 use causeway_tests::*;
 
 /// An HTTP/1.1 backend answering `GET` with its version and `POST` with its version and the body.
+/// Modes: `ok`; `fail-first` (the first request gets 503); `fail-all` (every request 503);
+/// `slow` (answers after 3 s). `/count` answers how many requests it saw before.
 const BACKEND_PY: &str = r#"
-import http.server, sys
-version = sys.argv[1]
+import http.server, sys, threading, time
+version, mode = sys.argv[1], sys.argv[2]
+seen = [0]
+lock = threading.Lock()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     def reply(self, body):
-        self.send_response(200)
+        with lock:
+            seen[0] += 1
+            n = seen[0]
+        if self.path == "/count":
+            n = -1
+            body = (str(seen[0] - 1) + "\n").encode()
+        if mode == "slow":
+            time.sleep(3)
+        status = 503 if (mode == "fail-all" or (mode == "fail-first" and n == 1)) and n != -1 else 200
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Version", version)
         self.send_header("X-Saw-Identity", self.headers.get("causeway-source-identity", "none"))
@@ -50,8 +63,12 @@ impl Drop for Backend {
 }
 
 fn backend(version: &str) -> Backend {
+    backend_mode(version, "ok")
+}
+
+fn backend_mode(version: &str, mode: &str) -> Backend {
     let mut child = Command::new("python3")
-        .args(["-c", BACKEND_PY, version])
+        .args(["-c", BACKEND_PY, version, mode])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -79,8 +96,11 @@ fn curl_many(url: &str, n: usize, headers: &[&str]) -> Vec<String> {
 
 /// Zone a imports `reviews.shop` as `http` with `routes`; zone east exports it as v1, west as v2.
 async fn reviews_mesh(routes: &str) -> (TestMesh, SocketAddr, Vec<Backend>) {
+    reviews_mesh_with(routes, backend("v1"), backend("v2")).await
+}
+
+async fn reviews_mesh_with(routes: &str, v1: Backend, v2: Backend) -> (TestMesh, SocketAddr, Vec<Backend>) {
     init();
-    let (v1, v2) = (backend("v1"), backend("v2"));
     let mut m = TestMesh::plan(
         vec![
             ZoneSpec { zone: "a", exports: vec![], imports: vec![("reviews.shop", vec![])] },
@@ -188,5 +208,82 @@ async fn a_ninety_ten_split_lands_within_binomial_bounds_and_bodies_cross_intact
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.ends_with(":hello across zones"), "{text}");
     assert!(!text.contains("spiffe://evil"), "the forged identity reached the backend: {text}");
+    m.shutdown().await;
+}
+
+/// One request with curl: (status, body).
+fn curl_one(args: &[&str]) -> (u16, String) {
+    let out =
+        Command::new("curl").args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"]).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_recover_a_failed_attempt_spare_posts_and_stay_within_the_budget() {
+    let routes = "http_routes:
+  - name: retrying
+    service: reviews.shop
+    rules:
+      - matches: [{ path: { prefix: /flaky } }]
+        backends: [{ subset: { version: v1 } }]
+        retries: { attempts: 3, on: [5xx] }
+      - backends: [{ subset: { version: v2 } }]
+        retries: { attempts: 3, on: [5xx] }
+";
+    // v1 fails its first request; v2 fails every request.
+    let (m, listen, _b) =
+        reviews_mesh_with(routes, backend_mode("v1", "fail-first"), backend_mode("v2", "fail-all")).await;
+    let base = format!("http://{listen}");
+    let (code, body) = {
+        let u = format!("{base}/flaky");
+        tokio::task::spawn_blocking(move || curl_one(&[&u])).await.unwrap()
+    };
+    assert_eq!((code, body.trim()), (200, "v1"), "the retried request");
+    let t = m.gw(0).metrics_text();
+    assert_eq!(metric(&t, "causeway_http_retries_total", &[("route", "retrying"), ("result", "retried")]), Some(1.0));
+    let line =
+        access_log().into_iter().find(|l| l.get("path") == "/flaky" && l.get("direction") == "outbound").unwrap();
+    assert_eq!(line.get("attempts"), "2");
+
+    // A POST is not retried (not idempotent): v2's 503 reaches the client after one attempt.
+    let (code, _) = {
+        let u = format!("{base}/post-once");
+        tokio::task::spawn_blocking(move || curl_one(&["--data-binary", "x", &u])).await.unwrap()
+    };
+    assert_eq!(code, 503);
+    let line = access_log().into_iter().find(|l| l.get("path") == "/post-once").unwrap();
+    assert_eq!(line.get("attempts"), "1");
+
+    // Every request failing: 100 requests may add at most 3 + 20 % retries in the window.
+    let u = format!("{base}/always");
+    tokio::task::spawn_blocking(move || curl_many(&u, 100, &[])).await.unwrap();
+    let t = m.gw(0).metrics_text();
+    let retried = metric(&t, "causeway_http_retries_total", &[("route", "retrying"), ("result", "retried")]).unwrap();
+    let exhausted = metric(&t, "causeway_http_retries_total", &[("result", "budget_exhausted")]).unwrap_or(0.0);
+    eprintln!("100 always-failing requests: {} retries, {exhausted} refused by the budget", retried - 1.0);
+    assert!(retried - 1.0 <= 3.0 + 0.2 * 102.0, "{retried} retries: a storm");
+    assert!(exhausted > 0.0, "the budget never applied");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_slower_than_the_route_timeout_gets_a_504_well_before_it_answers() {
+    let routes = "http_routes:
+  - name: bounded
+    service: reviews.shop
+    rules:
+      - backends: [{ subset: { version: v1 } }]
+        timeout: 500ms
+";
+    let (m, listen, _b) = reviews_mesh_with(routes, backend_mode("v1", "slow"), backend("v2")).await;
+    let u = format!("http://{listen}/slow");
+    let started = std::time::Instant::now();
+    let (code, body) = tokio::task::spawn_blocking(move || curl_one(&[&u])).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(code, 504, "{body}");
+    assert!(took < std::time::Duration::from_millis(2500), "504 after {took:?} (the backend answers after 3 s)");
+    assert_eq!(body.trim(), "backend_timeout");
     m.shutdown().await;
 }

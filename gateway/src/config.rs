@@ -179,6 +179,30 @@ pub struct RawRule {
     #[serde(default)]
     pub matches: Vec<RawMatch>,
     pub backends: Vec<RawBackend>,
+    /// The whole request, every attempt included: past it the client gets 504.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// One attempt's wait for its response head.
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    #[serde(default)]
+    pub retries: Option<RawRetries>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetries {
+    /// Attempts in all, the first included (2–5).
+    pub attempts: u32,
+    /// `5xx`, `gateway-error` (502, 503, 504), `connect-failure`, `reset`.
+    #[serde(default)]
+    pub on: Vec<String>,
+    /// Further status codes to retry.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// Retry POST and PATCH too (their requests may have had effects).
+    #[serde(default)]
+    pub non_idempotent: bool,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -228,6 +252,21 @@ pub struct HttpRoute {
 pub struct Rule {
     pub matches: Vec<RouteMatch>,
     pub backends: Vec<Backend>,
+    pub timeout: Option<Duration>,
+    pub per_try_timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+}
+
+/// When a request is tried again (`http_routes[].rules[].retries`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Retries {
+    pub attempts: u32,
+    pub on_5xx: bool,
+    pub on_gateway_error: bool,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    pub codes: Vec<u16>,
+    pub non_idempotent: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -453,7 +492,43 @@ fn http_routes(raw: &[RawHttpRoute], imports: &[Import], e: &mut Errors) -> Vec<
                     weight: b.weight,
                 })
                 .collect();
-            rules.push(Rule { matches, backends });
+            let mut dur = |k: &str, v: &Option<String>| {
+                let v = v.as_deref()?;
+                e.parse(at(k), duration(v)).filter(|d| {
+                    let ok = !d.is_zero();
+                    if !ok {
+                        e.push(at(k), "must be above 0");
+                    }
+                    ok
+                })
+            };
+            let timeout = dur("timeout", &rule.timeout);
+            let per_try_timeout = dur("per_try_timeout", &rule.per_try_timeout);
+            let retries = rule.retries.as_ref().map(|r| {
+                if !(2..=5).contains(&r.attempts) {
+                    e.push(at("retries.attempts"), format!("{} is outside 2..=5", r.attempts));
+                }
+                let mut p = Retries {
+                    attempts: r.attempts.clamp(1, 5),
+                    codes: r.codes.clone(),
+                    non_idempotent: r.non_idempotent,
+                    ..Default::default()
+                };
+                for (k, on) in r.on.iter().enumerate() {
+                    match on.as_str() {
+                        "5xx" => p.on_5xx = true,
+                        "gateway-error" => p.on_gateway_error = true,
+                        "connect-failure" => p.on_connect_failure = true,
+                        "reset" => p.on_reset = true,
+                        other => e.push(
+                            at(&format!("retries.on[{k}]")),
+                            format!("{other:?} is not one of 5xx, gateway-error, connect-failure, reset"),
+                        ),
+                    }
+                }
+                p
+            });
+            rules.push(Rule { matches, backends, timeout, per_try_timeout, retries });
         }
         out.push(HttpRoute { name: r.name.clone(), service, rules });
     }

@@ -28,12 +28,41 @@ use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::config::{HttpRoute, RouteMatch};
+use crate::config::{HttpRoute, Retries, RouteMatch, Rule};
 
 /// Requests served, by service, route, serving zone and status code.
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
 /// Request latency from the first header byte to the response head.
 pub const HTTP_DURATION: &str = "causeway_http_request_duration_seconds";
+/// Retries, by service, route and result (`retried`, `budget_exhausted`).
+pub const HTTP_RETRIES: &str = "causeway_http_retries_total";
+
+/// Request bodies up to this size are kept for a retry; larger ones stream and are not retried.
+const RETRY_BODY_MAX: u64 = 64 * 1024;
+/// The retry budget per route: retries may add at most this share of the route's requests, plus
+/// [`RETRY_FLOOR`], over each [`RETRY_WINDOW`] (Linkerd's and Finagle's idea): a failing backend
+/// never sees a retry storm.
+const RETRY_RATIO: f64 = 0.2;
+const RETRY_FLOOR: u32 = 3;
+const RETRY_WINDOW: Duration = Duration::from_secs(10);
+/// First backoff between attempts; doubled each time, with jitter.
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// Requests and retries of one route in the current window.
+#[derive(Debug)]
+struct Budget {
+    since: Instant,
+    requests: u32,
+    retries: u32,
+}
+
+impl Budget {
+    fn roll(&mut self) {
+        if self.since.elapsed() >= RETRY_WINDOW {
+            *self = Budget { since: Instant::now(), requests: 0, retries: 0 };
+        }
+    }
+}
 
 /// Body chunks buffered between the two sides of one request (each at most one read: ~64 KiB).
 const BODY_QUEUE: usize = 4;
@@ -117,6 +146,7 @@ pub struct Http {
     mesh: Mesh,
     routes: Vec<HttpRoute>,
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChanBody>,
+    budgets: std::sync::Mutex<std::collections::HashMap<String, Budget>>,
 }
 
 impl Http {
@@ -128,7 +158,7 @@ impl Http {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Arc::new(Self { mesh, routes, client })
+        Arc::new(Self { mesh, routes, client, budgets: Default::default() })
     }
 
     /// Serves one client connection of an `http` import listener until it closes.
@@ -147,8 +177,8 @@ impl Http {
         }
     }
 
-    /// The route for a request: its name and the labels its chosen backend requires.
-    fn pick(&self, service: &ServiceName, req: &Request<Incoming>) -> (String, Vec<(String, String)>) {
+    /// The route for a request: its name, the labels its chosen backend requires, and the rule.
+    fn pick(&self, service: &ServiceName, req: &Request<Incoming>) -> (String, Vec<(String, String)>, Option<&Rule>) {
         for r in self.routes.iter().filter(|r| &r.service == service) {
             for rule in &r.rules {
                 if !rule.matches.is_empty() && !rule.matches.iter().any(|m| matches(m, req)) {
@@ -158,19 +188,44 @@ impl Http {
                 let mut x = if total == 0 { 0 } else { rand::rng().random_range(0..total) };
                 for b in &rule.backends {
                     if x < b.weight {
-                        return (r.name.clone(), b.subset.clone());
+                        return (r.name.clone(), b.subset.clone(), Some(rule));
                     }
                     x -= b.weight;
                 }
-                return (r.name.clone(), Vec::new());
+                return (r.name.clone(), Vec::new(), Some(rule));
             }
         }
-        ("default".into(), Vec::new())
+        ("default".into(), Vec::new(), None)
+    }
+
+    /// Counts a request against its route's retry budget.
+    fn count_request(&self, key: &str) {
+        let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let e = b.entry(key.to_string()).or_insert(Budget { since: Instant::now(), requests: 0, retries: 0 });
+        e.roll();
+        e.requests += 1;
+    }
+
+    /// Takes one retry from the route's budget, if any is left.
+    fn take_retry(&self, key: &str) -> bool {
+        let mut b = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = b.get_mut(key) else { return false };
+        e.roll();
+        let allowed = RETRY_FLOOR + (f64::from(e.requests) * RETRY_RATIO) as u32;
+        if e.retries >= allowed {
+            return false;
+        }
+        e.retries += 1;
+        true
     }
 
     async fn route(&self, req: Request<Incoming>, service: &ServiceName, source: &Source) -> Response<ChanBody> {
         let start = Instant::now();
-        let (route, subset) = self.pick(service, &req);
+        let (route, subset, rule) = self.pick(service, &req);
+        let (timeout, per_try, retries) = match rule {
+            Some(r) => (r.timeout, r.per_try_timeout, r.retries.clone()),
+            None => (None, None, None),
+        };
         let trace = req
             .headers()
             .get(TRACEPARENT)
@@ -186,16 +241,69 @@ impl Http {
             .collect();
         let method = req.method().clone();
         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
-        let (resp, zone, attempts) = match candidates.into_iter().next() {
-            None => (error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint), String::new(), 0),
-            Some(c) => {
-                let zone = c.zone.to_string();
-                let resp = match c.target {
-                    Target::Local => self.to_endpoint(service, req).await,
-                    Target::Peer(id) => self.to_peer(&id, service, req, source, &trace).await,
-                };
-                (resp, zone, 1)
+        let budget_key = format!("{service}/{route}");
+        self.count_request(&budget_key);
+        let tries = async {
+            if candidates.is_empty() {
+                return (
+                    error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint),
+                    String::new(),
+                    0,
+                );
             }
+            // A request is tried again only if its body is small enough to keep (and, unless the
+            // route allows more, its method is idempotent): the body is read first.
+            let retry = retries.filter(|r| r.non_idempotent || is_idempotent(req.method())).filter(|_| {
+                let len = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+                let chunked = req.headers().contains_key(http::header::TRANSFER_ENCODING);
+                !chunked && len.is_none_or(|l| l.parse::<u64>().is_ok_and(|n| n <= RETRY_BODY_MAX))
+            });
+            let Some(retry) = retry else {
+                let c = &candidates[0];
+                let resp = self.attempt(c, service, req, source, &trace, per_try).await;
+                return (resp, c.zone.to_string(), 1);
+            };
+            use http_body_util::BodyExt;
+            let (parts, body) = req.into_parts();
+            let body = match http_body_util::Limited::new(body, RETRY_BODY_MAX as usize).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return (error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest), String::new(), 0),
+            };
+            let mut attempt = 0;
+            loop {
+                let c = &candidates[attempt % candidates.len()];
+                attempt += 1;
+                let req = Request::from_parts(parts.clone(), http_body_util::Full::new(body.clone()));
+                let resp = self.attempt(c, service, req, source, &trace, per_try).await;
+                if attempt as u32 >= retry.attempts || !should_retry(&retry, &resp) {
+                    return (resp, c.zone.to_string(), attempt);
+                }
+                let m = self.mesh.metrics();
+                if !self.take_retry(&budget_key) {
+                    m.counter(
+                        HTTP_RETRIES,
+                        &[("service", service.as_str()), ("route", route.as_str()), ("result", "budget_exhausted")],
+                    )
+                    .increment(1);
+                    return (resp, c.zone.to_string(), attempt);
+                }
+                m.counter(
+                    HTTP_RETRIES,
+                    &[("service", service.as_str()), ("route", route.as_str()), ("result", "retried")],
+                )
+                .increment(1);
+                drop(resp);
+                let backoff = RETRY_BACKOFF * 2u32.pow(attempt as u32 - 1);
+                let jitter: f64 = rand::rng().random_range(0.5..1.5);
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            }
+        };
+        let (resp, zone, attempts) = match timeout {
+            Some(t) => match tokio::time::timeout(t, tries).await {
+                Ok(r) => r,
+                Err(_) => (error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout), String::new(), 0),
+            },
+            None => tries.await,
         };
         let code = resp.status().as_u16().to_string();
         let m = self.mesh.metrics();
@@ -229,15 +337,47 @@ impl Http {
         resp
     }
 
+    /// One attempt at a candidate, bounded by `per_try` (504 past it).
+    async fn attempt<B>(
+        &self,
+        c: &Candidate,
+        service: &ServiceName,
+        req: Request<B>,
+        source: &Source,
+        trace: &TraceParent,
+        per_try: Option<Duration>,
+    ) -> Response<ChanBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
+        let go = async {
+            match &c.target {
+                Target::Local => self.to_endpoint(service, req).await,
+                Target::Peer(id) => self.to_peer(id, service, req, source, trace).await,
+            }
+        };
+        match per_try {
+            Some(t) => tokio::time::timeout(t, go)
+                .await
+                .unwrap_or_else(|_| error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout)),
+            None => go.await,
+        }
+    }
+
     /// Sends a request to `peer` as an HTTP/3 request and relays its response.
-    async fn to_peer(
+    async fn to_peer<B>(
         &self,
         peer: &causeway_protocol::Identity,
         service: &ServiceName,
-        req: Request<Incoming>,
+        req: Request<B>,
         source: &Source,
         trace: &TraceParent,
-    ) -> Response<ChanBody> {
+    ) -> Response<ChanBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
         let port = self.mesh.advertised_port(peer, service).unwrap_or(0);
         let (parts, mut body) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -358,6 +498,23 @@ impl Http {
     }
 }
 
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::PUT, Method::DELETE, Method::TRACE].contains(m)
+}
+
+/// Whether `resp` is one `r` retries: gateway-generated errors carry `causeway-error`.
+fn should_retry(r: &Retries, resp: &Response<ChanBody>) -> bool {
+    let s = resp.status().as_u16();
+    let ours =
+        resp.headers().get(causeway_protocol::flow::ERROR).and_then(|v| v.to_str().ok()).and_then(FlowError::parse);
+    match ours {
+        Some(FlowError::BackendRefused | FlowError::NoHealthyEndpoint) if r.on_connect_failure || r.on_reset => true,
+        Some(FlowError::BackendTimeout) if r.on_gateway_error => true,
+        _ => (r.on_5xx && s >= 500) || (r.on_gateway_error && matches!(s, 502..=504)) || r.codes.contains(&s),
+    }
+}
+
 fn matches(m: &RouteMatch, req: &Request<Incoming>) -> bool {
     let path = req.uri().path();
     let path_ok = match (&m.path_exact, &m.path_prefix) {
@@ -399,7 +556,8 @@ impl HttpHandler for Http {
         from: PeerInfo,
     ) -> Pin<Box<dyn std::future::Future<Output = StreamEnd> + Send + 'static>> {
         let mesh = self.mesh.clone();
-        let this = Http { mesh: mesh.clone(), routes: Vec::new(), client: self.client.clone() };
+        let this =
+            Http { mesh: mesh.clone(), routes: Vec::new(), client: self.client.clone(), budgets: Default::default() };
         Box::pin(async move { this.serve_inbound(req, stream, from).await })
     }
 }
