@@ -31,6 +31,8 @@ class H(http.server.BaseHTTPRequestHandler):
             body = (str(seen[0] - 1) + "\n").encode()
         if mode == "slow":
             time.sleep(3)
+        if mode == "delay50":
+            time.sleep(0.05)
         status = 503 if (mode == "fail-all" or (mode == "fail-first" and n == 1)) and n != -1 else 200
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
@@ -286,4 +288,76 @@ async fn a_backend_slower_than_the_route_timeout_gets_a_504_well_before_it_answe
     assert!(took < std::time::Duration::from_millis(2500), "504 after {took:?} (the backend answers after 3 s)");
     assert_eq!(body.trim(), "backend_timeout");
     m.shutdown().await;
+}
+
+/// Zone a imports `reviews.shop` as `http`; zone east exports it with `eps` (all `version: v1`)
+/// and `extra` YAML; no west.
+async fn one_zone_mesh(eps: Vec<SocketAddr>, extra_east: &str) -> (TestMesh, SocketAddr) {
+    init();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("reviews.shop", vec![])] },
+            ZoneSpec { zone: "east", exports: vec![("reviews.shop", eps)], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    m.specs[1].extra = extra_east.to_string();
+    let yaml = m.specs[1]
+        .yaml()
+        .replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http, labels: { version: v1 },");
+    m.gateways[1] = Some(start_yaml(&m, 1, &yaml).await);
+    let yaml = m.specs[0].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,");
+    m.gateways[0] = Some(start_yaml(&m, 0, &yaml).await);
+    assert!(m.wait_routes(0, "reviews.shop", 1).await);
+    let listen = m.gw(0).import_addr("reviews.shop").unwrap();
+    (m, listen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_warm_up_most_requests_go_to_the_faster_endpoint() {
+    let (fast, slow) = (backend("fast"), backend_mode("slow50", "delay50"));
+    let (m, listen) = one_zone_mesh(vec![fast.addr, slow.addr], "").await;
+    let url = format!("http://{listen}/");
+    let bodies = tokio::task::spawn_blocking(move || curl_many(&url, 220, &[])).await.unwrap();
+    assert_eq!(bodies.len(), 220);
+    let after = &bodies[20..];
+    let to_fast = after.iter().filter(|b| *b == "fast").count();
+    eprintln!("P2C peak-EWMA: {to_fast} of {} requests to the endpoint 50 ms faster", after.len());
+    assert!(to_fast * 100 >= after.len() * 80, "{to_fast} of {} to the fast endpoint", after.len());
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_five_times_in_a_row_is_ejected_and_comes_back() {
+    // The failing endpoint answers fast (its 503s take no time) and the good one 50 ms later, so
+    // the balancer prefers the failing one until it is ejected.
+    let (good, bad) = (backend_mode("good", "delay50"), backend_mode("bad", "fail-all"));
+    let (m, listen) = one_zone_mesh(vec![good.addr, bad.addr], "timing: { outlier_ejection: 2s }\n").await;
+    let url = format!("http://{listen}/");
+    let u = url.clone();
+    let first = tokio::task::spawn_blocking(move || curl_many_codes(&u, 20)).await.unwrap();
+    let failed = first.iter().filter(|c| *c == "503").count();
+    // Five failures in a row, then ejected: every later request (~0.8 s of them) succeeds.
+    assert_eq!(failed, 5, "{first:?}");
+    let fifth = first.iter().enumerate().filter(|(_, c)| *c == "503").nth(4).map(|(i, _)| i).unwrap();
+    assert!(first[fifth + 1..].iter().all(|c| c == "200"), "{first:?}");
+    let t = m.gw(1).metrics_text();
+    assert_eq!(metric(&t, "causeway_http_ejections_total", &[("service", "reviews.shop")]), Some(1.0), "{t}");
+    // After its ejection time it gets requests again (and is ejected again after 5 more).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let again = tokio::task::spawn_blocking(move || curl_many_codes(&url, 10)).await.unwrap();
+    assert!(again.iter().any(|c| c == "503"), "the ejected endpoint never came back: {again:?}");
+    m.shutdown().await;
+}
+
+/// `n` GETs with curl, one connection; the status codes in order.
+fn curl_many_codes(url: &str, n: usize) -> Vec<String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--max-time", "60", "-w", "%{http_code}\\n"]);
+    for _ in 0..n {
+        cmd.args(["-o", "/dev/null", url]);
+    }
+    let out = cmd.output().expect("curl");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }

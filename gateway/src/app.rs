@@ -329,7 +329,8 @@ impl Gateway {
         let ready = Arc::new(AtomicBool::new(false));
 
         let http = crate::http::Http::new(mesh.clone(), cfg.http_routes.clone());
-        mesh.set_http_handler(http.clone());
+        let handler: Arc<dyn causeway_overlay::http::HttpHandler> = http.clone();
+        mesh.set_http_handler(&handler);
         let mut imports = Vec::new();
         for (i, imp) in cfg.imports.iter().enumerate() {
             let h = (imp.protocol == Protocol::Http).then(|| http.clone());

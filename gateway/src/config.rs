@@ -298,6 +298,7 @@ pub struct RawTiming {
     pub backoff_max: Option<String>,
     pub health_interval: Option<String>,
     pub drain_timeout: Option<String>,
+    pub outlier_ejection: Option<String>,
     pub keep_alive: Option<String>,
     pub idle_timeout: Option<String>,
     pub watch_interval: Option<String>,
@@ -844,6 +845,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         set("backoff_max", &t.backoff_max, &mut timing.backoff_max);
         set("health_interval", &t.health_interval, &mut timing.health_interval);
         set("drain_timeout", &t.drain_timeout, &mut timing.drain_timeout);
+        set("outlier_ejection", &t.outlier_ejection, &mut timing.outlier_ejection);
         let mut tr: Timers = timing.transport;
         set("keep_alive", &t.keep_alive, &mut tr.keep_alive);
         set("idle_timeout", &t.idle_timeout, &mut tr.idle_timeout);

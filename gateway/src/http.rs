@@ -28,12 +28,15 @@ use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::balance::Outcome;
 use crate::config::{HttpRoute, Retries, RouteMatch, Rule};
 
 /// Requests served, by service, route, serving zone and status code.
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
 /// Request latency from the first header byte to the response head.
 pub const HTTP_DURATION: &str = "causeway_http_request_duration_seconds";
+/// Endpoints ejected for failing in a row, by service.
+pub const HTTP_EJECTIONS: &str = "causeway_http_ejections_total";
 /// Retries, by service, route and result (`retried`, `budget_exhausted`).
 pub const HTTP_RETRIES: &str = "causeway_http_retries_total";
 
@@ -147,6 +150,7 @@ pub struct Http {
     routes: Vec<HttpRoute>,
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChanBody>,
     budgets: std::sync::Mutex<std::collections::HashMap<String, Budget>>,
+    balancer: crate::balance::Balancer,
 }
 
 impl Http {
@@ -158,7 +162,8 @@ impl Http {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Arc::new(Self { mesh, routes, client, budgets: Default::default() })
+        let balancer = crate::balance::Balancer::new(mesh.timing().outlier_ejection);
+        Arc::new(Self { mesh, routes, client, budgets: Default::default(), balancer })
     }
 
     /// Serves one client connection of an `http` import listener until it closes.
@@ -445,8 +450,17 @@ impl Http {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError> + Send,
     {
-        let Some(endpoint) = self.mesh.pick_endpoint(service) else {
+        let Some(endpoint) = self.balancer.pick(&self.mesh.healthy_endpoints(service)) else {
             return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint);
+        };
+        let sent = Instant::now();
+        // Feeds the balancer: latency to the response head, and whether the endpoint failed.
+        let done = |failed: bool| {
+            let outcome = if failed { Outcome::Failure } else { Outcome::Success };
+            if self.balancer.done(endpoint, sent.elapsed(), outcome) {
+                tracing::warn!(service = %service, %endpoint, "endpoint.ejected");
+                self.mesh.metrics().counter(HTTP_EJECTIONS, &[("service", service.as_str())]).increment(1);
+            }
         };
         let (parts, mut body) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -472,12 +486,19 @@ impl Http {
             return error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest);
         };
         let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(out)).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                done(r.status().is_server_error());
+                r
+            }
             Ok(Err(e)) => {
                 tracing::debug!(%endpoint, error = %e, "http.endpoint.failed");
+                done(true);
                 return error_response(StatusCode::BAD_GATEWAY, FlowError::BackendRefused);
             }
-            Err(_) => return error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout),
+            Err(_) => {
+                done(true);
+                return error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout);
+            }
         };
         let (parts, mut body) = resp.into_parts();
         let (tx, rbody) = chan();
@@ -550,15 +571,12 @@ fn error_response(status: StatusCode, e: FlowError) -> Response<ChanBody> {
 
 impl HttpHandler for Http {
     fn serve(
-        &self,
+        self: Arc<Self>,
         req: Request<()>,
         stream: ServerStream,
         from: PeerInfo,
     ) -> Pin<Box<dyn std::future::Future<Output = StreamEnd> + Send + 'static>> {
-        let mesh = self.mesh.clone();
-        let this =
-            Http { mesh: mesh.clone(), routes: Vec::new(), client: self.client.clone(), budgets: Default::default() };
-        Box::pin(async move { this.serve_inbound(req, stream, from).await })
+        Box::pin(async move { self.serve_inbound(req, stream, from).await })
     }
 }
 

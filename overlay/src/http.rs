@@ -35,7 +35,7 @@ pub trait HttpHandler: Send + Sync + 'static {
     /// Serves one request until its response is complete. Returns whether the peer reset it (for
     /// the rapid-reset rule).
     fn serve(
-        &self,
+        self: Arc<Self>,
         req: http::Request<()>,
         stream: ServerStream,
         from: PeerInfo,
@@ -51,9 +51,10 @@ pub struct Candidate {
 }
 
 impl Mesh {
-    /// Registers the gateway's HTTP handler (once; later calls are ignored).
-    pub fn set_http_handler(&self, h: Arc<dyn HttpHandler>) {
-        let _ = self.0.http.set(h);
+    /// Registers the gateway's HTTP handler (once; later calls are ignored). The mesh keeps only a
+    /// weak reference: the caller owns the handler.
+    pub fn set_http_handler(&self, h: &Arc<dyn HttpHandler>) {
+        let _ = self.0.http.set(Arc::downgrade(h));
     }
 
     /// Where `service` can be served now, best first (as for flows: local, then preferred zones,
@@ -108,16 +109,17 @@ impl Mesh {
         })
     }
 
-    /// A healthy endpoint of an exported service, round robin.
-    pub fn pick_endpoint(&self, service: &ServiceName) -> Option<std::net::SocketAddr> {
+    /// The endpoints of an exported service that pass their health checks now.
+    pub fn healthy_endpoints(&self, service: &ServiceName) -> Vec<std::net::SocketAddr> {
         let exports = self.exports();
-        let svc = exports.get(service)?;
-        let n = svc.export.endpoints.len();
-        let first = svc.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (0..n)
-            .map(|i| (first + i) % n)
-            .find(|&i| svc.healthy[i].load(std::sync::atomic::Ordering::Relaxed))
-            .map(|i| svc.export.endpoints[i])
+        let Some(svc) = exports.get(service) else { return Vec::new() };
+        svc.export
+            .endpoints
+            .iter()
+            .zip(&svc.healthy)
+            .filter(|(_, h)| h.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|(a, _)| *a)
+            .collect()
     }
 }
 

@@ -71,6 +71,8 @@ pub struct Timing {
     pub health_interval: Duration,
     /// How long a drain lets existing flows run.
     pub drain_timeout: Duration,
+    /// First ejection of an HTTP endpoint that failed 5 times in a row (the n-th lasts n times it).
+    pub outlier_ejection: Duration,
     pub transport: Timers,
 }
 
@@ -88,6 +90,7 @@ impl Default for Timing {
             backoff_max: Duration::from_secs(10),
             health_interval: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(5),
+            outlier_ejection: Duration::from_secs(30),
             transport: Timers::default(),
         }
     }
@@ -295,8 +298,9 @@ pub(crate) struct Inner {
     pub active_flows: AtomicU32,
     pub backend_legs: Arc<BackendLegs>,
     pub budget: crate::budget::Budget,
-    /// Serves peers' HTTP requests for `http` exports (set by the gateway).
-    pub http: std::sync::OnceLock<Arc<dyn crate::http::HttpHandler>>,
+    /// Serves peers' HTTP requests for `http` exports (set by the gateway). Weak: the handler
+    /// holds this mesh, and a cycle would keep a stopped gateway's socket bound.
+    pub http: std::sync::OnceLock<std::sync::Weak<dyn crate::http::HttpHandler>>,
 }
 
 /// One gateway's view of the mesh. Cheap to clone.
@@ -362,6 +366,11 @@ impl Mesh {
     /// Whether resident memory is above `limits.memory_budget` now (new work is refused).
     pub fn is_over_budget(&self) -> bool {
         self.0.budget.over()
+    }
+
+    /// The timers this gateway was started with.
+    pub fn timing(&self) -> Timing {
+        self.0.timing
     }
 
     /// The limits this gateway was started with.

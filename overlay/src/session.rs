@@ -614,7 +614,7 @@ async fn serve_requests(
             // its own state for as long as it runs.
             // An HTTP request for an `http` export: the gateway's handler serves it.
             if req.method() != http::Method::CONNECT {
-                if let Some(h) = mesh.0.http.get().cloned() {
+                if let Some(h) = mesh.0.http.get().and_then(std::sync::Weak::upgrade) {
                     let zone = mesh.routes().peer(&peer).and_then(|e| e.zone.clone());
                     let serving = h.serve(req, stream, crate::http::PeerInfo { identity: peer.clone(), zone });
                     tokio::spawn(async move {
