@@ -293,6 +293,11 @@ async fn a_backend_slower_than_the_route_timeout_gets_a_504_well_before_it_answe
 /// Zone a imports `reviews.shop` as `http`; zone east exports it with `eps` (all `version: v1`)
 /// and `extra` YAML; no west.
 async fn one_zone_mesh(eps: Vec<SocketAddr>, extra_east: &str) -> (TestMesh, SocketAddr) {
+    one_zone_mesh_with(eps, extra_east, "").await
+}
+
+/// [`one_zone_mesh`] with more fields for east's export (`max_requests: 2,`).
+async fn one_zone_mesh_with(eps: Vec<SocketAddr>, extra_east: &str, fields: &str) -> (TestMesh, SocketAddr) {
     init();
     let mut m = TestMesh::plan(
         vec![
@@ -303,9 +308,8 @@ async fn one_zone_mesh(eps: Vec<SocketAddr>, extra_east: &str) -> (TestMesh, Soc
     )
     .unwrap();
     m.specs[1].extra = extra_east.to_string();
-    let yaml = m.specs[1]
-        .yaml()
-        .replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http, labels: { version: v1 },");
+    let fields = format!("{{ name: reviews.shop, protocol: http, labels: {{ version: v1 }}, {fields}");
+    let yaml = m.specs[1].yaml().replace("{ name: reviews.shop,", &fields);
     m.gateways[1] = Some(start_yaml(&m, 1, &yaml).await);
     let yaml = m.specs[0].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,");
     m.gateways[0] = Some(start_yaml(&m, 0, &yaml).await);
@@ -360,4 +364,41 @@ fn curl_many_codes(url: &str, n: usize) -> Vec<String> {
     }
     let out = cmd.output().expect("curl");
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_requests_the_breaker_answers_503_at_once() {
+    let slow = backend_mode("slow", "slow");
+    let (m, listen) = one_zone_mesh_with(vec![slow.addr], "", "max_requests: 2,").await;
+    let url = format!("http://{listen}/slow");
+    // Two requests in progress (the backend answers after 3 s)...
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let u = url.clone();
+            tokio::task::spawn_blocking(move || curl_one(&[&u]))
+        })
+        .collect();
+    let t = m.gw(1);
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || {
+            metric(&t.metrics_text(), "causeway_http_requests_active", &[("service", "reviews.shop")]) == Some(2.0)
+        })
+        .await,
+        "the two requests never reached the endpoint"
+    );
+    // ...a third gets 503 naming the breaker at once.
+    let started = std::time::Instant::now();
+    let u = url.clone();
+    let (code, body) = tokio::task::spawn_blocking(move || curl_one(&[&u])).await.unwrap();
+    assert_eq!((code, body.trim()), (503, "circuit_open"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "refused after {:?}", started.elapsed());
+    let text = m.gw(1).metrics_text();
+    assert_eq!(
+        metric(&text, "causeway_http_circuit_open_total", &[("service", "reviews.shop"), ("breaker", "max_requests")]),
+        Some(1.0)
+    );
+    for b in busy {
+        assert_eq!(b.await.unwrap().0, 200);
+    }
+    m.shutdown().await;
 }

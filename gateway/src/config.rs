@@ -144,6 +144,9 @@ pub struct RawExport {
     pub endpoints: Vec<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `http`: requests to the endpoints in progress at once; more get an immediate 503.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
 }
 
 fn default_protocol() -> String {
@@ -741,7 +744,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 e.push(path("name"), format!("{name} is exported twice"));
             }
             let labels = x.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            exports.push(Export { name, protocol, port: x.port, endpoints, labels });
+            if x.max_requests == Some(0) {
+                e.push(path("max_requests"), "must be at least 1");
+            }
+            exports.push(Export { name, protocol, port: x.port, endpoints, labels, max_requests: x.max_requests });
         }
     }
 

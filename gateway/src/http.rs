@@ -35,6 +35,10 @@ use crate::config::{HttpRoute, Retries, RouteMatch, Rule};
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
 /// Request latency from the first header byte to the response head.
 pub const HTTP_DURATION: &str = "causeway_http_request_duration_seconds";
+/// Requests to a service's endpoints in progress at this gateway.
+pub const HTTP_ACTIVE: &str = "causeway_http_requests_active";
+/// Requests refused at once by an open circuit breaker, by service and breaker.
+pub const HTTP_BREAKER_OPEN: &str = "causeway_http_circuit_open_total";
 /// Endpoints ejected for failing in a row, by service.
 pub const HTTP_EJECTIONS: &str = "causeway_http_ejections_total";
 /// Retries, by service, route and result (`retried`, `budget_exhausted`).
@@ -151,6 +155,22 @@ pub struct Http {
     client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChanBody>,
     budgets: std::sync::Mutex<std::collections::HashMap<String, Budget>>,
     balancer: crate::balance::Balancer,
+    /// Requests to each service's endpoints in progress (the `max_requests` breaker).
+    active: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, u32>>>,
+}
+
+/// One request counted against its service's `max_requests` (and in the active gauge) until
+/// dropped.
+struct Active(Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, u32>>>, ServiceName, metrics::Gauge);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+        }
+        self.2.decrement(1.0);
+    }
 }
 
 impl Http {
@@ -163,7 +183,7 @@ impl Http {
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         let balancer = crate::balance::Balancer::new(mesh.timing().outlier_ejection);
-        Arc::new(Self { mesh, routes, client, budgets: Default::default(), balancer })
+        Arc::new(Self { mesh, routes, client, budgets: Default::default(), balancer, active: Default::default() })
     }
 
     /// Serves one client connection of an `http` import listener until it closes.
@@ -450,6 +470,23 @@ impl Http {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError> + Send,
     {
+        // The breaker: over max_requests in progress, refused at once (before any endpoint work).
+        let active = {
+            let mut m = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            let n = m.entry(service.clone()).or_insert(0);
+            if self.mesh.max_requests(service).is_some_and(|max| *n >= max) {
+                drop(m);
+                self.mesh
+                    .metrics()
+                    .counter(HTTP_BREAKER_OPEN, &[("service", service.as_str()), ("breaker", "max_requests")])
+                    .increment(1);
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::CircuitOpen);
+            }
+            *n += 1;
+            let gauge = self.mesh.metrics().gauge(HTTP_ACTIVE, &[("service", service.as_str())]);
+            gauge.increment(1.0);
+            Active(self.active.clone(), service.clone(), gauge)
+        };
         let Some(endpoint) = self.balancer.pick(&self.mesh.healthy_endpoints(service)) else {
             return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint);
         };
@@ -504,6 +541,8 @@ impl Http {
         let (tx, rbody) = chan();
         tokio::spawn(async move {
             use http_body_util::BodyExt;
+            // In progress until the endpoint's response body is through.
+            let _active = active;
             while let Some(f) = body.frame().await {
                 let f = f.map_err(|e| Box::new(e) as BoxError);
                 let stop = f.is_err();

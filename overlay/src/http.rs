@@ -109,6 +109,11 @@ impl Mesh {
         })
     }
 
+    /// The `max_requests` breaker of an exported service.
+    pub fn max_requests(&self, service: &ServiceName) -> Option<u32> {
+        self.exports().get(service).and_then(|s| s.export.max_requests)
+    }
+
     /// The endpoints of an exported service that pass their health checks now.
     pub fn healthy_endpoints(&self, service: &ServiceName) -> Vec<std::net::SocketAddr> {
         let exports = self.exports();

@@ -45,6 +45,9 @@ pub struct Export {
     pub port: u16,
     pub endpoints: Vec<SocketAddr>,
     pub labels: Vec<(String, String)>,
+    /// HTTP: requests to its endpoints in progress at once; more get an immediate 503
+    /// `circuit_open` (a circuit breaker). `None`: no limit.
+    pub max_requests: Option<u32>,
 }
 
 /// Timers of the overlay. Defaults are chosen for failure detection within a second on a WAN.

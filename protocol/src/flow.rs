@@ -35,13 +35,15 @@ pub enum FlowError {
     RateLimited,
     /// The gateway is above its memory budget: no new flows until it is back below (503).
     OverBudget,
+    /// A circuit breaker is open: the service has its `max_requests` in progress (503).
+    CircuitOpen,
     /// The flow would re-enter a gateway it already crossed (508): the destination's own backend
     /// connection came back as this flow's client, or the hop marker names the destination.
     Loop,
 }
 
 impl FlowError {
-    pub const ALL: [FlowError; 10] = [
+    pub const ALL: [FlowError; 11] = [
         Self::UnknownService,
         Self::NoHealthyEndpoint,
         Self::Draining,
@@ -52,11 +54,14 @@ impl FlowError {
         Self::RateLimited,
         Self::Loop,
         Self::OverBudget,
+        Self::CircuitOpen,
     ];
 
     pub fn status(self) -> u16 {
         match self {
-            Self::UnknownService | Self::NoHealthyEndpoint | Self::Draining | Self::OverBudget => 503,
+            Self::UnknownService | Self::NoHealthyEndpoint | Self::Draining | Self::OverBudget | Self::CircuitOpen => {
+                503
+            }
             Self::BackendRefused => 502,
             Self::BackendTimeout => 504,
             Self::BadRequest => 400,
@@ -78,6 +83,7 @@ impl FlowError {
             Self::RateLimited => "peer_flow_rate",
             Self::Loop => "loop_detected",
             Self::OverBudget => "over_budget",
+            Self::CircuitOpen => "circuit_open",
         }
     }
 
