@@ -381,7 +381,12 @@ async fn above_the_memory_budget_new_flows_are_refused_and_open_ones_keep_going(
     let (m, listen) = echo_pair_with_c("").await;
     let stop = Arc::new(AtomicBool::new(false));
     let open = tokio::spawn(long_flow(listen, 7, stop.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = m.gw(0);
+    assert!(
+        eventually(Duration::from_secs(5), || metric(&a.metrics_text(), "causeway_flows_active", &[]) == Some(1.0))
+            .await,
+        "the open flow never started"
+    );
     // b's budget drops below what this process holds (the test runs gateways in-process, so its
     // resident memory is theirs): new flows into b get 503 over_budget at once.
     m.gw(1).mesh.set_memory_budget(Some(1 << 20));
