@@ -5,10 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
+use causeway_tests::web::{py_server, start_yaml, two_zone_mesh, PyServer};
 use causeway_tests::*;
 
 /// An HTTP/1.1 backend answering `GET` with its version and `POST` with its version and the body.
@@ -52,33 +52,12 @@ print(s.server_address[1], flush=True)
 s.serve_forever()
 "#;
 
-struct Backend {
-    addr: SocketAddr,
-    child: Child,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn backend(version: &str) -> Backend {
+fn backend(version: &str) -> PyServer {
     backend_mode(version, "ok")
 }
 
-fn backend_mode(version: &str, mode: &str) -> Backend {
-    let mut child = Command::new("python3")
-        .args(["-c", BACKEND_PY, version, mode])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port: u16 = line.trim().parse().expect("backend port");
-    Backend { addr: SocketAddr::from(([127, 0, 0, 1], port)), child }
+fn backend_mode(version: &str, mode: &str) -> PyServer {
+    py_server(BACKEND_PY, &[version, mode])
 }
 
 /// `n` GET requests with curl (one process, one kept-alive connection); the bodies in order.
@@ -97,11 +76,11 @@ fn curl_many(url: &str, n: usize, headers: &[&str]) -> Vec<String> {
 }
 
 /// Zone a imports `reviews.shop` as `http` with `routes`; zone east exports it as v1, west as v2.
-async fn reviews_mesh(routes: &str) -> (TestMesh, SocketAddr, Vec<Backend>) {
+async fn reviews_mesh(routes: &str) -> (TestMesh, SocketAddr, Vec<PyServer>) {
     reviews_mesh_with(routes, backend("v1"), backend("v2")).await
 }
 
-async fn reviews_mesh_with(routes: &str, v1: Backend, v2: Backend) -> (TestMesh, SocketAddr, Vec<Backend>) {
+async fn reviews_mesh_with(routes: &str, v1: PyServer, v2: PyServer) -> (TestMesh, SocketAddr, Vec<PyServer>) {
     init();
     let mut m = TestMesh::plan(
         vec![
@@ -127,14 +106,6 @@ async fn reviews_mesh_with(routes: &str, v1: Backend, v2: Backend) -> (TestMesh,
     assert!(m.wait_routes(0, "reviews.shop", 2).await, "a never learned both zones");
     let listen = m.gw(0).import_addr("reviews.shop").unwrap();
     (m, listen, vec![v1, v2])
-}
-
-async fn start_yaml(m: &TestMesh, i: usize, yaml: &str) -> causeway::Gateway {
-    let path = m.pki.dir.join(format!("{}-http.yaml", m.specs[i].zone));
-    std::fs::write(&path, yaml).unwrap();
-    let cfg = causeway::config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let (creds, bundle) = causeway::app::load_tls(&cfg).unwrap();
-    causeway::Gateway::start(&cfg, creds, bundle).await.unwrap()
 }
 
 const BY_USER: &str = "http_routes:
@@ -309,24 +280,8 @@ async fn one_zone_mesh(eps: Vec<SocketAddr>, extra_east: &str) -> (TestMesh, Soc
 
 /// [`one_zone_mesh`] with more fields for east's export (`max_requests: 2,`).
 async fn one_zone_mesh_with(eps: Vec<SocketAddr>, extra_east: &str, fields: &str) -> (TestMesh, SocketAddr) {
-    init();
-    let mut m = TestMesh::plan(
-        vec![
-            ZoneSpec { zone: "a", exports: vec![], imports: vec![("reviews.shop", vec![])] },
-            ZoneSpec { zone: "east", exports: vec![("reviews.shop", eps)], imports: vec![] },
-        ],
-        "",
-    )
-    .unwrap();
-    m.specs[1].extra = extra_east.to_string();
-    let fields = format!("{{ name: reviews.shop, protocol: http, labels: {{ version: v1 }}, {fields}");
-    let yaml = m.specs[1].yaml().replace("{ name: reviews.shop,", &fields);
-    m.gateways[1] = Some(start_yaml(&m, 1, &yaml).await);
-    let yaml = m.specs[0].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,");
-    m.gateways[0] = Some(start_yaml(&m, 0, &yaml).await);
-    assert!(m.wait_routes(0, "reviews.shop", 1).await);
-    let listen = m.gw(0).import_addr("reviews.shop").unwrap();
-    (m, listen)
+    let fields = format!("protocol: http, labels: {{ version: v1 }}, {fields}");
+    two_zone_mesh("reviews.shop", eps, &fields, "protocol: http,", extra_east).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,7 +356,7 @@ async fn over_max_requests_the_breaker_answers_503_at_once() {
     let started = std::time::Instant::now();
     let u = url.clone();
     let (code, body) = tokio::task::spawn_blocking(move || curl_one(&[&u])).await.unwrap();
-    assert_eq!((code, body.trim()), (503, "circuit_open"));
+    assert_eq!((code, body.trim()), (503, "circuit_open: max_requests"));
     assert!(started.elapsed() < std::time::Duration::from_secs(1), "refused after {:?}", started.elapsed());
     let text = m.gw(1).metrics_text();
     assert_eq!(
@@ -411,5 +366,48 @@ async fn over_max_requests_the_breaker_answers_503_at_once() {
     for b in busy {
         assert_eq!(b.await.unwrap().0, 200);
     }
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_pending_the_breaker_answers_503_naming_it_at_once() {
+    let slow = backend_mode("slow", "slow");
+    let (m, listen) = one_zone_mesh_with(vec![slow.addr], "", "max_connections: 1, max_pending: 1,").await;
+    let url = format!("http://{listen}/slow");
+    let first = {
+        let u = url.clone();
+        tokio::task::spawn_blocking(move || curl_one(&[&u]))
+    };
+    let t = m.gw(1);
+    let gauge = |name: &str| metric(&t.metrics_text(), name, &[("service", "reviews.shop")]);
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || gauge("causeway_http_requests_active") == Some(1.0)).await,
+        "the first request never reached the endpoint"
+    );
+    // The endpoint's one connection is taken: the second request waits for it...
+    let second = {
+        let u = url.clone();
+        tokio::task::spawn_blocking(move || curl_one(&[&u]))
+    };
+    assert!(
+        eventually(std::time::Duration::from_secs(3), || gauge("causeway_http_requests_pending") == Some(1.0)).await,
+        "the second request never waited"
+    );
+    // ...and a third finds the queue full: 503 naming the breaker, while the first is still busy.
+    let u = url.clone();
+    let (code, body) = tokio::task::spawn_blocking(move || curl_one(&["-i", &u])).await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("causeway-breaker: max_pending"), "{body}");
+    assert!(body.trim_end().ends_with("circuit_open: max_pending"), "{body}");
+    assert!(!first.is_finished(), "the 503 came only after the first request finished");
+    let text = t.metrics_text();
+    assert_eq!(
+        metric(&text, "causeway_http_circuit_open_total", &[("service", "reviews.shop"), ("breaker", "max_pending")]),
+        Some(1.0)
+    );
+    // The waiting request is served once the connection is free; both succeed.
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(second.await.unwrap().0, 200);
+    assert_eq!(gauge("causeway_http_requests_pending"), Some(0.0));
     m.shutdown().await;
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use causeway_overlay::mesh::HttpOptions;
 use causeway_overlay::transport::Timers;
 use causeway_overlay::{Export, Limits, PeerSpec, Timing};
 use causeway_protocol::control::Protocol;
@@ -147,7 +148,16 @@ pub struct RawExport {
     /// `http`: requests to the endpoints in progress at once; more get an immediate 503.
     #[serde(default)]
     pub max_requests: Option<u32>,
+    /// `http` (HTTP/1.1 endpoints): connections to each endpoint at once; a request finding every
+    /// endpoint at its limit waits (at most `max_pending` of them; default 1024, the next gets 503).
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub max_pending: Option<u32>,
 }
+
+/// Requests that may wait for an endpoint connection when `max_connections` is set alone.
+const DEFAULT_MAX_PENDING: u32 = 1024;
 
 fn default_protocol() -> String {
     "tcp".into()
@@ -160,7 +170,8 @@ pub struct RawImport {
     pub listen: String,
     #[serde(default)]
     pub prefer_zones: Vec<String>,
-    /// `tcp` (default): opaque bytes; `http`: each HTTP/1.1 request routed on its own.
+    /// `tcp` (default): opaque bytes; `http` (or `http2`, `grpc`): each HTTP/1.1 or HTTP/2 request
+    /// routed on its own.
     #[serde(default = "default_protocol")]
     pub protocol: String,
 }
@@ -708,11 +719,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     for (i, x) in raw.exports.iter().enumerate() {
         let path = |k: &str| format!("exports[{i}].{k}");
         let name = e.parse(path("name"), ServiceName::new(&x.name));
+        // `http2` and `grpc` are `http` services whose endpoints speak HTTP/2 cleartext (h2c).
         let protocol = match x.protocol.as_str() {
             "tcp" => Some(Protocol::Tcp),
-            "http" => Some(Protocol::Http),
+            "http" | "http2" | "grpc" => Some(Protocol::Http),
             other => {
-                e.push(path("protocol"), format!("{other:?} is not one of tcp, http"));
+                e.push(path("protocol"), format!("{other:?} is not one of tcp, http, http2, grpc"));
                 None
             }
         };
@@ -744,10 +756,32 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 e.push(path("name"), format!("{name} is exported twice"));
             }
             let labels = x.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            if x.max_requests == Some(0) {
-                e.push(path("max_requests"), "must be at least 1");
+            for (k, v) in [
+                ("max_requests", x.max_requests),
+                ("max_connections", x.max_connections),
+                ("max_pending", x.max_pending),
+            ] {
+                if v == Some(0) {
+                    e.push(path(k), "must be at least 1");
+                }
+                if v.is_some() && protocol != Protocol::Http {
+                    e.push(path(k), "applies to http services only");
+                }
             }
-            exports.push(Export { name, protocol, port: x.port, endpoints, labels, max_requests: x.max_requests });
+            if x.max_pending.is_some() && x.max_connections.is_none() {
+                e.push(path("max_pending"), "needs max_connections (requests wait only for a connection)");
+            }
+            let h2 = matches!(x.protocol.as_str(), "http2" | "grpc");
+            if h2 && x.max_connections.is_some() {
+                e.push(path("max_connections"), "applies to HTTP/1.1 endpoints (http2 multiplexes one connection)");
+            }
+            let http = HttpOptions {
+                h2,
+                max_requests: x.max_requests,
+                max_connections: x.max_connections,
+                max_pending: x.max_connections.map(|_| x.max_pending.unwrap_or(DEFAULT_MAX_PENDING)),
+            };
+            exports.push(Export { name, protocol, port: x.port, endpoints, labels, http });
         }
     }
 
@@ -770,9 +804,9 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         }
         let protocol = match x.protocol.as_str() {
             "tcp" => Some(Protocol::Tcp),
-            "http" => Some(Protocol::Http),
+            "http" | "http2" | "grpc" => Some(Protocol::Http),
             other => {
-                e.push(format!("imports[{i}].protocol"), format!("{other:?} is not one of tcp, http"));
+                e.push(format!("imports[{i}].protocol"), format!("{other:?} is not one of tcp, http, http2, grpc"));
                 None
             }
         };
@@ -1012,6 +1046,31 @@ timing: { ping_interval: 100ms, peer_timeout: 500ms }
         assert!(errs[0].reason.contains("must not exceed limits.peer_receive_window"));
         let errs = parse(&with("connections_per_listener: 10, connections_per_source: 20")).unwrap_err();
         assert_eq!(errs[0].path, "limits.connections_per_source");
+    }
+
+    #[test]
+    fn http_breakers_and_endpoint_protocols_are_checked() {
+        let with = |fields: &str| {
+            GOOD.replace("{ name: orders.shop, port: 8080,", &format!("{{ name: orders.shop, port: 8080, {fields}"))
+        };
+        let c = parse(&with("protocol: grpc, max_requests: 10,")).unwrap();
+        assert!(c.exports[0].http.h2);
+        assert_eq!(c.exports[0].protocol, Protocol::Http);
+        let c = parse(&with("protocol: http, max_connections: 4,")).unwrap();
+        assert!(!c.exports[0].http.h2);
+        assert_eq!((c.exports[0].http.max_connections, c.exports[0].http.max_pending), (Some(4), Some(1024)));
+        let cases = [
+            ("protocol: http, max_pending: 5,", "exports[0].max_pending", "needs max_connections"),
+            ("protocol: http2, max_connections: 2,", "exports[0].max_connections", "HTTP/1.1 endpoints"),
+            ("max_requests: 3,", "exports[0].max_requests", "http services only"),
+            ("protocol: http, max_connections: 0,", "exports[0].max_connections", "at least 1"),
+            ("protocol: h3,", "exports[0].protocol", "one of tcp, http, http2, grpc"),
+        ];
+        for (fields, path, reason) in cases {
+            let errs = parse(&with(fields)).unwrap_err();
+            assert_eq!(errs[0].path, path, "{fields}: {errs:?}");
+            assert!(errs[0].reason.contains(reason), "{fields}: {}", errs[0].reason);
+        }
     }
 
     #[test]

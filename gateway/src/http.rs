@@ -1,10 +1,14 @@
-//! HTTP services across zones (`protocol: http`). A local listener of an `http` import parses
-//! HTTP/1.1 requests (hyper); each request picks a route (`http_routes`), a weighted backend and
-//! its subset (services' labels), then the best zone whose service carries those labels, and
-//! crosses the overlay as its own HTTP/3 request carrying the source identity and `traceparent`.
-//! The destination gateway sends it to an endpoint over pooled HTTP/1.1 connections. Bodies and
-//! trailers stream both ways with back-pressure (bounded channels); hop-by-hop headers are dropped
-//! per RFC 9110 §7.6.1. Every request gets one access-log line and its metrics.
+//! HTTP services across zones (`protocol: http`, `http2`, `grpc`). A local listener of an `http`
+//! import, or a connection a redirector captured, is parsed by hyper (HTTP/1.1 or HTTP/2 with
+//! prior knowledge, detected per connection); each request picks a route (`http_routes`), a
+//! weighted backend and its subset (services' labels), then the best zone whose service carries
+//! those labels, and crosses the overlay as its own HTTP/3 request carrying the source identity
+//! and `traceparent`. The destination gateway sends it to an endpoint over pooled HTTP/1.1
+//! connections, or one HTTP/2 connection for `http2`/`grpc` exports. Bodies and trailers (gRPC
+//! status) stream both ways with back-pressure (bounded channels); hop-by-hop headers are dropped
+//! per RFC 9110 §7.6.1. An Upgrade (WebSocket) falls back to a tunnel: a TCP flow to the service
+//! carrying the HTTP/1.1 handshake and then the upgraded bytes. Every request gets one access-log
+//! line and its metrics.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -25,6 +29,7 @@ use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -43,6 +48,13 @@ pub const HTTP_BREAKER_OPEN: &str = "causeway_http_circuit_open_total";
 pub const HTTP_EJECTIONS: &str = "causeway_http_ejections_total";
 /// Retries, by service, route and result (`retried`, `budget_exhausted`).
 pub const HTTP_RETRIES: &str = "causeway_http_retries_total";
+/// Requests waiting for an endpoint connection (`max_connections`), by service.
+pub const HTTP_PENDING: &str = "causeway_http_requests_pending";
+/// Upgraded connections (WebSocket) tunnelled, by service and result (`upgraded`, `refused`).
+pub const HTTP_UPGRADES: &str = "causeway_http_upgrades_total";
+
+/// Bytes buffered in the pipe between an upgraded client connection and its tunnel flow.
+const TUNNEL_PIPE: usize = 64 * 1024;
 
 /// Request bodies up to this size are kept for a retry; larger ones stream and are not retried.
 const RETRY_BODY_MAX: u64 = 64 * 1024;
@@ -71,6 +83,12 @@ impl Budget {
     }
 }
 
+/// How often a request waiting for an endpoint connection looks again without a wake-up.
+const SLOT_RECHECK: Duration = Duration::from_millis(50);
+
+/// Requests one HTTP/2 client connection may have in progress at once.
+const MAX_H2_STREAMS: u32 = 256;
+
 /// Body chunks buffered between the two sides of one request (each at most one read: ~64 KiB).
 const BODY_QUEUE: usize = 4;
 /// Waiting for the response head of a request (the route timeout comes with routes' timeouts).
@@ -78,21 +96,35 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A body fed from a channel: what one side of the gateway reads, the other writes.
-pub struct ChanBody(mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
+/// A body fed from a channel: what one side of the gateway reads, the other writes. `None`: no
+/// body at all (a trailers-only gRPC answer, a 101), which HTTP/2 ends with the headers.
+pub struct ChanBody(Option<mpsc::Receiver<Result<Frame<Bytes>, BoxError>>>);
+
+impl ChanBody {
+    fn empty() -> Self {
+        ChanBody(None)
+    }
+}
 
 impl Body for ChanBody {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0.poll_recv(cx)
+        match self.0.as_mut() {
+            Some(rx) => rx.poll_recv(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
     }
 }
 
 fn chan() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, ChanBody) {
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
-    (tx, ChanBody(rx))
+    (tx, ChanBody(Some(rx)))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), those named by `Connection`, and anything a client sends
@@ -113,6 +145,15 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
             continue;
         }
         out.append(k.clone(), v.clone());
+    }
+    // `TE: trailers` is the one TE an HTTP/2 or HTTP/3 request may carry, and gRPC needs it.
+    let trailers = headers
+        .get_all(http::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    if trailers {
+        out.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     }
     out
 }
@@ -149,14 +190,60 @@ where
 }
 
 /// The gateway's HTTP side: routes for the source, an endpoint client for the destination.
+type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChanBody>;
+
 pub struct Http {
     mesh: Mesh,
     routes: Vec<HttpRoute>,
-    client: hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChanBody>,
+    /// Pooled HTTP/1.1 connections to endpoints ...
+    client: Client,
+    /// ... and HTTP/2 (h2c, prior knowledge) for `http2`/`grpc` exports.
+    client_h2: Client,
     budgets: std::sync::Mutex<std::collections::HashMap<String, Budget>>,
     balancer: crate::balance::Balancer,
     /// Requests to each service's endpoints in progress (the `max_requests` breaker).
     active: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, u32>>>,
+    /// Endpoint connections in use and requests waiting for one (`max_connections`, `max_pending`).
+    slots: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, SlotState>>>,
+}
+
+/// One service's endpoint connections in use, and the requests waiting for one.
+#[derive(Default)]
+struct SlotState {
+    used: std::collections::HashMap<std::net::SocketAddr, u32>,
+    pending: u32,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+type Slots = Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, SlotState>>>;
+
+/// An endpoint connection held by one request (`max_connections`) until dropped.
+struct Slot(Slots, ServiceName, std::net::SocketAddr);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = m.get_mut(&self.1) {
+            if let Some(n) = st.used.get_mut(&self.2) {
+                *n = n.saturating_sub(1);
+            }
+            st.freed.notify_one();
+        }
+    }
+}
+
+/// A request counted as waiting for an endpoint connection until dropped (also when its caller
+/// gives up: a route timeout).
+struct Waiting(Slots, ServiceName, metrics::Gauge);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = m.get_mut(&self.1) {
+            st.pending = st.pending.saturating_sub(1);
+        }
+        self.2.decrement(1.0);
+    }
 }
 
 /// One request counted against its service's `max_requests` (and in the active gauge) until
@@ -181,23 +268,51 @@ impl Http {
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector.clone());
+        let client_h2 = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
             .build(connector);
         let balancer = crate::balance::Balancer::new(mesh.timing().outlier_ejection);
-        Arc::new(Self { mesh, routes, client, budgets: Default::default(), balancer, active: Default::default() })
+        Arc::new(Self {
+            mesh,
+            routes,
+            client,
+            client_h2,
+            budgets: Default::default(),
+            balancer,
+            active: Default::default(),
+            slots: Default::default(),
+        })
     }
 
     /// Serves one client connection of an `http` import listener until it closes.
     pub async fn serve_client(self: Arc<Self>, tcp: TcpStream, service: ServiceName, source: Source) {
         let _ = tcp.set_nodelay(true);
+        self.serve_io(tcp, service, source).await
+    }
+
+    /// Serves one client connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it closes.
+    pub async fn serve_io<I>(self: Arc<Self>, io: I, service: ServiceName, source: Source)
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (this, service, source) = (self.clone(), service.clone(), source.clone());
             async move { Ok::<_, Infallible>(this.route(req, &service, &source).await) }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
+        b.http2()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(tcp), svc);
-        if let Err(e) = conn.await {
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if let Err(e) = b.serve_connection_with_upgrades(TokioIo::new(io), svc).await {
             tracing::debug!(error = %e, "http.client.connection");
         }
     }
@@ -245,11 +360,21 @@ impl Http {
     }
 
     async fn route(&self, req: Request<Incoming>, service: &ServiceName, source: &Source) -> Response<ChanBody> {
+        if req.version() <= http::Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE) {
+            return self.tunnel(req, service, source).await;
+        }
         let start = Instant::now();
         let (route, subset, rule) = self.pick(service, &req);
         let (timeout, per_try, retries) = match rule {
             Some(r) => (r.timeout, r.per_try_timeout, r.retries.clone()),
             None => (None, None, None),
+        };
+        // A gRPC call's own deadline bounds it like a route timeout (whichever is sooner); its
+        // errors from the gateway are gRPC statuses.
+        let grpc = is_grpc(req.headers());
+        let timeout = match (timeout, grpc.then(|| grpc_timeout(req.headers())).flatten()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let trace = req
             .headers()
@@ -330,6 +455,8 @@ impl Http {
             },
             None => tries.await,
         };
+        let resp = if grpc { grpc_error(resp) } else { resp };
+        let grpc_status = resp.headers().get(GRPC_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let code = resp.status().as_u16().to_string();
         let m = self.mesh.metrics();
         let labels = [
@@ -354,12 +481,112 @@ impl Http {
             method = %method,
             path = %path,
             status = resp.status().as_u16(),
+            grpc_status = %grpc_status,
             attempts,
             traceparent = %trace,
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             "http"
         );
         resp
+    }
+
+    /// An Upgrade request (WebSocket): a TCP flow to the service (CONNECT across the overlay, as
+    /// for a `tcp` service) carries the HTTP/1.1 handshake to an endpoint; once it answers 101 the
+    /// client's connection and the flow are joined byte for byte. Routes do not apply: a tunnel
+    /// goes to the best zone of the service.
+    async fn tunnel(&self, mut req: Request<Incoming>, service: &ServiceName, source: &Source) -> Response<ChanBody> {
+        let start = Instant::now();
+        let (ours, theirs) = tokio::io::duplex(TUNNEL_PIPE);
+        let trace = req
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(new_trace);
+        let (mesh, svc, src) = (self.mesh.clone(), service.clone(), source.clone());
+        tokio::spawn(async move {
+            mesh.serve(causeway_overlay::flow::Downstream::Pipe(theirs), svc, src, Some(trace)).await;
+        });
+        let client_side = hyper::upgrade::on(&mut req);
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+        // The handshake as the client sent it, less our own headers; Host names the service.
+        let internal: Vec<HeaderName> =
+            parts.headers.keys().filter(|k| k.as_str().starts_with("causeway-")).cloned().collect();
+        for k in internal {
+            parts.headers.remove(k);
+        }
+        if let Ok(host) = service.as_str().parse() {
+            parts.headers.insert(http::header::HOST, host);
+        }
+        parts.uri = path.parse().unwrap_or_default();
+        let handshake = async {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours)).await.ok()?;
+            tokio::spawn(conn.with_upgrades());
+            sender.send_request(Request::from_parts(parts, body)).await.ok()
+        };
+        let m = self.mesh.metrics();
+        let outcome = |result: &'static str| {
+            m.counter(HTTP_UPGRADES, &[("service", service.as_str()), ("result", result)]).increment(1);
+        };
+        let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, handshake).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                outcome("refused");
+                return error_response(StatusCode::BAD_GATEWAY, FlowError::BackendRefused);
+            }
+            Err(_) => {
+                outcome("refused");
+                return error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout);
+            }
+        };
+        let status = resp.status();
+        tracing::info!(
+            target: "causeway::access",
+            direction = "outbound",
+            kind = "http",
+            service = %service,
+            source_identity = %source.identity,
+            source = %source.addr,
+            route = "upgrade",
+            path = %path,
+            status = status.as_u16(),
+            upgrade = %resp.headers().get(http::header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or(""),
+            traceparent = %trace,
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "http"
+        );
+        let mut resp = resp;
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            outcome("refused");
+            let (parts, mut body) = resp.into_parts();
+            let (tx, out) = chan();
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                while let Some(f) = body.frame().await {
+                    let f = f.map_err(|e| Box::new(e) as BoxError);
+                    let stop = f.is_err();
+                    if tx.send(f).await.is_err() || stop {
+                        return;
+                    }
+                }
+            });
+            let mut r = Response::new(out);
+            *r.status_mut() = parts.status;
+            *r.headers_mut() = end_to_end(&parts.headers);
+            return r;
+        }
+        outcome("upgraded");
+        let endpoint_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(c), Ok(e)) = tokio::join!(client_side, endpoint_side) else { return };
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(e)).await;
+        });
+        // The 101 with the endpoint's headers, Upgrade and Connection included.
+        let mut r = Response::new(ChanBody::empty());
+        *r.status_mut() = status;
+        *r.headers_mut() = resp.headers().clone();
+        r
     }
 
     /// One attempt at a candidate, bounded by `per_try` (504 past it).
@@ -458,37 +685,106 @@ impl Http {
         let mut resp = Response::new(out);
         *resp.status_mut() = head.status();
         *resp.headers_mut() = end_to_end(head.headers());
-        if let Some(e) = head.headers().get(causeway_protocol::flow::ERROR) {
-            resp.headers_mut().insert(causeway_protocol::flow::ERROR, e.clone());
+        // A refusal's reason (and breaker) reach the client: the gateways name them, no one else.
+        for k in [causeway_protocol::flow::ERROR, causeway_protocol::flow::BREAKER] {
+            if let Some(v) = head.headers().get(k) {
+                resp.headers_mut().insert(k, v.clone());
+            }
         }
         resp
     }
 
-    /// Sends a request to a local endpoint of `service` over a pooled HTTP/1.1 connection.
+    /// An immediate 503 from an open breaker, naming it.
+    fn breaker_open(&self, service: &ServiceName, breaker: &'static str) -> Response<ChanBody> {
+        self.mesh
+            .metrics()
+            .counter(HTTP_BREAKER_OPEN, &[("service", service.as_str()), ("breaker", breaker)])
+            .increment(1);
+        let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::CircuitOpen);
+        r.headers_mut().insert(causeway_protocol::flow::BREAKER, http::HeaderValue::from_static(breaker));
+        let (tx, body) = chan();
+        let _ = tx.try_send(Ok(Frame::data(Bytes::from(format!("circuit_open: {breaker}\n")))));
+        *r.body_mut() = body;
+        r
+    }
+
+    /// An endpoint with a free connection (`max_connections` each), the best by the balancer;
+    /// when every one is at its limit the request waits, unless `max_pending` already do (503).
+    async fn connection_slot(
+        &self,
+        service: &ServiceName,
+        healthy: &[std::net::SocketAddr],
+        max: u32,
+        max_pending: u32,
+    ) -> Result<(std::net::SocketAddr, Slot), Response<ChanBody>> {
+        let deadline = Instant::now() + RESPONSE_TIMEOUT;
+        let mut waiting = None;
+        loop {
+            let freed = {
+                let mut m = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                let st = m.entry(service.clone()).or_default();
+                let free: Vec<_> =
+                    healthy.iter().filter(|a| st.used.get(*a).copied().unwrap_or(0) < max).copied().collect();
+                if let Some(e) = self.balancer.pick(&free) {
+                    *st.used.entry(e).or_insert(0) += 1;
+                    return Ok((e, Slot(self.slots.clone(), service.clone(), e)));
+                }
+                if healthy.is_empty() {
+                    return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint));
+                }
+                if waiting.is_none() {
+                    if st.pending >= max_pending {
+                        drop(m);
+                        return Err(self.breaker_open(service, "max_pending"));
+                    }
+                    st.pending += 1;
+                    let gauge = self.mesh.metrics().gauge(HTTP_PENDING, &[("service", service.as_str())]);
+                    gauge.increment(1.0);
+                    waiting = Some(Waiting(self.slots.clone(), service.clone(), gauge));
+                }
+                st.freed.clone()
+            };
+            if Instant::now() >= deadline {
+                return Err(error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout));
+            }
+            // A release wakes one waiter; the short bound covers a wake-up given to a waiter
+            // that had just found its slot some other way.
+            let _ = tokio::time::timeout(SLOT_RECHECK, freed.notified()).await;
+        }
+    }
+
+    /// Sends a request to a local endpoint of `service` over a pooled HTTP/1.1 connection (one
+    /// HTTP/2 connection for `http2`/`grpc` exports).
     async fn to_endpoint<B>(&self, service: &ServiceName, req: Request<B>) -> Response<ChanBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError> + Send,
     {
+        let opts = self.mesh.http_options(service);
         // The breaker: over max_requests in progress, refused at once (before any endpoint work).
         let active = {
             let mut m = self.active.lock().unwrap_or_else(|e| e.into_inner());
             let n = m.entry(service.clone()).or_insert(0);
-            if self.mesh.max_requests(service).is_some_and(|max| *n >= max) {
+            if opts.max_requests.is_some_and(|max| *n >= max) {
                 drop(m);
-                self.mesh
-                    .metrics()
-                    .counter(HTTP_BREAKER_OPEN, &[("service", service.as_str()), ("breaker", "max_requests")])
-                    .increment(1);
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::CircuitOpen);
+                return self.breaker_open(service, "max_requests");
             }
             *n += 1;
             let gauge = self.mesh.metrics().gauge(HTTP_ACTIVE, &[("service", service.as_str())]);
             gauge.increment(1.0);
             Active(self.active.clone(), service.clone(), gauge)
         };
-        let Some(endpoint) = self.balancer.pick(&self.mesh.healthy_endpoints(service)) else {
-            return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint);
+        let healthy = self.mesh.healthy_endpoints(service);
+        let (endpoint, slot) = match opts.max_connections {
+            None => match self.balancer.pick(&healthy) {
+                Some(e) => (e, None),
+                None => return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint),
+            },
+            Some(max) => match self.connection_slot(service, &healthy, max, opts.max_pending.unwrap_or(u32::MAX)).await
+            {
+                Ok((e, slot)) => (e, Some(slot)),
+                Err(resp) => return resp,
+            },
         };
         let sent = Instant::now();
         // Feeds the balancer: latency to the response head, and whether the endpoint failed.
@@ -515,14 +811,19 @@ impl Http {
         let mut out = Request::builder().method(parts.method).uri(format!("http://{endpoint}{pq}"));
         if let Some(h) = out.headers_mut() {
             *h = end_to_end(&parts.headers);
-            if let Ok(host) = service.as_str().parse() {
+            // HTTP/2 names the service in `:authority` (the endpoint's address) and has no Host.
+            if let (false, Ok(host)) = (opts.h2, service.as_str().parse()) {
                 h.insert(http::header::HOST, host);
             }
+        }
+        if opts.h2 {
+            out = out.version(http::Version::HTTP_2);
         }
         let Ok(out) = out.body(bbody) else {
             return error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest);
         };
-        let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, self.client.request(out)).await {
+        let client = if opts.h2 { &self.client_h2 } else { &self.client };
+        let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, client.request(out)).await {
             Ok(Ok(r)) => {
                 done(r.status().is_server_error());
                 r
@@ -541,8 +842,9 @@ impl Http {
         let (tx, rbody) = chan();
         tokio::spawn(async move {
             use http_body_util::BodyExt;
-            // In progress until the endpoint's response body is through.
-            let _active = active;
+            // In progress (and holding its endpoint connection) until the endpoint's response body
+            // is through.
+            let _active = (active, slot);
             while let Some(f) = body.frame().await {
                 let f = f.map_err(|e| Box::new(e) as BoxError);
                 let stop = f.is_err();
@@ -556,6 +858,65 @@ impl Http {
         *r.headers_mut() = end_to_end(&parts.headers);
         r
     }
+}
+
+/// The gRPC status of a trailers-only response.
+const GRPC_STATUS: &str = "grpc-status";
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A call's `grpc-timeout` (gRPC over HTTP/2: 1-8 digits and a unit, H M S m u n).
+fn grpc_timeout(h: &HeaderMap) -> Option<Duration> {
+    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A gRPC client reads an error as a trailers-only response (HTTP 200, `grpc-status`): an error
+/// the gateway wrote itself becomes one, with the gRPC code nearest its meaning.
+fn grpc_error(resp: Response<ChanBody>) -> Response<ChanBody> {
+    let Some(e) =
+        resp.headers().get(causeway_protocol::flow::ERROR).and_then(|v| v.to_str().ok()).and_then(FlowError::parse)
+    else {
+        return resp;
+    };
+    let code = match e {
+        FlowError::BackendTimeout => 4,                // DEADLINE_EXCEEDED
+        FlowError::Forbidden => 7,                     // PERMISSION_DENIED
+        FlowError::RateLimited => 8,                   // RESOURCE_EXHAUSTED
+        FlowError::BadRequest | FlowError::Loop => 13, // INTERNAL
+        FlowError::UnknownService
+        | FlowError::NoHealthyEndpoint
+        | FlowError::Draining
+        | FlowError::BackendRefused
+        | FlowError::OverBudget
+        | FlowError::CircuitOpen => 14, // UNAVAILABLE
+    };
+    let mut r = Response::new(ChanBody::empty());
+    let h = r.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    h.insert(GRPC_STATUS, http::HeaderValue::from(code));
+    h.insert("grpc-message", http::HeaderValue::from_static(e.as_str()));
+    for k in [causeway_protocol::flow::ERROR, causeway_protocol::flow::BREAKER] {
+        if let Some(v) = resp.headers().get(k) {
+            h.insert(k, v.clone());
+        }
+    }
+    r
 }
 
 fn is_idempotent(m: &http::Method) -> bool {
@@ -616,6 +977,15 @@ impl HttpHandler for Http {
         from: PeerInfo,
     ) -> Pin<Box<dyn std::future::Future<Output = StreamEnd> + Send + 'static>> {
         Box::pin(async move { self.serve_inbound(req, stream, from).await })
+    }
+
+    fn serve_connection(
+        self: Arc<Self>,
+        io: tokio::io::DuplexStream,
+        service: ServiceName,
+        source: Source,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        Box::pin(self.serve_io(io, service, source))
     }
 }
 

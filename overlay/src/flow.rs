@@ -119,6 +119,9 @@ pub enum Downstream {
     /// A CONNECT from a redirector, not yet answered: the answer is 200 once the flow is established,
     /// or an error status.
     Stream(Box<ServerStream>),
+    /// The gateway's own client at the other end of a pipe (an HTTP Upgrade's tunnel). A refused
+    /// flow closes the pipe.
+    Pipe(tokio::io::DuplexStream),
 }
 
 pub type ServerStream = h3::server::RequestStream<crate::h3q::BidiStream, Bytes>;
@@ -139,6 +142,7 @@ impl Downstream {
     async fn refuse(self, e: FlowError) {
         match self {
             Downstream::Tcp(tcp) => relay::abort(tcp),
+            Downstream::Pipe(p) => drop(p),
             Downstream::Stream(mut s) => {
                 let resp =
                     http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
@@ -243,6 +247,14 @@ impl Mesh {
                 let (cs, ck) = relay::tcp(tcp);
                 Box::pin(relay::relay_owned(cs, ck, rx, tx, counters))
             }
+            (Downstream::Pipe(p), Upstream::Local(b, ..)) => {
+                let ((cs, ck), (us, uk)) = (relay::pipe(p), relay::tcp(b));
+                Box::pin(relay::relay_owned(cs, ck, us, uk, counters))
+            }
+            (Downstream::Pipe(p), Upstream::Remote(tx, rx, ..)) => {
+                let (cs, ck) = relay::pipe(p);
+                Box::pin(relay::relay_owned(cs, ck, rx, tx, counters))
+            }
             (Downstream::Stream(s), up) => Box::pin(relay_redirected(*s, up, counters)),
         };
         let (outcome, up, down_bytes) = phase.await;
@@ -280,7 +292,7 @@ impl Mesh {
         }
         let early = match &down {
             Downstream::Tcp(tcp) => relay::read_early(tcp),
-            Downstream::Stream(_) => Bytes::new(),
+            Downstream::Stream(_) | Downstream::Pipe(_) => Bytes::new(),
         };
         let mut upstream = None;
         let mut last = FlowError::NoHealthyEndpoint;

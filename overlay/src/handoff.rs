@@ -102,9 +102,37 @@ async fn handle(mesh: Mesh, node: Identity, req: http::Request<()>, stream: Serv
     // The VIP the pod dialed (a redirector always sends it; unspecified otherwise).
     let dst =
         header(ORIGINAL_DST).and_then(|s| s.parse::<SocketAddr>().ok()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    mesh.serve(Downstream::Stream(Box::new(stream)), service, Source { identity, addr: src, dst }, trace)
-        .instrument(span)
-        .await;
+    let source = Source { identity, addr: src, dst };
+    // An `http` service: the gateway parses the captured connection's requests and routes each
+    // on its own (routes, subsets, retries), as for its own listeners.
+    if mesh.is_http(&service) {
+        if let Some(handler) = mesh.http_handler() {
+            return serve_http(stream, handler, service, source).instrument(span).await;
+        }
+    }
+    mesh.serve(Downstream::Stream(Box::new(stream)), service, source, trace).instrument(span).await;
+}
+
+/// Bytes of a captured HTTP connection buffered in the pipe between the stream and the parser.
+const HTTP_PIPE: usize = 64 * 1024;
+
+/// Answers the redirector's CONNECT and hands the captured connection's bytes to the gateway's
+/// HTTP handler through a pipe, relayed with back-pressure both ways.
+async fn serve_http(
+    mut stream: ServerStream,
+    handler: std::sync::Arc<dyn crate::http::HttpHandler>,
+    service: ServiceName,
+    source: Source,
+) {
+    if stream.send_response(http::Response::builder().status(200).body(()).unwrap_or_default()).await.is_err() {
+        return;
+    }
+    let (ours, theirs) = tokio::io::duplex(HTTP_PIPE);
+    let (send, recv) = stream.split();
+    let (ps, pk) = crate::relay::pipe(ours);
+    let counters = crate::relay::Counters::detached();
+    let relay = crate::relay::relay_owned(recv, send, ps, pk, counters);
+    tokio::join!(relay, handler.serve_connection(theirs, service, source));
 }
 
 /// Streams the mesh's service names and ports as control-framed catalog snapshots, a new snapshot

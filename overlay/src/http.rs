@@ -40,6 +40,15 @@ pub trait HttpHandler: Send + Sync + 'static {
         stream: ServerStream,
         from: PeerInfo,
     ) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>>;
+
+    /// Serves a client connection of an `http` service that reached the gateway as bytes (a
+    /// redirector's captured connection), at the other end of `io`, until it closes.
+    fn serve_connection(
+        self: Arc<Self>,
+        io: tokio::io::DuplexStream,
+        service: ServiceName,
+        source: crate::flow::Source,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 }
 
 /// A candidate for a request: where, and the labels it advertised for the service.
@@ -79,6 +88,19 @@ impl Mesh {
             .collect()
     }
 
+    /// Whether `service` is an `http` service: this gateway or a peer advertises it so.
+    pub fn is_http(&self, service: &ServiceName) -> bool {
+        let routes = self.routes();
+        let http = |a: &ServiceAd| a.protocol == causeway_protocol::control::Protocol::Http;
+        routes.local().any(|a| &a.name == service && http(a))
+            || routes.peers().any(|(_, e)| e.services.get(service).is_some_and(http))
+    }
+
+    /// The registered HTTP handler, if the gateway still holds it.
+    pub(crate) fn http_handler(&self) -> Option<Arc<dyn HttpHandler>> {
+        self.0.http.get().and_then(std::sync::Weak::upgrade)
+    }
+
     /// The port `peer` advertised for `service` (the request's `:authority` port).
     pub fn advertised_port(&self, peer: &Identity, service: &ServiceName) -> Option<u16> {
         self.routes().peer(peer)?.services.get(service).map(|a| a.port)
@@ -109,9 +131,9 @@ impl Mesh {
         })
     }
 
-    /// The `max_requests` breaker of an exported service.
-    pub fn max_requests(&self, service: &ServiceName) -> Option<u32> {
-        self.exports().get(service).and_then(|s| s.export.max_requests)
+    /// The endpoint protocol and breakers of an exported `http` service.
+    pub fn http_options(&self, service: &ServiceName) -> crate::mesh::HttpOptions {
+        self.exports().get(service).map(|s| s.export.http).unwrap_or_default()
     }
 
     /// The endpoints of an exported service that pass their health checks now.

@@ -45,9 +45,23 @@ pub struct Export {
     pub port: u16,
     pub endpoints: Vec<SocketAddr>,
     pub labels: Vec<(String, String)>,
-    /// HTTP: requests to its endpoints in progress at once; more get an immediate 503
-    /// `circuit_open` (a circuit breaker). `None`: no limit.
+    /// How an `http` service's endpoints are spoken to, and its circuit breakers.
+    pub http: HttpOptions,
+}
+
+/// An `http` export's endpoint protocol and circuit breakers. Each breaker, when tripped, answers
+/// an immediate 503 `circuit_open` naming it (Envoy's thresholds, per destination gateway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HttpOptions {
+    /// The endpoints speak HTTP/2 cleartext with prior knowledge (h2c; gRPC servers), not HTTP/1.1.
+    pub h2: bool,
+    /// Requests to the endpoints in progress at once. `None`: no limit.
     pub max_requests: Option<u32>,
+    /// Connections to each HTTP/1.1 endpoint at once (one request per connection at a time). A
+    /// request finding every endpoint at its limit waits for one ... `None`: no limit.
+    pub max_connections: Option<u32>,
+    /// ... and at most this many requests wait; the next is refused. Set with `max_connections`.
+    pub max_pending: Option<u32>,
 }
 
 /// Timers of the overlay. Defaults are chosen for failure detection within a second on a WAN.

@@ -217,6 +217,49 @@ impl ByteSink for TcpSink {
     }
 }
 
+/// One side of an in-process pipe (`tokio::io::duplex`): the gateway's own client of a flow,
+/// such as the tunnel an HTTP Upgrade (WebSocket) falls back to.
+pub struct PipeSource(tokio::io::ReadHalf<tokio::io::DuplexStream>);
+
+/// The other half of [`PipeSource`]'s pipe end.
+pub struct PipeSink(Option<tokio::io::WriteHalf<tokio::io::DuplexStream>>);
+
+/// Splits a pipe end into the two sides a relay needs.
+pub fn pipe(p: tokio::io::DuplexStream) -> (PipeSource, PipeSink) {
+    let (r, w) = tokio::io::split(p);
+    (PipeSource(r), PipeSink(Some(w)))
+}
+
+impl ByteSource for PipeSource {
+    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = BytesMut::with_capacity(MIN_READ);
+        match self.0.read_buf(&mut buf).await {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(buf.freeze())),
+            Err(_) => Err(()),
+        }
+    }
+
+    fn abort(&mut self, _code: ErrorCode) {}
+}
+
+impl ByteSink for PipeSink {
+    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+        self.0.as_mut().ok_or(())?.write_all(&data).await.map_err(|_| ())
+    }
+
+    async fn finish(&mut self) -> Result<(), ()> {
+        self.0.as_mut().ok_or(())?.shutdown().await.map_err(|_| ())
+    }
+
+    /// A pipe has no reset: this end is let go, and the other end sees the pipe close once the
+    /// relay drops its reading half too.
+    fn abort(&mut self, _code: ErrorCode) {
+        self.0 = None;
+    }
+}
+
 /// How a relayed flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -242,6 +285,13 @@ impl Outcome {
 pub struct Counters {
     pub up: Counter,
     pub down: Counter,
+}
+
+impl Counters {
+    /// Counters that count nowhere (a relay whose bytes are counted elsewhere).
+    pub fn detached() -> Self {
+        Self { up: Counter::noop(), down: Counter::noop() }
+    }
 }
 
 /// Which end of one direction failed.

@@ -10,6 +10,10 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Response header naming why a flow was refused ([`FlowError::as_str`]).
 pub const ERROR: &str = "causeway-error";
 
+/// Response header naming the circuit breaker that refused a request (`max_requests`,
+/// `max_pending`), with [`ERROR`] `circuit_open`.
+pub const BREAKER: &str = "causeway-breaker";
+
 /// `:authority` of the control stream. `.invalid` is reserved (RFC 2606), so no service can have it.
 pub const CONTROL_AUTHORITY: &str = "control.causeway.invalid:1";
 
@@ -35,7 +39,8 @@ pub enum FlowError {
     RateLimited,
     /// The gateway is above its memory budget: no new flows until it is back below (503).
     OverBudget,
-    /// A circuit breaker is open: the service has its `max_requests` in progress (503).
+    /// A circuit breaker is open: the service has its `max_requests` in progress, or its
+    /// `max_pending` requests waiting for an endpoint connection (503; [`BREAKER`] names which).
     CircuitOpen,
     /// The flow would re-enter a gateway it already crossed (508): the destination's own backend
     /// connection came back as this flow's client, or the hop marker names the destination.

@@ -19,6 +19,7 @@ pub use causeway::demo::{echo_flow, echo_server};
 pub mod impair;
 pub mod netns;
 pub mod rogue;
+pub mod web;
 
 pub const TRUST_DOMAIN: &str = "test.causeway";
 
