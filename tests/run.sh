@@ -19,15 +19,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
-# PyPI tools: offline Kubernetes schema validation of deploy/kubernetes.
+# PyPI tools: offline Kubernetes schema validation of deploy/kubernetes; real gRPC and WebSocket
+# programs (grpcio, websockets) at both ends of the HTTP tests.
 command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+python3 -c "import grpc, websockets" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio websockets
 
 # The process-level tests (kill -9, CLI) run the real binary.
 cargo build --bins
 echo "== unit and property tests"
 cargo test --workspace --lib --bins
 echo "== integration tests (loopback meshes, gateway processes)"
-cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http
+cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http --test http_protocols
 echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"
 cargo test -p causeway-tests --test netns
 echo "== fault suite (loss, bursts, reordering, duplication, corruption through the impairment relay)"

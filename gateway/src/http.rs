@@ -677,11 +677,18 @@ impl Http {
             Ok(Err(_)) => return error_response(StatusCode::BAD_GATEWAY, FlowError::BackendRefused),
             Err(_) => return error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout),
         };
-        let (tx, out) = chan();
-        tokio::spawn(async move {
-            let _held = held;
-            pump_h3(recv, tx).await;
-        });
+        // A gRPC trailers-only answer (the status in the head) has no body: HTTP/2 must end the
+        // stream with its HEADERS, or clients miss the status.
+        let out = if head.headers().contains_key(GRPC_STATUS) {
+            ChanBody::empty()
+        } else {
+            let (tx, out) = chan();
+            tokio::spawn(async move {
+                let _held = held;
+                pump_h3(recv, tx).await;
+            });
+            out
+        };
         let mut resp = Response::new(out);
         *resp.status_mut() = head.status();
         *resp.headers_mut() = end_to_end(head.headers());
@@ -839,6 +846,13 @@ impl Http {
             }
         };
         let (parts, mut body) = resp.into_parts();
+        if parts.headers.contains_key(GRPC_STATUS) {
+            // Trailers-only (see `to_peer`).
+            let mut r = Response::new(ChanBody::empty());
+            *r.status_mut() = parts.status;
+            *r.headers_mut() = end_to_end(&parts.headers);
+            return r;
+        }
         let (tx, rbody) = chan();
         tokio::spawn(async move {
             use http_body_util::BodyExt;
