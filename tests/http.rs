@@ -411,3 +411,52 @@ async fn over_max_pending_the_breaker_answers_503_naming_it_at_once() {
     assert_eq!(gauge("causeway_http_requests_pending"), Some(0.0));
     m.shutdown().await;
 }
+
+/// Every request to one subset: blue (v1, zone east) or green (v2, zone west).
+fn all_to(version: &str) -> String {
+    format!(
+        "http_routes:
+  - name: blue-green
+    service: reviews.shop
+    rules:
+      - backends: [{{ subset: {{ version: {version} }} }}]
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipping_blue_to_green_by_reload_under_wrk_loses_nothing() {
+    let (mut m, listen, _backends) = reviews_mesh(&all_to("v1")).await;
+    let url = format!("http://{listen}/reviews/1");
+    let wrk = std::thread::spawn(move || {
+        Command::new("wrk").args(["-t", "1", "-c", "4", "-d", "4s", "--timeout", "2s", &url]).output().unwrap()
+    });
+    // Flip once blue has served under the load.
+    let east = m.gw(1);
+    let served = |gw: &causeway::Gateway| {
+        metric(&gw.metrics_text(), "causeway_http_requests_total", &[("route", "inbound"), ("code", "200")])
+            .unwrap_or(0.0)
+    };
+    assert!(eventually(std::time::Duration::from_secs(3), || served(east) >= 50.0).await, "blue never got load");
+    m.specs[0].extra = all_to("v2");
+    let yaml = m.specs[0].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,");
+    let path = m.pki.dir.join("a-flip.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let cfg = causeway::config::load(&path).unwrap();
+    let r = m.gw(0).reload(&cfg).await.unwrap();
+    assert!(r.http_routes_changed);
+    let blue_at_flip = served(m.gw(1));
+    let out = tokio::task::spawn_blocking(move || wrk.join().unwrap()).await.unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "wrk: {report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!report.contains("Non-2xx"), "{report}");
+    assert!(!report.contains("Socket errors"), "{report}");
+    let (blue, green) = (served(m.gw(1)), served(m.gw(2)));
+    eprintln!("blue → green under wrk: blue {blue}, green {green} requests\n{report}");
+    // Green took the load after the flip; blue got at most the requests already routed.
+    assert!(green >= 50.0, "green served {green}");
+    assert!(blue - blue_at_flip <= 8.0, "blue served {} after the flip", blue - blue_at_flip);
+    let after = curl_many(&format!("http://{listen}/"), 5, &[]);
+    assert_eq!(after, vec!["v2"; 5]);
+    m.shutdown().await;
+}

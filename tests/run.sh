@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the suites use (network namespaces, iptables capture, real clients and servers).
 # Installed only when missing.
-debs=(iproute2 procps iptables curl redis-server redis-tools python3 haproxy)
+debs=(iproute2 procps iptables curl redis-server redis-tools python3 haproxy wrk)
 missing=()
 for p in "${debs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

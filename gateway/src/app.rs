@@ -137,6 +137,7 @@ pub struct Reloaded {
     pub exports_changed: bool,
     pub imports_added: usize,
     pub imports_removed: usize,
+    pub http_routes_changed: bool,
 }
 
 impl Reloader {
@@ -169,7 +170,6 @@ impl Reloader {
             fixed("trust_domain", old.trust_domain != new.trust_domain),
             fixed("tls", (&ot.cert, &ot.key, &ot.bundle) != (&nt.cert, &nt.key, &nt.bundle)),
             fixed("federation", ot.federation != nt.federation),
-            fixed("http_routes", old.http_routes != new.http_routes),
             fixed("imports[].protocol", {
                 let p = |c: &Config| {
                     c.imports.iter().map(|i| (i.service.clone(), i.listen, i.protocol)).collect::<Vec<_>>()
@@ -249,6 +249,9 @@ impl Reloader {
         out.peers_added = r.peers_added;
         out.peers_removed = r.peers_removed;
         out.exports_changed = r.exports_changed;
+        out.http_routes_changed = old.http_routes != new.http_routes;
+        let endpoints: Vec<SocketAddr> = new.exports.iter().flat_map(|e| e.endpoints.iter().copied()).collect();
+        self.http.reconfigure(new.http_routes.clone(), &endpoints);
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
         Ok(out)
     }
@@ -288,6 +291,7 @@ impl Reloader {
                         exports_changed = r.exports_changed,
                         imports_added = r.imports_added,
                         imports_removed = r.imports_removed,
+                        http_routes_changed = r.http_routes_changed,
                         "config.reloaded"
                     ),
                     Err(errors) => {

@@ -65,6 +65,12 @@ impl Balancer {
         Self { endpoints: Mutex::new(HashMap::new()), base_ejection }
     }
 
+    /// Forgets the endpoints not in `keep` (the configured ones, after a reload).
+    pub fn retain(&self, keep: &[SocketAddr]) {
+        let mut m = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|a, _| keep.contains(a));
+    }
+
     /// Picks one of `healthy` (the endpoints the active checks pass) for a new request; `None`
     /// when there is none. The pick counts as in flight until [`Balancer::done`].
     pub fn pick(&self, healthy: &[SocketAddr]) -> Option<SocketAddr> {

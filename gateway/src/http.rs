@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::balance::Outcome;
-use crate::config::{HttpRoute, Retries, RouteMatch, Rule};
+use crate::config::{HttpRoute, Retries, RouteMatch};
 
 /// Requests served, by service, route, serving zone and status code.
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
@@ -66,6 +66,15 @@ const RETRY_FLOOR: u32 = 3;
 const RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// First backoff between attempts; doubled each time, with jitter.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// What a route decided for one request.
+struct Picked {
+    route: String,
+    subset: Vec<(String, String)>,
+    timeout: Option<Duration>,
+    per_try: Option<Duration>,
+    retries: Option<Retries>,
+}
 
 /// Requests and retries of one route in the current window.
 #[derive(Debug)]
@@ -194,7 +203,8 @@ type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::con
 
 pub struct Http {
     mesh: Mesh,
-    routes: Vec<HttpRoute>,
+    /// Replaced whole by a reload; each request reads the set it started with.
+    routes: std::sync::RwLock<Arc<Vec<HttpRoute>>>,
     /// Pooled HTTP/1.1 connections to endpoints ...
     client: Client,
     /// ... and HTTP/2 (h2c, prior knowledge) for `http2`/`grpc` exports.
@@ -280,7 +290,7 @@ impl Http {
         let balancer = crate::balance::Balancer::new(mesh.timing().outlier_ejection);
         Arc::new(Self {
             mesh,
-            routes,
+            routes: std::sync::RwLock::new(Arc::new(routes)),
             client,
             client_h2,
             budgets: Default::default(),
@@ -317,25 +327,42 @@ impl Http {
         }
     }
 
-    /// The route for a request: its name, the labels its chosen backend requires, and the rule.
-    fn pick(&self, service: &ServiceName, req: &Request<Incoming>) -> (String, Vec<(String, String)>, Option<&Rule>) {
-        for r in self.routes.iter().filter(|r| &r.service == service) {
+    /// Replaces the routes (a reload): requests already routed keep theirs, the next ones use
+    /// these. Balancer state of endpoints no longer configured is dropped.
+    pub fn reconfigure(&self, routes: Vec<HttpRoute>, endpoints: &[std::net::SocketAddr]) {
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        self.balancer.retain(endpoints);
+    }
+
+    /// The route for a request: its name, the labels its chosen backend requires, and the rule's
+    /// timeouts and retries.
+    fn pick(&self, service: &ServiceName, req: &Request<Incoming>) -> Picked {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for r in routes.iter().filter(|r| &r.service == service) {
             for rule in &r.rules {
                 if !rule.matches.is_empty() && !rule.matches.iter().any(|m| matches(m, req)) {
                     continue;
                 }
                 let total: u32 = rule.backends.iter().map(|b| b.weight).sum();
                 let mut x = if total == 0 { 0 } else { rand::rng().random_range(0..total) };
+                let mut subset = Vec::new();
                 for b in &rule.backends {
                     if x < b.weight {
-                        return (r.name.clone(), b.subset.clone(), Some(rule));
+                        subset = b.subset.clone();
+                        break;
                     }
                     x -= b.weight;
                 }
-                return (r.name.clone(), Vec::new(), Some(rule));
+                return Picked {
+                    route: r.name.clone(),
+                    subset,
+                    timeout: rule.timeout,
+                    per_try: rule.per_try_timeout,
+                    retries: rule.retries.clone(),
+                };
             }
         }
-        ("default".into(), Vec::new(), None)
+        Picked { route: "default".into(), subset: Vec::new(), timeout: None, per_try: None, retries: None }
     }
 
     /// Counts a request against its route's retry budget.
@@ -364,11 +391,7 @@ impl Http {
             return self.tunnel(req, service, source).await;
         }
         let start = Instant::now();
-        let (route, subset, rule) = self.pick(service, &req);
-        let (timeout, per_try, retries) = match rule {
-            Some(r) => (r.timeout, r.per_try_timeout, r.retries.clone()),
-            None => (None, None, None),
-        };
+        let Picked { route, subset, timeout, per_try, retries } = self.pick(service, &req);
         // A gRPC call's own deadline bounds it like a route timeout (whichever is sooner); its
         // errors from the gateway are gRPC statuses.
         let grpc = is_grpc(req.headers());
