@@ -88,12 +88,14 @@ impl Mesh {
             .collect()
     }
 
-    /// Whether `service` is an `http` service: this gateway or a peer advertises it so.
+    /// Whether `service` is an `http` service: this gateway exports it so, or a peer advertises it
+    /// so.
     pub fn is_http(&self, service: &ServiceName) -> bool {
-        let routes = self.routes();
-        let http = |a: &ServiceAd| a.protocol == causeway_protocol::control::Protocol::Http;
-        routes.local().any(|a| &a.name == service && http(a))
-            || routes.peers().any(|(_, e)| e.services.get(service).is_some_and(http))
+        use causeway_protocol::control::Protocol;
+        if self.exports().get(service).is_some_and(|s| s.export.protocol == Protocol::Http) {
+            return true;
+        }
+        self.routes().peers().any(|(_, e)| e.services.get(service).is_some_and(|a| a.protocol == Protocol::Http))
     }
 
     /// The registered HTTP handler, if the gateway still holds it.

@@ -44,6 +44,9 @@ pub struct RedirectTiming {
     pub silence: Duration,
 }
 
+/// How often the redirector looks for datagrams from its gateway.
+const WATCHDOG: Duration = Duration::from_millis(100);
+
 impl Default for RedirectTiming {
     fn default() -> Self {
         Self {
@@ -218,14 +221,21 @@ impl Redirector {
         let (_tx, mut rx) = stream.split();
         let mut dec = Decoder::new();
         let mut pending: BTreeMap<ServiceName, u16> = BTreeMap::new();
-        let mut watchdog = tokio::time::interval(Duration::from_millis(100));
+        let mut watchdog = tokio::time::interval(WATCHDOG);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_rx = (conn.stats().udp_rx.datagrams, Instant::now());
+        let mut last_tick = Instant::now();
         loop {
             let data = tokio::select! {
                 d = rx.recv() => d,
                 _ = watchdog.tick() => {
                     let rx = conn.stats().udp_rx.datagrams;
-                    if rx != last_rx.0 {
+                    // A late tick means this process was not running (a starved node): what the
+                    // gateway sent meanwhile may still wait in the socket. Silence counts only
+                    // over time the redirector was awake to hear it.
+                    let late = last_tick.elapsed() > WATCHDOG * 3;
+                    last_tick = Instant::now();
+                    if rx != last_rx.0 || late {
                         last_rx = (rx, Instant::now());
                     } else if last_rx.1.elapsed() > self.0.cfg.timing.silence {
                         let why = format!("gateway silent for {:?}", last_rx.1.elapsed());
