@@ -40,6 +40,9 @@ pub struct RawConfig {
     pub imports: Vec<RawImport>,
     #[serde(default)]
     pub redirectors: Vec<RawRedirector>,
+    /// Workloads that may send HTTP/3 requests straight to this gateway, by SPIFFE ID prefix.
+    #[serde(default)]
+    pub http3_clients: Vec<RawRedirector>,
     /// Addresses or CIDRs allowed to start a QUIC handshake (besides configured peer addresses).
     #[serde(default)]
     pub allowed_sources: Vec<String>,
@@ -93,7 +96,7 @@ pub fn byte_size(s: &str) -> Result<u64, String> {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRedirector {
-    /// SPIFFE ID prefix of the node agents allowed to hand flows to this gateway.
+    /// SPIFFE ID prefix of the node agents (or HTTP/3 clients) allowed to connect.
     pub id_prefix: String,
 }
 
@@ -390,6 +393,8 @@ pub struct Config {
     pub imports: Vec<Import>,
     pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
     pub redirectors: Vec<String>,
+    /// SPIFFE ID prefixes of workloads that may send HTTP/3 requests straight to this gateway.
+    pub http3_clients: Vec<String>,
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
     pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
@@ -627,6 +632,28 @@ impl Errors {
 }
 
 /// `IP:port`, `[IPv6]:port` or `host:port`.
+/// SPIFFE ID prefixes (`key[i].id_prefix`). A prefix must name at least a trust domain, ours, and
+/// end at a segment boundary, so that `spiffe://td/zone/eu/node/` cannot match
+/// `spiffe://td/zone/eu/node-evil/...`.
+fn id_prefixes(key: &str, raw: &[RawRedirector], own: Option<&TrustDomain>, e: &mut Errors) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let path = format!("{key}[{i}].id_prefix");
+        match Identity::parse(r.id_prefix.trim_end_matches('/')) {
+            Ok(id) if r.id_prefix.ends_with('/') => {
+                if let Some(td) = own.filter(|td| **td != id.trust_domain()) {
+                    e.push(path, format!("trust domain {} differs from trust_domain {td}", id.trust_domain()));
+                } else {
+                    out.push(r.id_prefix.clone());
+                }
+            }
+            Ok(_) => e.push(path, "must end with '/' (a whole path segment)"),
+            Err(err) => e.push(path, err),
+        }
+    }
+    out
+}
+
 pub(crate) fn host_port(s: &str) -> Result<String, String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(s.to_string());
@@ -819,23 +846,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
     let http_routes = http_routes(&raw.http_routes, &imports, &mut e);
 
-    let mut redirectors = Vec::new();
-    for (i, r) in raw.redirectors.iter().enumerate() {
-        let path = format!("redirectors[{i}].id_prefix");
-        // A prefix must name at least a trust domain and end at a segment boundary, so that
-        // `spiffe://td/zone/eu/node/` cannot match `spiffe://td/zone/eu/node-evil/...`.
-        match Identity::parse(r.id_prefix.trim_end_matches('/')) {
-            Ok(id) if r.id_prefix.ends_with('/') => {
-                if let Some(td) = trust_domain.as_ref().filter(|td| **td != id.trust_domain()) {
-                    e.push(path, format!("trust domain {} differs from trust_domain {td}", id.trust_domain()));
-                } else {
-                    redirectors.push(r.id_prefix.clone());
-                }
-            }
-            Ok(_) => e.push(path, "must end with '/' (a whole path segment)"),
-            Err(err) => e.push(path, err),
-        }
-    }
+    let redirectors = id_prefixes("redirectors", &raw.redirectors, trust_domain.as_ref(), &mut e);
+    let http3_clients = id_prefixes("http3_clients", &raw.http3_clients, trust_domain.as_ref(), &mut e);
     let mut workloads = Vec::new();
     for (i, w) in raw.workloads.iter().enumerate() {
         let net =
@@ -958,6 +970,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             imports,
             preferences,
             redirectors,
+            http3_clients,
             workloads,
             allowed_sources,
             timing,

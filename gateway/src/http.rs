@@ -313,7 +313,12 @@ impl Http {
     {
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (this, service, source) = (self.clone(), service.clone(), source.clone());
-            async move { Ok::<_, Infallible>(this.route(req, &service, &source).await) }
+            async move {
+                if req.version() <= http::Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE) {
+                    return Ok::<_, Infallible>(this.tunnel(req, &service, &source).await);
+                }
+                Ok(this.route(req, &service, &source).await)
+            }
         });
         let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         b.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
@@ -336,7 +341,7 @@ impl Http {
 
     /// The route for a request: its name, the labels its chosen backend requires, and the rule's
     /// timeouts and retries.
-    fn pick(&self, service: &ServiceName, req: &Request<Incoming>) -> Picked {
+    fn pick<B>(&self, service: &ServiceName, req: &Request<B>) -> Picked {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
         for r in routes.iter().filter(|r| &r.service == service) {
             for rule in &r.rules {
@@ -386,10 +391,11 @@ impl Http {
         true
     }
 
-    async fn route(&self, req: Request<Incoming>, service: &ServiceName, source: &Source) -> Response<ChanBody> {
-        if req.version() <= http::Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE) {
-            return self.tunnel(req, service, source).await;
-        }
+    async fn route<B>(&self, req: Request<B>, service: &ServiceName, source: &Source) -> Response<ChanBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
         let start = Instant::now();
         let Picked { route, subset, timeout, per_try, retries } = self.pick(service, &req);
         // A gRPC call's own deadline bounds it like a route timeout (whichever is sooner); its
@@ -973,7 +979,7 @@ fn should_retry(r: &Retries, resp: &Response<ChanBody>) -> bool {
     }
 }
 
-fn matches(m: &RouteMatch, req: &Request<Incoming>) -> bool {
+fn matches<B>(m: &RouteMatch, req: &Request<B>) -> bool {
     let path = req.uri().path();
     let path_ok = match (&m.path_exact, &m.path_prefix) {
         (Some(p), _) => path == p,
@@ -1016,6 +1022,28 @@ impl HttpHandler for Http {
         Box::pin(async move { self.serve_inbound(req, stream, from).await })
     }
 
+    fn serve_request(
+        self: Arc<Self>,
+        req: Request<()>,
+        stream: ServerStream,
+        source: Source,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        Box::pin(async move {
+            // `:authority` names the service (any port): one of the mesh's `http` services.
+            let service = req.uri().authority().and_then(|a| ServiceName::new(a.host()).ok());
+            let Some(service) = service.filter(|s| self.mesh.is_http(s)) else {
+                refuse(stream, FlowError::UnknownService).await;
+                return;
+            };
+            let (mut send, recv) = stream.split();
+            let (tx, body) = chan();
+            let pump = tokio::spawn(async move { pump_server(recv, tx).await });
+            let resp = self.route(req.map(|()| body), &service, &source).await;
+            respond_h3(&mut send, resp).await;
+            pump.abort();
+        })
+    }
+
     fn serve_connection(
         self: Arc<Self>,
         io: tokio::io::DuplexStream,
@@ -1049,32 +1077,7 @@ impl Http {
         let (method, path) = (req.method().clone(), req.uri().path_and_query().map(|p| p.to_string()));
         let resp = self.to_endpoint(&service, req.map(|()| body)).await;
         let status = resp.status();
-        let (parts, mut rbody) = resp.into_parts();
-        let mut head = Response::builder().status(parts.status);
-        if let Some(h) = head.headers_mut() {
-            *h = parts.headers;
-        }
-        let mut how = StreamEnd::Other;
-        if send.send_response(head.body(()).unwrap_or_default()).await.is_err() {
-            how = StreamEnd::ResetByPeer;
-        } else {
-            use http_body_util::BodyExt;
-            while let Some(f) = rbody.frame().await {
-                let Ok(f) = f else { break };
-                let r = match f.into_data() {
-                    Ok(d) => send.send_data(d).await,
-                    Err(f) => match f.into_trailers() {
-                        Ok(t) => send.send_trailers(t).await,
-                        Err(_) => Ok(()),
-                    },
-                };
-                if r.is_err() {
-                    how = StreamEnd::ResetByPeer;
-                    break;
-                }
-            }
-            let _ = send.finish().await;
-        }
+        let how = respond_h3(&mut send, resp).await;
         pump.abort();
         let code = status.as_u16().to_string();
         let source_zone = from.zone.as_ref().map(|z| z.to_string()).unwrap_or_default();
@@ -1107,6 +1110,35 @@ impl Http {
         );
         how
     }
+}
+
+/// Writes `resp` (head, body, trailers) on the server side of an HTTP/3 request stream. Returns
+/// whether the peer reset the stream on the way.
+async fn respond_h3(send: &mut causeway_overlay::relay::ServerSend, resp: Response<ChanBody>) -> StreamEnd {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = resp.into_parts();
+    let mut head = Response::builder().status(parts.status);
+    if let Some(h) = head.headers_mut() {
+        *h = parts.headers;
+    }
+    if send.send_response(head.body(()).unwrap_or_default()).await.is_err() {
+        return StreamEnd::ResetByPeer;
+    }
+    while let Some(f) = body.frame().await {
+        let Ok(f) = f else { break };
+        let r = match f.into_data() {
+            Ok(d) => send.send_data(d).await,
+            Err(f) => match f.into_trailers() {
+                Ok(t) => send.send_trailers(t).await,
+                Err(_) => Ok(()),
+            },
+        };
+        if r.is_err() {
+            return StreamEnd::ResetByPeer;
+        }
+    }
+    let _ = send.finish().await;
+    StreamEnd::Other
 }
 
 /// Streams a peer's request body (server side of the h3 stream) into `tx`.

@@ -41,6 +41,15 @@ pub trait HttpHandler: Send + Sync + 'static {
         from: PeerInfo,
     ) -> Pin<Box<dyn Future<Output = StreamEnd> + Send + 'static>>;
 
+    /// Serves one request an HTTP/3 client (a workload holding a mesh certificate) sent straight
+    /// to this gateway: `:authority` names the service; routed like a listener's requests.
+    fn serve_request(
+        self: Arc<Self>,
+        req: http::Request<()>,
+        stream: ServerStream,
+        source: crate::flow::Source,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
     /// Serves a client connection of an `http` service that reached the gateway as bytes (a
     /// redirector's captured connection), at the other end of `io`, until it closes.
     fn serve_connection(
@@ -150,6 +159,57 @@ impl Mesh {
             .map(|(a, _)| *a)
             .collect()
     }
+}
+
+/// Serves one HTTP/3 client connection (a workload, not a peer: no control stream, no reverse
+/// session) until it closes: each request goes to the gateway's HTTP handler.
+pub(crate) async fn serve_client(mesh: Mesh, conn: quinn::Connection, id: Identity) {
+    use tracing::Instrument;
+    let remote = conn.remote_address();
+    let span = tracing::info_span!("http3_client", client = %id, remote = %remote);
+    async move {
+        let gauge = mesh.metrics().gauge(crate::metrics::HTTP3_CLIENTS, &[]);
+        gauge.increment(1.0);
+        tracing::info!("http3_client.connected");
+        let refused = mesh.metrics().counter(crate::metrics::H3_FRAMES_REFUSED, &[]);
+        let (_reverse, server_sess, demux) = crate::h3q::split(&conn, false, refused);
+        tokio::spawn(demux);
+        let local = mesh.0.endpoint.local_addr().unwrap_or(remote);
+        let built = h3::server::builder()
+            .max_field_section_size(crate::session::MAX_FIELD_SECTION)
+            .build::<_, Bytes>(server_sess)
+            .await;
+        match built {
+            Ok(mut server) => loop {
+                let resolver = tokio::select! {
+                    r = server.accept() => match r {
+                        Ok(Some(r)) => r,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "http3_client.closed");
+                            break;
+                        }
+                    },
+                    _ = mesh.0.shutdown.cancelled() => break,
+                };
+                let Some(handler) = mesh.http_handler() else { break };
+                let source = crate::flow::Source { identity: id.clone(), addr: remote, dst: local };
+                let header_timeout = mesh.0.timing.header_timeout;
+                tokio::spawn(async move {
+                    let Ok(Ok((req, stream))) = tokio::time::timeout(header_timeout, resolver.resolve_request()).await
+                    else {
+                        return;
+                    };
+                    handler.serve_request(req, stream, source).await;
+                });
+            },
+            Err(e) => tracing::debug!(error = %e, "http3_client.h3.failed"),
+        }
+        gauge.decrement(1.0);
+        tracing::info!(reason = ?conn.close_reason(), "http3_client.disconnected");
+    }
+    .instrument(span)
+    .await
 }
 
 /// Answers a request the gateway cannot serve with `e`'s status and reason.

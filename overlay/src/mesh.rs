@@ -124,6 +124,8 @@ pub struct MeshConfig {
     pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
     /// SPIFFE ID prefixes of the redirectors allowed to hand flows to this gateway.
     pub redirectors: Vec<String>,
+    /// SPIFFE ID prefixes of the workloads allowed to send HTTP/3 requests straight to it.
+    pub http3_clients: Vec<String>,
     /// Source address ranges of workloads and their identities (longest prefix wins).
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
     /// Addresses that may start a QUIC handshake with us, besides the configured peers' addresses.
@@ -332,6 +334,7 @@ impl Mesh {
         let allowed = Arc::new(RwLock::new(crate::tls::AllowedSet {
             peers: cfg.peers.iter().map(|p| p.id.clone()).collect::<HashSet<Identity>>(),
             redirector_prefixes: cfg.redirectors,
+            client_prefixes: cfg.http3_clients,
         }));
         let server_tls = tls.server(allowed.clone())?;
         // Peers with a known address may always connect, from that address.
@@ -567,6 +570,10 @@ impl Mesh {
 
     pub(crate) fn is_redirector(&self, id: &Identity) -> bool {
         self.0.allowed.read().map(|a| a.is_redirector(id)).unwrap_or(false)
+    }
+
+    pub(crate) fn is_http3_client(&self, id: &Identity) -> bool {
+        self.0.allowed.read().map(|a| a.is_client(id)).unwrap_or(false)
     }
 
     /// Every service known in the mesh (ours and our peers', reachable or not) and its port: what

@@ -37,6 +37,8 @@ pub const FLOW_CONNECT: &str = "causeway_flow_connect_seconds";
 pub const INBOUND_FLOWS: &str = "causeway_inbound_flows_total";
 pub const FAILOVERS: &str = "causeway_flow_failovers_total";
 pub const REDIRECTORS: &str = "causeway_redirectors_connected";
+/// HTTP/3 clients (workloads) connected straight to this gateway.
+pub const HTTP3_CLIENTS: &str = "causeway_http3_clients_connected";
 pub const REDIRECT_FLOWS: &str = "causeway_redirector_flows_total";
 pub const CAPTURED: &str = "causeway_captured_flows_total";
 pub const GATEWAY_UP: &str = "causeway_redirect_gateway_up";
@@ -152,6 +154,7 @@ impl Metrics {
         c(INBOUND_FLOWS, None, "Flows served for peers, by service, source zone and outcome.");
         c(FAILOVERS, None, "Flow attempts moved to another zone, by service and reason.");
         g(REDIRECTORS, None, "Redirectors (node agents) connected to this gateway.");
+        g(HTTP3_CLIENTS, None, "HTTP/3 clients (workloads with mesh certificates) connected straight to this gateway.");
         c(REDIRECT_FLOWS, None, "Flows handed over by redirectors, by outcome of the hand-off.");
         c(CAPTURED, None, "Redirector: captured connections, by outcome.");
         g(GATEWAY_UP, None, "Redirector: 1 while its gateway connection is up.");

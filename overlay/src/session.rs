@@ -196,6 +196,9 @@ async fn dial(mesh: &Mesh, spec: &PeerSpec, target: &str) -> Result<quinn::Conne
 /// (RFC 9000 §8.1.2), so a flood of spoofed Initials costs us no crypto.
 const RETRY_ABOVE: usize = 64;
 
+/// TLS alert `certificate_required` (RFC 8446 §6.2).
+const CERTIFICATE_REQUIRED: u8 = 116;
+
 pub(crate) async fn accept_loop(mesh: Mesh) {
     let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Looked up once: under a flood this loop must stay cheap (quinn ignores Initials beyond
@@ -236,6 +239,17 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
             let conn = match res {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
+                    // A client that sent no certificate never reaches the verifier (which counts
+                    // every other refusal): TLS answered `certificate_required` itself.
+                    if let quinn::ConnectionError::TransportError(t) = &e {
+                        if t.code == quinn::TransportErrorCode::crypto(CERTIFICATE_REQUIRED) {
+                            tracing::warn!(%remote, reason = "no_certificate", "peer.handshake.refused");
+                            mesh.0
+                                .metrics
+                                .counter(crate::metrics::PEER_HANDSHAKE_FAILURES, &[("reason", "no_certificate")])
+                                .increment(1);
+                        }
+                    }
                     tracing::debug!(%remote, error = %e, "peer.accept.failed");
                     return;
                 }
@@ -252,6 +266,10 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
             let peers = mesh.peers();
             if !peers.contains_key(&id) && mesh.is_redirector(&id) {
                 return crate::handoff::serve_redirector(mesh, conn, id).await;
+            }
+            if !peers.contains_key(&id) && mesh.is_http3_client(&id) {
+                drop(peers);
+                return crate::http::serve_client(mesh, conn, id).await;
             }
             let zone = peers.get(&id).and_then(|p| p.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
             drop(peers);

@@ -159,17 +159,24 @@ impl TrustBundle {
     }
 }
 
-/// Identities allowed to connect to this gateway: configured peers exactly, redirectors by prefix.
+/// Identities allowed to connect to this gateway: configured peers exactly, redirectors and
+/// HTTP/3 clients by prefix.
 #[derive(Debug, Default, Clone)]
 pub struct AllowedSet {
     pub peers: HashSet<Identity>,
     /// SPIFFE ID prefixes of redirectors (node agents), e.g. `spiffe://td/zone/eu/node/`.
     pub redirector_prefixes: Vec<String>,
+    /// SPIFFE ID prefixes of workloads that send HTTP/3 requests straight to this gateway.
+    pub client_prefixes: Vec<String>,
 }
 
 impl AllowedSet {
     pub fn allows(&self, id: &Identity) -> bool {
-        self.peers.contains(id) || self.is_redirector(id)
+        self.peers.contains(id) || self.is_redirector(id) || self.is_client(id)
+    }
+
+    pub fn is_client(&self, id: &Identity) -> bool {
+        self.client_prefixes.iter().any(|p| id.as_str().starts_with(p.as_str()))
     }
 
     pub fn is_redirector(&self, id: &Identity) -> bool {
