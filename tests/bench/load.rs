@@ -7,6 +7,8 @@
 //! - `E` echo until EOF (request/response latency, new-flow rate).
 //! - `H` hold: answer `k` and then wait for EOF (idle flows).
 //! - `Z` answer the server's name and close (which zone served a flow).
+//!
+//! The HTTP backend (`http-serve`) answers every HTTP/1.1 request with `200` and its name.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -282,5 +284,86 @@ pub async fn probe(addr: SocketAddr) -> anyhow::Result<()> {
         if name.is_none() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+}
+
+/// The HTTP/1.1 backend (B11, B4 HTTP): every request gets `200` and the server's name, on
+/// kept-alive connections.
+pub async fn http_serve(listen: SocketAddr, name: String) -> anyhow::Result<()> {
+    use http_body_util::Full;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.set_reuseaddr(true)?;
+    sock.bind(listen)?;
+    let l: TcpListener = sock.listen(4096)?;
+    let body = bytes::Bytes::from(format!("{name}\n"));
+    loop {
+        let (s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                let b = body.clone();
+                async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(b))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+/// Time to the first response byte of new flows, one after another (B4).
+#[derive(Serialize)]
+pub struct FirstByte {
+    pub p50_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub samples: usize,
+}
+
+/// `n` new connections in turn: each sends its request at once (`Z`, or an HTTP/1.1 GET when
+/// `http`) and is timed from the start of its connect to the first byte of the answer.
+pub async fn first_byte(addr: SocketAddr, n: usize, http: bool) -> anyhow::Result<FirstByte> {
+    let req: &[u8] = if http { b"GET / HTTP/1.1\r\nHost: web.svc\r\n\r\n" } else { b"Z" };
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut s = connect(addr).await?;
+        s.write_all(req).await?;
+        let mut b = [0u8; 1];
+        let got = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await.context("no answer in 10 s")??;
+        if got == 0 {
+            bail!("{addr} closed without answering");
+        }
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    let p50 = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok(FirstByte {
+        p50_ms: p50,
+        min_ms: ms.first().copied().unwrap_or(f64::NAN),
+        max_ms: ms.last().copied().unwrap_or(f64::NAN),
+        samples: ms.len(),
+    })
+}
+
+/// Waits until `addr` answers an HTTP GET with 200.
+pub async fn http_ready(addr: SocketAddr, dur: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + dur;
+    loop {
+        let one = async {
+            let mut s = connect(addr).await?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: web.svc\r\nConnection: close\r\n\r\n").await?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).await?;
+            anyhow::Ok(text.starts_with("HTTP/1.1 200"))
+        };
+        if matches!(tokio::time::timeout(Duration::from_secs(1), one).await, Ok(Ok(true))) {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            bail!("{addr} did not answer 200 within {dur:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -9,7 +9,11 @@
 //!                  ├─ gw-a      :8300 ══ QUIC + HTTP/3 CONNECT ══ gw-b    :4433 ┘
 //!                  ├─ VIP → redirector → gw-a (the path of an unmodified pod)
 //!                  │                                            gw-c :4434 ── server :7001 "c" (failover)
-//!                  └─ :8101 / :8201 / :8301 / 10.78.0.2 ── TUN delay line 10.78.0.0/30 (B1r)
+//!                  └─ :8101 / :8201 / :8301 / 10.78.0.2 ── TUN delay line 10.78.0.0/30 (B1r, B4)
+//!
+//!  HTTP (B11, B4): wrk or new connections ─┬─ direct ─────────────────────────── http server :7080 "b"
+//!                                          ├─ haproxy-a :8110/:8111 (mode http) ═ TLS ═ haproxy-b :8453 ┤
+//!                                          └─ gw-a :8310 / gw-a2 :8311 (http import) ══ HTTP/3 ══ gw-b ┘
 //! ```
 //!
 //! `causeway-bench run` (root) builds that, runs every measurement with the arms interleaved, and
@@ -49,6 +53,13 @@ enum Cmd {
     Run(Opts),
     /// The backend server.
     Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        name: String,
+    },
+    /// The HTTP/1.1 backend server.
+    HttpServe {
         #[arg(long)]
         listen: SocketAddr,
         #[arg(long)]
@@ -149,6 +160,7 @@ fn single_thread(cmd: Cmd) -> anyhow::Result<()> {
     rt.block_on(async move {
         match cmd {
             Cmd::Serve { listen, name } => load::serve(listen, name).await,
+            Cmd::HttpServe { listen, name } => load::http_serve(listen, name).await,
             Cmd::QuicServer { listen, forward, tls, peer } => {
                 quic::server(listen, forward, (&tls[0], &tls[1], &tls[2]), Identity::parse(&peer)?).await
             }
@@ -167,6 +179,12 @@ fn single_thread(cmd: Cmd) -> anyhow::Result<()> {
                     "newflows" => serde_json::to_value(load::new_flows(addr, n, dur).await?)?,
                     "hol" => serde_json::to_value(load::hol(addr, dur).await?)?,
                     "hold" => return load::hold(addr, n).await,
+                    "ttfb" => serde_json::to_value(load::first_byte(addr, n, false).await?)?,
+                    "ttfb-http" => serde_json::to_value(load::first_byte(addr, n, true).await?)?,
+                    "http-ready" => {
+                        load::http_ready(addr, dur).await?;
+                        serde_json::json!({ "ready": true })
+                    }
                     "probe" => return load::probe(addr).await,
                     "ready" => {
                         let end = Instant::now() + dur;
@@ -196,6 +214,16 @@ const NS_C: &str = "cwb-c";
 const NS_S: &str = "cwb-s";
 const SERVICE: &str = "bench.svc";
 const SERVICE_PORT: u16 = 7000;
+/// The HTTP service (B11, B4 HTTP) and its port.
+const WEB: &str = "web.svc";
+const WEB_PORT: u16 = 7080;
+
+/// The HTTP arms: (name, address over the veth link, address over the delay line).
+const HTTP_ARMS: [(&str, &str, &str); 3] = [
+    ("direct", "10.77.0.2:7080", "10.78.0.2:7080"),
+    ("haproxy", "127.0.0.1:8110", "127.0.0.1:8111"),
+    ("causeway", "127.0.0.1:8310", "127.0.0.1:8311"),
+];
 
 /// A path from the load generator to the server.
 struct Arm {
@@ -360,6 +388,10 @@ impl Bench {
             Spec { ns: NS_S, args: s(&[&exe, "serve", "--listen", "0.0.0.0:7000", "--name", "b"]) },
         );
         self.specs.insert(
+            "http-b",
+            Spec { ns: NS_S, args: s(&[&exe, "http-serve", "--listen", "0.0.0.0:7080", "--name", "b"]) },
+        );
+        self.specs.insert(
             "server-c",
             Spec { ns: NS_S, args: s(&[&exe, "serve", "--listen", "127.0.0.1:7001", "--name", "c"]) },
         );
@@ -376,6 +408,14 @@ impl Bench {
                 if v["name"] != "b" {
                     bail!("arm {} at {a} reached {} instead of server b", arm.name, v["name"]);
                 }
+            }
+        }
+        for (name, veth, wire) in HTTP_ARMS {
+            if !self.runs(name) {
+                continue;
+            }
+            for a in [veth, wire] {
+                self.load("http-ready", addr(a), &["--secs", "30"]).with_context(|| format!("HTTP arm {name} at {a}"))?;
             }
         }
         eprintln!("all arms answer; measuring");
@@ -413,11 +453,17 @@ impl Bench {
             "{global}frontend veth\n  bind 127.0.0.1:8100\n  default_backend veth\n\
              backend veth\n  server b 10.77.0.2:8443 ssl verify required ca-file {ca} crt {pa} ssl-min-ver TLSv1.3\n\
              frontend wire\n  bind 127.0.0.1:8101\n  default_backend wire\n\
-             backend wire\n  server b 10.78.0.2:8443 ssl verify required ca-file {ca} crt {pa} ssl-min-ver TLSv1.3\n"
+             backend wire\n  server b 10.78.0.2:8443 ssl verify required ca-file {ca} crt {pa} ssl-min-ver TLSv1.3\n\
+             frontend http\n  mode http\n  bind 127.0.0.1:8110\n  default_backend http\n\
+             backend http\n  mode http\n  http-reuse always\n  server b 10.77.0.2:8453 ssl verify required ca-file {ca} crt {pa} ssl-min-ver TLSv1.3\n\
+             frontend http-wire\n  mode http\n  bind 127.0.0.1:8111\n  default_backend http-wire\n\
+             backend http-wire\n  mode http\n  http-reuse always\n  server b 10.78.0.2:8453 ssl verify required ca-file {ca} crt {pa} ssl-min-ver TLSv1.3\n"
         );
         let b = format!(
             "{global}frontend tls\n  bind 0.0.0.0:8443 ssl crt {pb} ca-file {ca} verify required ssl-min-ver TLSv1.3\n  default_backend srv\n\
-             backend srv\n  server s 127.0.0.1:7000\n"
+             backend srv\n  server s 127.0.0.1:7000\n\
+             frontend http\n  mode http\n  bind 0.0.0.0:8453 ssl crt {pb} ca-file {ca} verify required ssl-min-ver TLSv1.3\n  default_backend web\n\
+             backend web\n  mode http\n  server w 127.0.0.1:7080\n"
         );
         let (fa, fb) = (self.write("haproxy-a.cfg", &a)?, self.write("haproxy-b.cfg", &b)?);
         for (name, ns, f) in [("haproxy-a", NS_C, fa), ("haproxy-b", NS_S, fb)] {
@@ -497,7 +543,10 @@ impl Bench {
                         (id("c"), Some("10.77.0.2:4434".into()), "c".into()),
                     ],
                     exports: vec![],
-                    imports: vec![(svc(), addr("127.0.0.1:8300"), vec!["b".into(), "c".into()])],
+                    imports: vec![
+                        (svc(), addr("127.0.0.1:8300"), vec!["b".into(), "c".into()]),
+                        (WEB.into(), addr("127.0.0.1:8310"), vec![]),
+                    ],
                     extra: format!("{redirector}{quiet}"),
                 },
             ),
@@ -513,7 +562,7 @@ impl Bench {
                     admin: Some(addr("127.0.0.1:9903")),
                     peers: vec![(id("b"), Some("10.78.0.2:4433".into()), "b".into())],
                     exports: vec![],
-                    imports: vec![(svc(), addr("127.0.0.1:8301"), vec!["b".into()])],
+                    imports: vec![(svc(), addr("127.0.0.1:8301"), vec!["b".into()]), (WEB.into(), addr("127.0.0.1:8311"), vec![])],
                     extra: quiet.into(),
                 },
             ),
@@ -528,7 +577,10 @@ impl Bench {
                     overlay: addr("0.0.0.0:4433"),
                     admin: Some(addr("127.0.0.1:9901")),
                     peers: vec![(id("a"), None, "a".into()), (id("a2"), None, "a2".into())],
-                    exports: vec![(svc(), SERVICE_PORT, vec![addr("127.0.0.1:7000")])],
+                    exports: vec![
+                        (svc(), SERVICE_PORT, vec![addr("127.0.0.1:7000")]),
+                        (WEB.into(), WEB_PORT, vec![addr("127.0.0.1:7080")]),
+                    ],
                     imports: vec![],
                     extra: quiet.into(),
                 },
@@ -552,7 +604,12 @@ impl Bench {
         ];
         let workers = self.o.workers.to_string();
         for (name, ns, spec) in specs {
-            let f = self.write(&format!("{name}.yaml"), &spec.yaml())?;
+            // The web service is HTTP at both ends (GatewaySpec renders every service as tcp).
+            let yaml = spec
+                .yaml()
+                .replace(&format!("{{ name: {WEB},"), &format!("{{ name: {WEB}, protocol: http,"))
+                .replace(&format!("{{ service: {WEB},"), &format!("{{ service: {WEB}, protocol: http,"));
+            let f = self.write(&format!("{name}.yaml"), &yaml)?;
             let args = vec![
                 self.causeway.clone(),
                 "gateway".into(),
@@ -747,8 +804,14 @@ impl Bench {
             rep.add(s);
             rep.add(bulk);
         }
+        if self.wants("B11") {
+            self.b11(&mut rep)?;
+        }
         if self.wants("B1r") {
             self.b1r(&mut rep)?;
+        }
+        if self.wants("B4") {
+            self.b4(&mut rep)?;
         }
         if self.wants("B8") {
             self.b8(&mut rep)?;
@@ -770,6 +833,92 @@ impl Bench {
                 for (arm, a) in &arms {
                     let v = self.sample("B1r", arm, "bulk", *a, &["--secs", &secs.to_string()]);
                     s.push(arm, v["gbps"].as_f64().unwrap_or(f64::NAN));
+                }
+            }
+            rep.add(s);
+        }
+        if let Some(w) = &self.wire {
+            w.set_rtt(Duration::ZERO);
+        }
+        Ok(())
+    }
+
+    /// B11: HTTP/1.1 keep-alive requests/s and p99 with wrk (same threads and connections for
+    /// every arm) over the veth link.
+    fn b11(&mut self, rep: &mut Report) -> anyhow::Result<()> {
+        let mut rps = Series::new("B11 rps", "HTTP/1.1 keep-alive requests/s (wrk -t1 -c32)", "req/s", true);
+        let mut p99 = Series::new("B11 p99", "HTTP/1.1 request latency p99 (wrk)", "ms", false);
+        for _ in 0..self.o.reps {
+            for (arm, veth, _) in HTTP_ARMS {
+                if !self.runs(arm) {
+                    continue;
+                }
+                match self.wrk(veth) {
+                    Ok((r, p)) => {
+                        rps.push(arm, r);
+                        p99.push(arm, p);
+                    }
+                    Err(e) => {
+                        let msg = format!("B11 {arm}: {e:#}");
+                        eprintln!("failed: {msg}");
+                        self.failures.borrow_mut().push(msg);
+                        rps.push(arm, f64::NAN);
+                        p99.push(arm, f64::NAN);
+                    }
+                }
+            }
+        }
+        rep.add(rps);
+        rep.add(p99);
+        Ok(())
+    }
+
+    /// One wrk run from the client namespace: (requests/s, p99 in ms). Any socket error or
+    /// non-2xx answer fails the run.
+    fn wrk(&self, target: &str) -> anyhow::Result<(f64, f64)> {
+        let secs = format!("{}s", self.o.secs.max(1.0).round());
+        let url = format!("http://{target}/");
+        let out = self.c.output(&["wrk", "-t1", "-c32", "-d", &secs, "--latency", &url])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() || text.contains("Socket errors") || text.contains("Non-2xx") {
+            bail!("wrk {url}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let rps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no Requests/sec in {text}"))?;
+        let p99 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("99%"))
+            .and_then(|v| wrk_ms(v.trim()))
+            .with_context(|| format!("no 99% latency in {text}"))?;
+        Ok((rps, p99))
+    }
+
+    /// B4: time to the first response byte of a new flow (TCP) and of a new HTTP request on a new
+    /// connection, with 50 ms RTT between the zones (the delay line), in RTTs.
+    fn b4(&mut self, rep: &mut Report) -> anyhow::Result<()> {
+        const RTT_MS: f64 = 50.0;
+        if let Some(w) = &self.wire {
+            w.set_rtt(Duration::from_millis(RTT_MS as u64));
+        }
+        let n = if self.o.smoke { "2" } else { "10" };
+        let tcp_arms: Vec<(&'static str, SocketAddr)> = self
+            .arms
+            .iter()
+            .filter(|a| ["direct", "haproxy", "causeway"].contains(&a.name) && self.runs(a.name))
+            .filter_map(|a| a.wire.map(|w| (a.name, w)))
+            .collect();
+        let http_arms: Vec<(&'static str, SocketAddr)> =
+            HTTP_ARMS.iter().filter(|a| self.runs(a.0)).map(|(name, _, wire)| (*name, addr(wire))).collect();
+        for (id, kind, arms) in [("B4 tcp", "ttfb", tcp_arms), ("B4 http", "ttfb-http", http_arms)] {
+            let label = format!("first response byte of a new {} at 50 ms RTT, in RTTs (median of {n})", &id[3..]);
+            let mut s = Series::new(id, &label, "RTT", false);
+            for _ in 0..self.o.reps {
+                for (arm, a) in &arms {
+                    let v = self.sample(id, arm, kind, *a, &["--n", n]);
+                    s.push(arm, v["p50_ms"].as_f64().unwrap_or(f64::NAN) / RTT_MS);
                 }
             }
             rep.add(s);
@@ -891,6 +1040,20 @@ impl Bench {
 
 /// Flows the near HAProxy can hold: each costs it two sockets (client side and TLS side), and a
 /// process without CAP_SYS_RESOURCE cannot raise its descriptor limit above the hard limit.
+/// A wrk latency figure (`850.00us`, `1.23ms`, `2.01s`) in milliseconds.
+fn wrk_ms(v: &str) -> Option<f64> {
+    let (num, scale) = if let Some(x) = v.strip_suffix("us") {
+        (x, 0.001)
+    } else if let Some(x) = v.strip_suffix("ms") {
+        (x, 1.0)
+    } else if let Some(x) = v.strip_suffix('s') {
+        (x, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * scale)
+}
+
 fn hap_max_flows() -> anyhow::Result<usize> {
     let out = Command::new("sh").args(["-c", "ulimit -Hn"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);

@@ -162,6 +162,15 @@ impl Report {
             let max = s.by_arm.get("causeway").and_then(|v| v.iter().copied().reduce(f64::max));
             check("B8 failover ≤ 1000 ms (worst repetition)".into(), max, |v| v <= 1000.0);
         }
+        if self.get("B11 rps").is_some() {
+            check("B11 requests/s ÷ HAProxy HTTP pair ≥ 1.0".into(), ratio("B11 rps"), |v| v >= 1.0);
+            check("B11 p99 ÷ HAProxy HTTP pair's ≤ 1.5".into(), ratio("B11 p99"), |v| v <= 1.5);
+        }
+        for id in ["B4 tcp", "B4 http"] {
+            if self.get(id).is_some() {
+                check(format!("{id}: first byte ≤ 1.2 RTT"), med(id), |v| v <= 1.2);
+            }
+        }
         if self.get("B10").is_some() {
             check("B10 p99 beside bulk ÷ idle p99 ≤ 2".into(), med("B10"), |v| v <= 2.0);
         }
