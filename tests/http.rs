@@ -38,6 +38,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Version", version)
         self.send_header("X-Saw-Identity", self.headers.get("causeway-source-identity", "none"))
+        self.send_header("X-Echo-Route", self.headers.get("x-route", "none"))
+        self.send_header("Server", "backend")
         self.end_headers()
         self.wfile.write(body)
     def do_GET(self):
@@ -605,5 +607,159 @@ async fn an_aioquic_client_with_a_mesh_certificate_is_routed_and_others_are_refu
         assert_eq!(metric(&t, "causeway_peer_handshake_failures_total", &[("reason", reason)]), Some(1.0), "{t}");
     }
     assert_eq!(metric(&t, "causeway_http_requests_total", &[("service", "reviews.shop")]), Some(3.0), "{t}");
+    m.shutdown().await;
+}
+
+const MATCHERS: &str = "http_routes:
+  - name: matchers
+    service: reviews.shop
+    rules:
+      - matches: [{ path: { regex: \"/items/[0-9]+\" }, query: { canary: \"1\" } }]
+        backends: [{ subset: { version: v2 } }]
+        request_headers: { set: { x-route: canary } }
+        response_headers: { set: { x-served-by: mesh }, remove: [server] }
+      - matches: [{ headers: { x-user: { regex: \"test-.*\" } } }]
+        backends: [{ subset: { version: v2 } }]
+      - backends: [{ subset: { version: v1 } }]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regex_query_and_header_matches_pick_subsets_and_rules_change_headers() {
+    let (m, listen, _backends) = reviews_mesh(MATCHERS).await;
+    let get = move |path: &str, headers: &[&str]| {
+        let mut args = vec!["-i".to_string()];
+        for h in headers {
+            args.extend(["-H".to_string(), h.to_string()]);
+        }
+        args.push(format!("http://{listen}{path}"));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl_one(&refs)
+    };
+    let cases: [(&str, &[&str], &str); 6] = [
+        ("/items/12?canary=1", &[], "v2"),
+        ("/items/12?x=y&canary=1", &[], "v2"),
+        ("/items/12x?canary=1", &[], "v1"), // the regex matches the whole path
+        ("/items/12", &[], "v1"),
+        ("/other", &["x-user: test-7"], "v2"),
+        ("/other", &["x-user: prod-7"], "v1"),
+    ];
+    let results = tokio::task::spawn_blocking(move || {
+        cases.iter().map(|(p, h, want)| (p.to_string(), get(p, h), *want)).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (path, (code, text), want) in &results {
+        assert_eq!(*code, 200, "{path}: {text}");
+        assert!(text.trim_end().ends_with(want), "{path} should reach {want}: {text}");
+    }
+    // The canary rule's header changes: the endpoint saw x-route, the client got x-served-by and
+    // no Server header; other rules change nothing.
+    let canary = &results[0].1 .1.to_ascii_lowercase();
+    assert!(canary.contains("x-echo-route: canary") && canary.contains("x-served-by: mesh"), "{canary}");
+    assert!(!canary.contains("\nserver:"), "{canary}");
+    let plain = &results[3].1 .1.to_ascii_lowercase();
+    assert!(plain.contains("x-echo-route: none") && plain.contains("\nserver: backend"), "{plain}");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_injection_aborts_a_share_and_delays_requests() {
+    let routes = "http_routes:
+  - name: drill
+    service: reviews.shop
+    rules:
+      - matches: [{ path: { prefix: /slow } }]
+        backends: [{ subset: { version: v1 } }]
+        fault: { delay: { percent: 100, duration: 300ms } }
+      - backends: [{ subset: { version: v1 } }]
+        fault: { abort: { percent: 50, status: 418 } }
+";
+    let (m, listen, _backends) = reviews_mesh(routes).await;
+    let url = format!("http://{listen}/drill");
+    let codes = tokio::task::spawn_blocking(move || curl_many_codes(&url, 400)).await.unwrap();
+    let aborted = codes.iter().filter(|c| *c == "418").count();
+    let served = codes.iter().filter(|c| *c == "200").count();
+    // Binomial(400, 0.5): 99.9 % of runs land within ±3.29 σ = ±33.
+    assert_eq!(aborted + served, 400, "{codes:?}");
+    assert!((167..=233).contains(&aborted), "{aborted} of 400 aborted");
+    let t = m.gw(0).metrics_text();
+    let faults = |kind: &str| metric(&t, "causeway_http_faults_total", &[("route", "drill"), ("kind", kind)]);
+    assert_eq!(faults("abort"), Some(aborted as f64), "{t}");
+    // The aborted requests never reached the endpoint: the destination saw only the served ones.
+    let dest = m.gw(1).metrics_text();
+    assert_eq!(metric(&dest, "causeway_http_requests_total", &[("route", "inbound")]), Some(served as f64));
+    let url = format!("http://{listen}/slow");
+    let started = std::time::Instant::now();
+    let (code, body) = tokio::task::spawn_blocking(move || curl_one(&[&url])).await.unwrap();
+    assert_eq!((code, body.trim()), (200, "v1"));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300), "not delayed: {:?}", started.elapsed());
+    assert_eq!(faults("delay"), None, "counted before the delay test ran");
+    assert_eq!(
+        metric(&m.gw(0).metrics_text(), "causeway_http_faults_total", &[("route", "drill"), ("kind", "delay")]),
+        Some(1.0)
+    );
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirroring_copies_requests_to_the_shadow_subset_and_drops_its_answers() {
+    let routes = "http_routes:
+  - name: shadow
+    service: reviews.shop
+    rules:
+      - backends: [{ subset: { version: v1 } }]
+        mirror: { subset: { version: v2 } }
+";
+    let (m, listen, backends) = reviews_mesh(routes).await;
+    let url = format!("http://{listen}/mirrored");
+    let bodies = tokio::task::spawn_blocking(move || curl_many(&url, 20, &[])).await.unwrap();
+    assert_eq!(bodies, vec!["v1"; 20], "the client saw only the real backend");
+    // The shadow (v2, in zone west) got a copy of each.
+    let v2 = format!("http://{}/count", backends[1].addr);
+    let seen = move || curl_many(&v2, 1, &[]).first().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+    let mut copies = 0;
+    for _ in 0..50 {
+        copies = tokio::task::spawn_blocking(seen.clone()).await.unwrap();
+        if copies >= 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(copies, 20);
+    let t = m.gw(0).metrics_text();
+    let sent = [("route", "shadow"), ("result", "sent")];
+    assert_eq!(metric(&t, "causeway_http_mirrors_total", &sent), Some(20.0), "{t}");
+    assert!(access_log().iter().any(|l| l.get("route") == "shadow" && l.get("mirrored") == "true"));
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_takes_turns_and_a_hashed_header_keeps_its_endpoint() {
+    let eps = [backend("e1"), backend("e2"), backend("e3")];
+    let addrs: Vec<SocketAddr> = eps.iter().map(|b| b.addr).collect();
+    let (m, listen) = one_zone_mesh_with(addrs.clone(), "", "load_balancer: { policy: round_robin },").await;
+    let url = format!("http://{listen}/");
+    let turns = tokio::task::spawn_blocking(move || curl_many(&url, 9, &[])).await.unwrap();
+    let first: Vec<_> = turns[..3].to_vec();
+    let mut sorted = first.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["e1", "e2", "e3"], "{turns:?}");
+    assert_eq!(turns, [first.clone(), first.clone(), first].concat(), "not in turn");
+    m.shutdown().await;
+
+    let (m, listen) = one_zone_mesh_with(addrs, "", "load_balancer: { policy: hash, header: x-user },").await;
+    let url = format!("http://{listen}/");
+    let per_user = tokio::task::spawn_blocking(move || {
+        (0..12).map(|u| curl_many(&url, 5, &[&format!("x-user: user-{u}")])).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for answers in &per_user {
+        assert!(answers.iter().all(|a| *a == answers[0]), "one user, several endpoints: {answers:?}");
+    }
+    let mut used: Vec<_> = per_user.iter().map(|a| a[0].clone()).collect();
+    used.sort();
+    used.dedup();
+    assert!(used.len() >= 2, "12 users all on {used:?}");
     m.shutdown().await;
 }

@@ -1,6 +1,8 @@
 //! Choosing an endpoint for an HTTP request: power of two choices over peak-EWMA latency ×
-//! outstanding requests (Linkerd's balancer), with passive health — outlier ejection of endpoints
-//! that fail in a row, for a time that grows with each ejection, never more than half of them.
+//! outstanding requests (Linkerd's balancer) by default, or round robin, or consistent
+//! (rendezvous) hashing on a key for affinity; whichever, with passive health — outlier ejection
+//! of endpoints that fail in a row, for a time that grows with each ejection, never more than half
+//! of them.
 //!
 //! Per service, per endpoint: a latency estimate that jumps up at once to a slower response and
 //! decays toward faster ones with a 10 s time constant, the requests in flight, and the failure
@@ -57,12 +59,44 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Balancer {
     endpoints: Mutex<HashMap<SocketAddr, Stats>>,
+    /// The next turn of each round-robin service.
+    turns: Mutex<HashMap<String, usize>>,
     base_ejection: Duration,
+}
+
+/// How one pick chooses among the usable endpoints.
+#[derive(Debug, Clone, Copy)]
+pub enum Choice<'a> {
+    /// Power of two choices over peak-EWMA × in flight.
+    PowerOfTwo,
+    /// The next in turn for this service.
+    RoundRobin(&'a str),
+    /// Rendezvous hashing: the endpoint whose hash with this key is highest. Removing or ejecting
+    /// an endpoint moves only its own keys.
+    Hash(&'a [u8]),
+}
+
+/// A stable 64-bit hash (FNV-1a) of the key and an endpoint: the same on every gateway and run.
+fn rendezvous(key: &[u8], addr: &SocketAddr) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |b: &[u8]| {
+        for x in b {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    feed(key);
+    feed(addr.to_string().as_bytes());
+    // FNV's low bits mix poorly for near-identical inputs; a final avalanche (splitmix64).
+    let mut z = h.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Balancer {
     pub fn new(base_ejection: Duration) -> Self {
-        Self { endpoints: Mutex::new(HashMap::new()), base_ejection }
+        Self { endpoints: Mutex::new(HashMap::new()), turns: Mutex::new(HashMap::new()), base_ejection }
     }
 
     /// Forgets the endpoints not in `keep` (the configured ones, after a reload).
@@ -74,6 +108,11 @@ impl Balancer {
     /// Picks one of `healthy` (the endpoints the active checks pass) for a new request; `None`
     /// when there is none. The pick counts as in flight until [`Balancer::done`].
     pub fn pick(&self, healthy: &[SocketAddr]) -> Option<SocketAddr> {
+        self.pick_by(healthy, Choice::PowerOfTwo)
+    }
+
+    /// [`Balancer::pick`] by `choice`.
+    pub fn pick_by(&self, healthy: &[SocketAddr], choice: Choice<'_>) -> Option<SocketAddr> {
         let now = Instant::now();
         let mut map = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         let ejected = healthy.iter().filter(|a| map.get(a).is_some_and(|s| s.ejected(now))).count();
@@ -81,10 +120,21 @@ impl Balancer {
         let honour = (ejected as f64) <= (healthy.len() as f64 * MAX_EJECTED_SHARE).floor();
         let usable: Vec<SocketAddr> =
             healthy.iter().copied().filter(|a| !honour || !map.get(a).is_some_and(|s| s.ejected(now))).collect();
-        let chosen = match usable.len() {
-            0 => return None,
-            1 => usable[0],
-            n => {
+        let chosen = match (usable.len(), choice) {
+            (0, _) => return None,
+            (1, _) => usable[0],
+            (n, Choice::RoundRobin(service)) => {
+                let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+                let t = turns.entry(service.to_string()).or_insert(0);
+                // In a stable order, whatever order the caller listed them in.
+                let mut sorted = usable.clone();
+                sorted.sort();
+                let e = sorted[*t % n];
+                *t = t.wrapping_add(1);
+                e
+            }
+            (_, Choice::Hash(key)) => *usable.iter().max_by_key(|a| rendezvous(key, a)).unwrap_or(&usable[0]),
+            (n, Choice::PowerOfTwo) => {
                 let mut rng = rand::rng();
                 let i = rng.random_range(0..n);
                 let j = (i + rng.random_range(1..n)) % n;
@@ -158,6 +208,30 @@ mod tests {
             b.done(a, took, Outcome::Success);
         }
         assert!(fast >= 900, "{fast} of 1000 to the fast endpoint");
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_hashing_keeps_a_key_on_its_endpoint() {
+        let b = Balancer::new(BASE_EJECTION);
+        let eps = [addr(1), addr(2), addr(3)];
+        let turns: Vec<_> = (0..6).map(|_| b.pick_by(&eps, Choice::RoundRobin("s")).unwrap()).collect();
+        assert_eq!(turns, [eps, eps].concat());
+        // A key sticks to one endpoint; keys spread over all of them.
+        let of = |k: &str, eps: &[SocketAddr]| b.pick_by(eps, Choice::Hash(k.as_bytes())).unwrap();
+        let keys: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+        let before: Vec<_> = keys.iter().map(|k| of(k, &eps)).collect();
+        assert!(keys.iter().zip(&before).all(|(k, e)| of(k, &eps) == *e));
+        for e in eps {
+            let n = before.iter().filter(|x| **x == e).count();
+            assert!((60..=140).contains(&n), "{n} of 300 keys on {e}");
+        }
+        // Without endpoint 3, only its keys move.
+        let fewer = [addr(1), addr(2)];
+        for (k, e) in keys.iter().zip(&before) {
+            if *e != addr(3) {
+                assert_eq!(of(k, &fewer), *e, "{k} moved though its endpoint stayed");
+            }
+        }
     }
 
     #[test]

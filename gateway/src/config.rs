@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use causeway_overlay::mesh::HttpOptions;
+use causeway_overlay::mesh::{HttpOptions, LbPolicy};
 use causeway_overlay::transport::Timers;
 use causeway_overlay::{Export, Limits, PeerSpec, Timing};
 use causeway_protocol::control::Protocol;
@@ -31,7 +31,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub federation: Vec<RawFederation>,
     #[serde(default)]
-    pub http_routes: Vec<RawHttpRoute>,
+    pub http_routes: Vec<crate::routes::RawHttpRoute>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
     #[serde(default)]
@@ -157,6 +157,20 @@ pub struct RawExport {
     pub max_connections: Option<u32>,
     #[serde(default)]
     pub max_pending: Option<u32>,
+    /// `http`: how an endpoint is chosen for each request.
+    #[serde(default)]
+    pub load_balancer: Option<RawLoadBalancer>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoadBalancer {
+    /// `p2c` (default), `round_robin`, or `hash` (with `header` or `cookie`).
+    pub policy: String,
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub cookie: Option<String>,
 }
 
 /// Requests that may wait for an endpoint connection when `max_connections` is set alone.
@@ -177,128 +191,6 @@ pub struct RawImport {
     /// routed on its own.
     #[serde(default = "default_protocol")]
     pub protocol: String,
-}
-
-/// An HTTP route (shaped like Gateway API's `HTTPRoute`): for requests to `service` through an
-/// `http` import, the first rule whose matches hold picks a weighted backend subset.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawHttpRoute {
-    pub name: String,
-    pub service: String,
-    pub rules: Vec<RawRule>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRule {
-    /// Any one of them must hold; none: every request.
-    #[serde(default)]
-    pub matches: Vec<RawMatch>,
-    pub backends: Vec<RawBackend>,
-    /// The whole request, every attempt included: past it the client gets 504.
-    #[serde(default)]
-    pub timeout: Option<String>,
-    /// One attempt's wait for its response head.
-    #[serde(default)]
-    pub per_try_timeout: Option<String>,
-    #[serde(default)]
-    pub retries: Option<RawRetries>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRetries {
-    /// Attempts in all, the first included (2–5).
-    pub attempts: u32,
-    /// `5xx`, `gateway-error` (502, 503, 504), `connect-failure`, `reset`.
-    #[serde(default)]
-    pub on: Vec<String>,
-    /// Further status codes to retry.
-    #[serde(default)]
-    pub codes: Vec<u16>,
-    /// Retry POST and PATCH too (their requests may have had effects).
-    #[serde(default)]
-    pub non_idempotent: bool,
-}
-
-#[derive(Debug, Deserialize, Serialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawMatch {
-    #[serde(default)]
-    pub path: Option<RawPathMatch>,
-    #[serde(default)]
-    pub method: Option<String>,
-    /// Header name → exact value, or `"*"`: present with any value.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawPathMatch {
-    #[serde(default)]
-    pub exact: Option<String>,
-    #[serde(default)]
-    pub prefix: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawBackend {
-    /// Labels the serving zone's service must carry, e.g. `{ version: v2 }`.
-    #[serde(default)]
-    pub subset: BTreeMap<String, String>,
-    #[serde(default = "default_weight")]
-    pub weight: u32,
-}
-
-fn default_weight() -> u32 {
-    1
-}
-
-/// A validated HTTP route.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpRoute {
-    pub name: String,
-    pub service: ServiceName,
-    pub rules: Vec<Rule>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub matches: Vec<RouteMatch>,
-    pub backends: Vec<Backend>,
-    pub timeout: Option<Duration>,
-    pub per_try_timeout: Option<Duration>,
-    pub retries: Option<Retries>,
-}
-
-/// When a request is tried again (`http_routes[].rules[].retries`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Retries {
-    pub attempts: u32,
-    pub on_5xx: bool,
-    pub on_gateway_error: bool,
-    pub on_connect_failure: bool,
-    pub on_reset: bool,
-    pub codes: Vec<u16>,
-    pub non_idempotent: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RouteMatch {
-    pub path_exact: Option<String>,
-    pub path_prefix: Option<String>,
-    pub method: Option<String>,
-    /// (lower-case name, exact value or `None` for present)
-    pub headers: Vec<(String, Option<String>)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Backend {
-    pub subset: Vec<(String, String)>,
-    pub weight: u32,
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -399,7 +291,7 @@ pub struct Config {
     pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
     pub limits: Limits,
-    pub http_routes: Vec<HttpRoute>,
+    pub http_routes: Vec<crate::routes::HttpRoute>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -462,99 +354,6 @@ pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
     validate(&from_yaml::<RawConfig>(text)?)
 }
 
-/// `http_routes`: each for a service imported as `http`, with valid matches and weighted backends.
-fn http_routes(raw: &[RawHttpRoute], imports: &[Import], e: &mut Errors) -> Vec<HttpRoute> {
-    let mut out = Vec::new();
-    for (i, r) in raw.iter().enumerate() {
-        let at = |k: &str| format!("http_routes[{i}].{k}");
-        let Some(service) = e.parse(at("service"), ServiceName::new(&r.service)) else { continue };
-        if !imports.iter().any(|im| im.service == service && im.protocol == Protocol::Http) {
-            e.push(at("service"), format!("{service} is not imported with protocol: http"));
-        }
-        if r.name.is_empty() || r.name.len() > MAX_LABEL_LEN {
-            e.push(at("name"), format!("must be 1-{MAX_LABEL_LEN} bytes"));
-        }
-        if r.rules.is_empty() {
-            e.push(at("rules"), "must list at least one rule");
-        }
-        let mut rules = Vec::new();
-        for (j, rule) in r.rules.iter().enumerate() {
-            let at = |k: &str| format!("http_routes[{i}].rules[{j}].{k}");
-            let mut matches = Vec::new();
-            for (k, m) in rule.matches.iter().enumerate() {
-                let mut rm = RouteMatch { method: m.method.clone(), ..Default::default() };
-                if let Some(p) = &m.path {
-                    match (&p.exact, &p.prefix) {
-                        (Some(x), None) | (None, Some(x)) if x.starts_with('/') => {
-                            rm.path_exact = p.exact.clone();
-                            rm.path_prefix = p.prefix.clone();
-                        }
-                        _ => e.push(at(&format!("matches[{k}].path")), "one of exact or prefix, starting with '/'"),
-                    }
-                }
-                for (name, value) in &m.headers {
-                    if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                        e.push(at(&format!("matches[{k}].headers.{name}")), "not a valid header name");
-                    }
-                    let v = (value != "*").then(|| value.clone());
-                    rm.headers.push((name.to_ascii_lowercase(), v));
-                }
-                matches.push(rm);
-            }
-            if rule.backends.is_empty() || rule.backends.iter().all(|b| b.weight == 0) {
-                e.push(at("backends"), "must list at least one backend with a weight above 0");
-            }
-            let backends = rule
-                .backends
-                .iter()
-                .map(|b| Backend {
-                    subset: b.subset.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    weight: b.weight,
-                })
-                .collect();
-            let mut dur = |k: &str, v: &Option<String>| {
-                let v = v.as_deref()?;
-                e.parse(at(k), duration(v)).filter(|d| {
-                    let ok = !d.is_zero();
-                    if !ok {
-                        e.push(at(k), "must be above 0");
-                    }
-                    ok
-                })
-            };
-            let timeout = dur("timeout", &rule.timeout);
-            let per_try_timeout = dur("per_try_timeout", &rule.per_try_timeout);
-            let retries = rule.retries.as_ref().map(|r| {
-                if !(2..=5).contains(&r.attempts) {
-                    e.push(at("retries.attempts"), format!("{} is outside 2..=5", r.attempts));
-                }
-                let mut p = Retries {
-                    attempts: r.attempts.clamp(1, 5),
-                    codes: r.codes.clone(),
-                    non_idempotent: r.non_idempotent,
-                    ..Default::default()
-                };
-                for (k, on) in r.on.iter().enumerate() {
-                    match on.as_str() {
-                        "5xx" => p.on_5xx = true,
-                        "gateway-error" => p.on_gateway_error = true,
-                        "connect-failure" => p.on_connect_failure = true,
-                        "reset" => p.on_reset = true,
-                        other => e.push(
-                            at(&format!("retries.on[{k}]")),
-                            format!("{other:?} is not one of 5xx, gateway-error, connect-failure, reset"),
-                        ),
-                    }
-                }
-                p
-            });
-            rules.push(Rule { matches, backends, timeout, per_try_timeout, retries });
-        }
-        out.push(HttpRoute { name: r.name.clone(), service, rules });
-    }
-    out
-}
-
 /// `limits.*`: each within a range that keeps memory bounded (README "Limits").
 fn limits(raw: &RawLimits, e: &mut Errors) -> Limits {
     let mut l = Limits::default();
@@ -613,9 +412,19 @@ fn limits(raw: &RawLimits, e: &mut Errors) -> Limits {
     l
 }
 
+#[derive(Default)]
 pub(crate) struct Errors(pub(crate) Vec<ConfigError>);
 
 impl Errors {
+    /// Every error found, or none.
+    pub(crate) fn into_result(self) -> Result<(), Vec<ConfigError>> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
+    }
+
     pub(crate) fn push(&mut self, path: impl Into<String>, reason: impl fmt::Display) {
         self.0.push(ConfigError { path: path.into(), reason: reason.to_string() });
     }
@@ -631,7 +440,33 @@ impl Errors {
     }
 }
 
-/// `IP:port`, `[IPv6]:port` or `host:port`.
+/// `exports[].load_balancer`.
+fn load_balancer(raw: &RawLoadBalancer, at: &str, e: &mut Errors) -> LbPolicy {
+    match (raw.policy.as_str(), &raw.header, &raw.cookie) {
+        ("p2c", None, None) => LbPolicy::PowerOfTwo,
+        ("round_robin", None, None) => LbPolicy::RoundRobin,
+        ("hash", Some(h), None) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
+            LbPolicy::HashHeader(h.to_ascii_lowercase())
+        }
+        ("hash", None, Some(c)) if !c.is_empty() && !c.contains([';', '=', ' ']) => LbPolicy::HashCookie(c.clone()),
+        ("hash", ..) => {
+            e.push(
+                format!("{at}.policy"),
+                "hash needs exactly one of header (a header name) or cookie (a cookie name)",
+            );
+            LbPolicy::PowerOfTwo
+        }
+        ("p2c" | "round_robin", ..) => {
+            e.push(format!("{at}.policy"), "header and cookie apply to policy: hash only");
+            LbPolicy::PowerOfTwo
+        }
+        (other, ..) => {
+            e.push(format!("{at}.policy"), format!("{other:?} is not one of p2c, round_robin, hash"));
+            LbPolicy::PowerOfTwo
+        }
+    }
+}
+
 /// SPIFFE ID prefixes (`key[i].id_prefix`). A prefix must name at least a trust domain, ours, and
 /// end at a segment boundary, so that `spiffe://td/zone/eu/node/` cannot match
 /// `spiffe://td/zone/eu/node-evil/...`.
@@ -654,6 +489,7 @@ fn id_prefixes(key: &str, raw: &[RawRedirector], own: Option<&TrustDomain>, e: &
     out
 }
 
+/// `IP:port`, `[IPv6]:port` or `host:port`.
 pub(crate) fn host_port(s: &str) -> Result<String, String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(s.to_string());
@@ -802,8 +638,14 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             if h2 && x.max_connections.is_some() {
                 e.push(path("max_connections"), "applies to HTTP/1.1 endpoints (http2 multiplexes one connection)");
             }
+            let lb =
+                x.load_balancer.as_ref().map(|l| load_balancer(l, &path("load_balancer"), &mut e)).unwrap_or_default();
+            if x.load_balancer.is_some() && protocol != Protocol::Http {
+                e.push(path("load_balancer"), "applies to http services only");
+            }
             let http = HttpOptions {
                 h2,
+                lb,
                 max_requests: x.max_requests,
                 max_connections: x.max_connections,
                 max_pending: x.max_connections.map(|_| x.max_pending.unwrap_or(DEFAULT_MAX_PENDING)),
@@ -844,7 +686,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             imports.push(Import { service, listen, protocol });
         }
     }
-    let http_routes = http_routes(&raw.http_routes, &imports, &mut e);
+    let http_routes = crate::routes::validate(&raw.http_routes, &imports, &mut e);
 
     let redirectors = id_prefixes("redirectors", &raw.redirectors, trust_domain.as_ref(), &mut e);
     let http3_clients = id_prefixes("http3_clients", &raw.http3_clients, trust_domain.as_ref(), &mut e);
@@ -947,9 +789,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         e.push("log.level", format!("{log_level:?} is not a valid filter: {err}"));
     }
 
-    if !e.0.is_empty() {
-        return Err(e.0);
-    }
+    e.into_result()?;
     // Every field parsed (no errors were pushed), so the options below are all Some.
     match (zone, gateway, trust_domain, overlay) {
         (Some(zone), Some(gateway), Some(trust_domain), Some(overlay)) => Ok(Config {

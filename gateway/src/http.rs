@@ -33,8 +33,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::balance::Outcome;
-use crate::config::{HttpRoute, Retries, RouteMatch};
+use crate::balance::{Choice, Outcome};
+use crate::routes::{Fault, HeaderChanges, HttpRoute, Mirror, Retries};
+use causeway_overlay::mesh::LbPolicy;
 
 /// Requests served, by service, route, serving zone and status code.
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
@@ -48,6 +49,13 @@ pub const HTTP_BREAKER_OPEN: &str = "causeway_http_circuit_open_total";
 pub const HTTP_EJECTIONS: &str = "causeway_http_ejections_total";
 /// Retries, by service, route and result (`retried`, `budget_exhausted`).
 pub const HTTP_RETRIES: &str = "causeway_http_retries_total";
+/// Mirrored copies of requests, by service, route and result (`sent`, `no_zone`, `skipped_body`).
+pub const HTTP_MIRRORS: &str = "causeway_http_mirrors_total";
+/// Requests answered by fault injection, by service, route and kind (`delay`, `abort`).
+pub const HTTP_FAULTS: &str = "causeway_http_faults_total";
+/// Header on a mirrored copy of a request, so its endpoint can tell it from the real one.
+const MIRROR_HEADER: &str = "x-causeway-mirror";
+
 /// Requests waiting for an endpoint connection (`max_connections`), by service.
 pub const HTTP_PENDING: &str = "causeway_http_requests_pending";
 /// Upgraded connections (WebSocket) tunnelled, by service and result (`upgraded`, `refused`).
@@ -68,12 +76,17 @@ const RETRY_WINDOW: Duration = Duration::from_secs(10);
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// What a route decided for one request.
+#[derive(Default)]
 struct Picked {
     route: String,
     subset: Vec<(String, String)>,
     timeout: Option<Duration>,
     per_try: Option<Duration>,
     retries: Option<Retries>,
+    request_headers: HeaderChanges,
+    response_headers: HeaderChanges,
+    fault: Fault,
+    mirror: Option<Mirror>,
 }
 
 /// Requests and retries of one route in the current window.
@@ -345,7 +358,9 @@ impl Http {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
         for r in routes.iter().filter(|r| &r.service == service) {
             for rule in &r.rules {
-                if !rule.matches.is_empty() && !rule.matches.iter().any(|m| matches(m, req)) {
+                if !rule.matches.is_empty()
+                    && !rule.matches.iter().any(|m| m.holds(req.method(), req.uri(), req.headers()))
+                {
                     continue;
                 }
                 let total: u32 = rule.backends.iter().map(|b| b.weight).sum();
@@ -364,10 +379,14 @@ impl Http {
                     timeout: rule.timeout,
                     per_try: rule.per_try_timeout,
                     retries: rule.retries.clone(),
+                    request_headers: rule.request_headers.clone(),
+                    response_headers: rule.response_headers.clone(),
+                    fault: rule.fault.clone(),
+                    mirror: rule.mirror.clone(),
                 };
             }
         }
-        Picked { route: "default".into(), subset: Vec::new(), timeout: None, per_try: None, retries: None }
+        Picked { route: "default".into(), ..Default::default() }
     }
 
     /// Counts a request against its route's retry budget.
@@ -391,13 +410,34 @@ impl Http {
         true
     }
 
-    async fn route<B>(&self, req: Request<B>, service: &ServiceName, source: &Source) -> Response<ChanBody>
+    async fn route<B>(
+        self: &Arc<Self>,
+        mut req: Request<B>,
+        service: &ServiceName,
+        source: &Source,
+    ) -> Response<ChanBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError> + Send,
     {
         let start = Instant::now();
-        let Picked { route, subset, timeout, per_try, retries } = self.pick(service, &req);
+        let Picked { route, subset, timeout, per_try, retries, request_headers, response_headers, fault, mirror } =
+            self.pick(service, &req);
+        request_headers.apply(req.headers_mut());
+        let roll = |share: f64| share > 0.0 && rand::rng().random_bool(share.min(1.0));
+        let delay = fault.delay.filter(|(share, _)| roll(*share)).map(|(_, d)| d);
+        let abort = fault.abort.filter(|(share, _)| roll(*share)).map(|(_, s)| s);
+        let fault_kind = match (delay.is_some(), abort.is_some()) {
+            (_, true) => "abort",
+            (true, false) => "delay",
+            _ => "",
+        };
+        for (on, kind) in [(delay.is_some(), "delay"), (abort.is_some(), "abort")] {
+            if on {
+                let labels = [("service", service.as_str()), ("route", route.as_str()), ("kind", kind)];
+                self.mesh.metrics().counter(HTTP_FAULTS, &labels).increment(1);
+            }
+        }
         // A gRPC call's own deadline bounds it like a route timeout (whichever is sooner); its
         // errors from the gateway are gRPC statuses.
         let grpc = is_grpc(req.headers());
@@ -422,7 +462,16 @@ impl Http {
         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
         let budget_key = format!("{service}/{route}");
         self.count_request(&budget_key);
+        let mut mirrored = false;
         let tries = async {
+            // Fault injection: the delay counts against the route's timeout, as a slow backend's
+            // time would; an abort answers at once, as the backend never would.
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            if let Some(status) = abort {
+                return (fault_response(status), String::new(), 0);
+            }
             if candidates.is_empty() {
                 return (
                     error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint),
@@ -430,23 +479,40 @@ impl Http {
                     0,
                 );
             }
-            // A request is tried again only if its body is small enough to keep (and, unless the
-            // route allows more, its method is idempotent): the body is read first.
-            let retry = retries.filter(|r| r.non_idempotent || is_idempotent(req.method())).filter(|_| {
+            // A request is tried again, or copied to a mirror, only if its body is small enough to
+            // keep (and, for a retry unless the route allows more, its method is idempotent): the
+            // body is read first.
+            let small = {
                 let len = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
                 let chunked = req.headers().contains_key(http::header::TRANSFER_ENCODING);
                 !chunked && len.is_none_or(|l| l.parse::<u64>().is_ok_and(|n| n <= RETRY_BODY_MAX))
+            };
+            let retry = retries.filter(|r| small && (r.non_idempotent || is_idempotent(req.method())));
+            let mirror = mirror.filter(|m| roll(m.share)).filter(|_| {
+                if !small {
+                    self.count_mirror(service, &route, "skipped_body");
+                }
+                small
             });
-            let Some(retry) = retry else {
+            if retry.is_none() && mirror.is_none() {
                 let c = &candidates[0];
                 let resp = self.attempt(c, service, req, source, &trace, per_try).await;
                 return (resp, c.zone.to_string(), 1);
-            };
+            }
             use http_body_util::BodyExt;
             let (parts, body) = req.into_parts();
             let body = match http_body_util::Limited::new(body, RETRY_BODY_MAX as usize).collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(_) => return (error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest), String::new(), 0),
+            };
+            if let Some(m) = mirror {
+                mirrored = self.mirror(m, service, &route, &parts, &body, source, &trace);
+            }
+            let Some(retry) = retry else {
+                let c = &candidates[0];
+                let req = Request::from_parts(parts, http_body_util::Full::new(body));
+                let resp = self.attempt(c, service, req, source, &trace, per_try).await;
+                return (resp, c.zone.to_string(), 1);
             };
             let mut attempt = 0;
             loop {
@@ -484,7 +550,8 @@ impl Http {
             },
             None => tries.await,
         };
-        let resp = if grpc { grpc_error(resp) } else { resp };
+        let mut resp = if grpc { grpc_error(resp) } else { resp };
+        response_headers.apply(resp.headers_mut());
         let grpc_status = resp.headers().get(GRPC_STATUS).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let code = resp.status().as_u16().to_string();
         let m = self.mesh.metrics();
@@ -512,11 +579,52 @@ impl Http {
             status = resp.status().as_u16(),
             grpc_status = %grpc_status,
             attempts,
+            fault = fault_kind,
+            mirrored,
             traceparent = %trace,
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             "http"
         );
         resp
+    }
+
+    fn count_mirror(&self, service: &ServiceName, route: &str, result: &'static str) {
+        self.mesh
+            .metrics()
+            .counter(HTTP_MIRRORS, &[("service", service.as_str()), ("route", route), ("result", result)])
+            .increment(1);
+    }
+
+    /// Sends a copy of a request to the mirror's subset, in the background; its answer is read
+    /// and dropped. Returns whether a copy went out (a zone serves the subset).
+    #[allow(clippy::too_many_arguments)]
+    fn mirror(
+        self: &Arc<Self>,
+        m: Mirror,
+        service: &ServiceName,
+        route: &str,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        source: &Source,
+        trace: &TraceParent,
+    ) -> bool {
+        let Some(c) =
+            self.mesh.http_candidates(service).into_iter().find(|c| m.subset.iter().all(|kv| c.labels.contains(kv)))
+        else {
+            self.count_mirror(service, route, "no_zone");
+            return false;
+        };
+        self.count_mirror(service, route, "sent");
+        let mut req = Request::from_parts(parts.clone(), http_body_util::Full::new(body.clone()));
+        req.headers_mut().insert(MIRROR_HEADER, http::HeaderValue::from_static("1"));
+        let (this, service, source) = (self.clone(), service.clone(), source.clone());
+        let trace = trace.child(rand::rng().random::<u64>() | 1);
+        tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            let resp = this.attempt(&c, &service, req, &source, &trace, Some(RESPONSE_TIMEOUT)).await;
+            let _ = resp.into_body().collect().await;
+        });
+        true
     }
 
     /// An Upgrade request (WebSocket): a TCP flow to the service (CONNECT across the overlay, as
@@ -750,6 +858,7 @@ impl Http {
         &self,
         service: &ServiceName,
         healthy: &[std::net::SocketAddr],
+        choice: Choice<'_>,
         max: u32,
         max_pending: u32,
     ) -> Result<(std::net::SocketAddr, Slot), Response<ChanBody>> {
@@ -761,7 +870,7 @@ impl Http {
                 let st = m.entry(service.clone()).or_default();
                 let free: Vec<_> =
                     healthy.iter().filter(|a| st.used.get(*a).copied().unwrap_or(0) < max).copied().collect();
-                if let Some(e) = self.balancer.pick(&free) {
+                if let Some(e) = self.balancer.pick_by(&free, choice) {
                     *st.used.entry(e).or_insert(0) += 1;
                     return Ok((e, Slot(self.slots.clone(), service.clone(), e)));
                 }
@@ -811,16 +920,27 @@ impl Http {
             Active(self.active.clone(), service.clone(), gauge)
         };
         let healthy = self.mesh.healthy_endpoints(service);
+        let key = match &opts.lb {
+            LbPolicy::HashHeader(h) => req.headers().get(h.as_str()).map(|v| v.as_bytes().to_vec()),
+            LbPolicy::HashCookie(c) => cookie(req.headers(), c).map(String::into_bytes),
+            _ => None,
+        };
+        let choice = match (&opts.lb, &key) {
+            (LbPolicy::RoundRobin, _) => Choice::RoundRobin(service.as_str()),
+            (_, Some(k)) => Choice::Hash(k),
+            _ => Choice::PowerOfTwo,
+        };
         let (endpoint, slot) = match opts.max_connections {
-            None => match self.balancer.pick(&healthy) {
+            None => match self.balancer.pick_by(&healthy, choice) {
                 Some(e) => (e, None),
                 None => return error_response(StatusCode::SERVICE_UNAVAILABLE, FlowError::NoHealthyEndpoint),
             },
-            Some(max) => match self.connection_slot(service, &healthy, max, opts.max_pending.unwrap_or(u32::MAX)).await
-            {
-                Ok((e, slot)) => (e, Some(slot)),
-                Err(resp) => return resp,
-            },
+            Some(max) => {
+                match self.connection_slot(service, &healthy, choice, max, opts.max_pending.unwrap_or(u32::MAX)).await {
+                    Ok((e, slot)) => (e, Some(slot)),
+                    Err(resp) => return resp,
+                }
+            }
         };
         let sent = Instant::now();
         // Feeds the balancer: latency to the response head, and whether the endpoint failed.
@@ -979,27 +1099,30 @@ fn should_retry(r: &Retries, resp: &Response<ChanBody>) -> bool {
     }
 }
 
-fn matches<B>(m: &RouteMatch, req: &Request<B>) -> bool {
-    let path = req.uri().path();
-    let path_ok = match (&m.path_exact, &m.path_prefix) {
-        (Some(p), _) => path == p,
-        (None, Some(p)) => path.starts_with(p.as_str()),
-        (None, None) => true,
-    };
-    let method_ok = m.method.as_ref().is_none_or(|x| req.method().as_str().eq_ignore_ascii_case(x));
-    let headers_ok = m.headers.iter().all(|(name, value)| {
-        let got = req.headers().get(name.as_str()).and_then(|v| v.to_str().ok());
-        match value {
-            Some(v) => got == Some(v.as_str()),
-            None => got.is_some(),
-        }
-    });
-    path_ok && method_ok && headers_ok
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
 }
 
 fn new_trace() -> TraceParent {
     let mut rng = rand::rng();
     TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
+}
+
+/// A fault-injected answer: the route's status, `causeway-fault: abort`, and the reason.
+fn fault_response(status: StatusCode) -> Response<ChanBody> {
+    let (tx, body) = chan();
+    let _ = tx.try_send(Ok(Frame::data(Bytes::from_static(b"fault_injected\n"))));
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert("causeway-fault", http::HeaderValue::from_static("abort"));
+    r
 }
 
 /// A response the gateway writes itself: status, `causeway-error`, and the reason as the body.

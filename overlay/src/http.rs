@@ -144,7 +144,7 @@ impl Mesh {
 
     /// The endpoint protocol and breakers of an exported `http` service.
     pub fn http_options(&self, service: &ServiceName) -> crate::mesh::HttpOptions {
-        self.exports().get(service).map(|s| s.export.http).unwrap_or_default()
+        self.exports().get(service).map(|s| s.export.http.clone()).unwrap_or_default()
     }
 
     /// The endpoints of an exported service that pass their health checks now.

@@ -305,9 +305,8 @@ pub async fn http_serve(listen: SocketAddr, name: String) -> anyhow::Result<()> 
                 let b = body.clone();
                 async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(b))) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                .await;
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
         });
     }
 }
@@ -331,7 +330,8 @@ pub async fn first_byte(addr: SocketAddr, n: usize, http: bool) -> anyhow::Resul
         let mut s = connect(addr).await?;
         s.write_all(req).await?;
         let mut b = [0u8; 1];
-        let got = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await.context("no answer in 10 s")??;
+        let got =
+            tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await.context("no answer in 10 s")??;
         if got == 0 {
             bail!("{addr} closed without answering");
         }

@@ -415,7 +415,8 @@ impl Bench {
                 continue;
             }
             for a in [veth, wire] {
-                self.load("http-ready", addr(a), &["--secs", "30"]).with_context(|| format!("HTTP arm {name} at {a}"))?;
+                self.load("http-ready", addr(a), &["--secs", "30"])
+                    .with_context(|| format!("HTTP arm {name} at {a}"))?;
             }
         }
         eprintln!("all arms answer; measuring");
@@ -562,7 +563,10 @@ impl Bench {
                     admin: Some(addr("127.0.0.1:9903")),
                     peers: vec![(id("b"), Some("10.78.0.2:4433".into()), "b".into())],
                     exports: vec![],
-                    imports: vec![(svc(), addr("127.0.0.1:8301"), vec!["b".into()]), (WEB.into(), addr("127.0.0.1:8311"), vec![])],
+                    imports: vec![
+                        (svc(), addr("127.0.0.1:8301"), vec!["b".into()]),
+                        (WEB.into(), addr("127.0.0.1:8311"), vec![]),
+                    ],
                     extra: quiet.into(),
                 },
             ),
