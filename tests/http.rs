@@ -151,10 +151,11 @@ async fn requests_from_jason_reach_v2_in_another_zone_and_all_others_v1() {
             .count()
     };
     assert!(eventually(std::time::Duration::from_secs(5), || west_inbound() == 100).await, "{}", west_inbound());
-    let lines: Vec<_> = access_log().into_iter().filter(|l| l.get("kind") == "http").collect();
-    let out = lines.iter().filter(|l| l.get("direction") == "outbound" && l.get("route") == "reviews-by-user");
     // (Lines of the other test in this binary are told apart by route and path.)
-    assert_eq!(out.count(), 200);
+    let out = access_lines(200, |l| l.get("direction") == "outbound" && l.get("route") == "reviews-by-user").await;
+    assert_eq!(out.len(), 200);
+    assert!(out.iter().all(|l| l.get("complete") == "true" && l.get("bytes_out") == "3"), "{:?}", out[0]);
+    let lines: Vec<_> = access_log().into_iter().filter(|l| l.get("kind") == "http").collect();
     let inbound_west: Vec<_> = lines
         .iter()
         .filter(|l| l.get("direction") == "inbound" && l.get("zone") == "west" && l.get("path") == "/reviews/1")
@@ -227,9 +228,8 @@ async fn retries_recover_a_failed_attempt_spare_posts_and_stay_within_the_budget
     assert_eq!((code, body.trim()), (200, "v1"), "the retried request");
     let t = m.gw(0).metrics_text();
     assert_eq!(metric(&t, "causeway_http_retries_total", &[("route", "retrying"), ("result", "retried")]), Some(1.0));
-    let line =
-        access_log().into_iter().find(|l| l.get("path") == "/flaky" && l.get("direction") == "outbound").unwrap();
-    assert_eq!(line.get("attempts"), "2");
+    let line = access_lines(1, |l| l.get("path") == "/flaky" && l.get("direction") == "outbound").await;
+    assert_eq!(line[0].get("attempts"), "2");
 
     // A POST is not retried (not idempotent): v2's 503 reaches the client after one attempt.
     let (code, _) = {
@@ -238,9 +238,8 @@ async fn retries_recover_a_failed_attempt_spare_posts_and_stay_within_the_budget
     };
     assert_eq!(code, 503);
     // (The destination's inbound line may be written first: the source's outbound one counts.)
-    let line =
-        access_log().into_iter().find(|l| l.get("path") == "/post-once" && l.get("direction") == "outbound").unwrap();
-    assert_eq!(line.get("attempts"), "1");
+    let line = access_lines(1, |l| l.get("path") == "/post-once" && l.get("direction") == "outbound").await;
+    assert_eq!(line[0].get("attempts"), "1");
 
     // Every request failing: 100 requests may add at most 3 + 20 % retries in the window.
     let u = format!("{base}/always");
@@ -585,10 +584,11 @@ async fn an_aioquic_client_with_a_mesh_certificate_is_routed_and_others_are_refu
         .collect();
     assert_eq!(got, vec![(200, "v1\n"), (200, "v2\n"), (200, "v1:five stars")], "{r}");
     // Routed like any other request, under the client's own identity, at both ends.
-    let log = access_log();
-    let lines: Vec<_> = log.iter().filter(|l| l.get("source_identity") == id.as_str()).collect();
-    let out: Vec<_> = lines.iter().filter(|l| l.get("direction") == "outbound").collect();
+    let mine = |l: &AccessLine| l.get("source_identity") == id.as_str();
+    let out = access_lines(3, |l| mine(l) && l.get("direction") == "outbound").await;
+    let lines: Vec<_> = access_lines(6, mine).await;
     assert_eq!(out.len(), 3, "{lines:?}");
+    assert!(out.iter().all(|l| l.get("client_protocol") == "HTTP/3.0"), "{out:?}");
     assert!(out.iter().all(|l| l.get("route") == "reviews-h3"), "{out:?}");
     assert_eq!(lines.iter().filter(|l| l.get("direction") == "inbound").count(), 3, "{lines:?}");
     let t = m.gw(0).metrics_text();

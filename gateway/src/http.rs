@@ -118,13 +118,35 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A body fed from a channel: what one side of the gateway reads, the other writes. `None`: no
-/// body at all (a trailers-only gRPC answer, a 101), which HTTP/2 ends with the headers.
-pub struct ChanBody(Option<mpsc::Receiver<Result<Frame<Bytes>, BoxError>>>);
+/// A body fed from a channel: what one side of the gateway reads, the other writes. No channel:
+/// no body at all (a trailers-only gRPC answer, a 101), which HTTP/2 ends with the headers.
+///
+/// The body the client reads carries the request's access-log line, written when the body ends
+/// (or is dropped unfinished: the client went away), so it has the bytes sent and the whole
+/// duration, and a gRPC status from the trailers.
+pub struct ChanBody {
+    rx: Option<mpsc::Receiver<Result<Frame<Bytes>, BoxError>>>,
+    log: Option<Box<AccessRecord>>,
+    bytes: u64,
+    /// The response's Content-Length: HTTP/1.1 stops reading a body once it has that many bytes.
+    length: Option<u64>,
+}
 
 impl ChanBody {
     fn empty() -> Self {
-        ChanBody(None)
+        ChanBody { rx: None, log: None, bytes: 0, length: None }
+    }
+
+    /// Writes `record` when this body ends (`length`: the response's Content-Length).
+    fn log_at_end(&mut self, record: AccessRecord, length: Option<u64>) {
+        self.log = Some(Box::new(record));
+        self.length = length;
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(r) = self.log.take() {
+            r.emit(self.bytes, complete);
+        }
     }
 }
 
@@ -133,20 +155,97 @@ impl Body for ChanBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.0.as_mut() {
+        let r = match self.rx.as_mut() {
             Some(rx) => rx.poll_recv(cx),
             None => Poll::Ready(None),
+        };
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                } else if let (Some(t), Some(log)) = (f.trailers_ref(), self.log.as_mut()) {
+                    if let Some(v) = t.get(GRPC_STATUS).and_then(|v| v.to_str().ok()) {
+                        log.grpc_status = v.to_string();
+                    }
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
         }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_none()
+        self.rx.is_none()
+    }
+}
+
+impl Drop for ChanBody {
+    fn drop(&mut self) {
+        // A body without a channel is complete as it is (HTTP/2 may never poll it), and so is
+        // one whose Content-Length was sent (HTTP/1.1 stops there).
+        let complete = self.rx.is_none() || self.length == Some(self.bytes);
+        self.finish(complete);
     }
 }
 
 fn chan() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, ChanBody) {
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
-    (tx, ChanBody(Some(rx)))
+    (tx, ChanBody { rx: Some(rx), log: None, bytes: 0, length: None })
+}
+
+/// The endpoint that answered a request (a response extension, for the access log).
+#[derive(Debug, Clone, Copy)]
+struct EndpointUsed(std::net::SocketAddr);
+
+/// One request's access-log line at the source gateway, written when its response body ends.
+struct AccessRecord {
+    service: ServiceName,
+    source_identity: String,
+    source: std::net::SocketAddr,
+    route: String,
+    subset: String,
+    zone: String,
+    method: http::Method,
+    path: String,
+    version: http::Version,
+    status: u16,
+    grpc_status: String,
+    attempts: usize,
+    fault: &'static str,
+    mirrored: bool,
+    trace: TraceParent,
+    start: Instant,
+}
+
+impl AccessRecord {
+    fn emit(&self, bytes: u64, complete: bool) {
+        tracing::info!(
+            target: "causeway::access",
+            direction = "outbound",
+            kind = "http",
+            service = %self.service,
+            source_identity = %self.source_identity,
+            source = %self.source,
+            route = %self.route,
+            subset = %self.subset,
+            zone = %self.zone,
+            method = %self.method,
+            path = %self.path,
+            client_protocol = ?self.version,
+            status = self.status,
+            grpc_status = %self.grpc_status,
+            attempts = self.attempts,
+            fault = self.fault,
+            mirrored = self.mirrored,
+            bytes_out = bytes,
+            complete,
+            traceparent = %self.trace,
+            duration_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            "http"
+        );
+    }
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), those named by `Connection`, and anything a client sends
@@ -458,7 +557,7 @@ impl Http {
             .into_iter()
             .filter(|c| subset.iter().all(|kv| c.labels.contains(kv)))
             .collect();
-        let method = req.method().clone();
+        let (method, version) = (req.method().clone(), req.version());
         let path = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
         let budget_key = format!("{service}/{route}");
         self.count_request(&budget_key);
@@ -564,26 +663,29 @@ impl Http {
         m.counter(HTTP_REQUESTS, &labels).increment(1);
         m.histogram(HTTP_DURATION, &[("service", service.as_str()), ("route", route.as_str())])
             .record(start.elapsed().as_secs_f64());
-        tracing::info!(
-            target: "causeway::access",
-            direction = "outbound",
-            kind = "http",
-            service = %service,
-            source_identity = %source.identity,
-            source = %source.addr,
-            route = %route,
-            subset = %subset.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
-            zone = %zone,
-            method = %method,
-            path = %path,
-            status = resp.status().as_u16(),
-            grpc_status = %grpc_status,
-            attempts,
-            fault = fault_kind,
-            mirrored,
-            traceparent = %trace,
-            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-            "http"
+        let status = resp.status().as_u16();
+        let length =
+            resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        resp.body_mut().log_at_end(
+            AccessRecord {
+                service: service.clone(),
+                source_identity: source.identity.to_string(),
+                source: source.addr,
+                route,
+                subset: subset.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+                zone,
+                method,
+                path,
+                version,
+                status,
+                grpc_status,
+                attempts,
+                fault: fault_kind,
+                mirrored,
+                trace,
+                start,
+            },
+            length,
         );
         resp
     }
@@ -1000,6 +1102,7 @@ impl Http {
             let mut r = Response::new(ChanBody::empty());
             *r.status_mut() = parts.status;
             *r.headers_mut() = end_to_end(&parts.headers);
+            r.extensions_mut().insert(EndpointUsed(endpoint));
             return r;
         }
         let (tx, rbody) = chan();
@@ -1019,6 +1122,7 @@ impl Http {
         let mut r = Response::new(rbody);
         *r.status_mut() = parts.status;
         *r.headers_mut() = end_to_end(&parts.headers);
+        r.extensions_mut().insert(EndpointUsed(endpoint));
         r
     }
 }
@@ -1160,7 +1264,8 @@ impl HttpHandler for Http {
             };
             let (mut send, recv) = stream.split();
             let (tx, body) = chan();
-            let pump = tokio::spawn(async move { pump_server(recv, tx).await });
+            let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let pump = tokio::spawn(async move { pump_server(recv, tx, &counted).await });
             let resp = self.route(req.map(|()| body), &service, &source).await;
             respond_h3(&mut send, resp).await;
             pump.abort();
@@ -1196,12 +1301,16 @@ impl Http {
         }
         let (mut send, recv) = stream.split();
         let (tx, body) = chan();
-        let pump = tokio::spawn(async move { pump_server(recv, tx).await });
+        let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = bytes_in.clone();
+        let pump = tokio::spawn(async move { pump_server(recv, tx, &counted).await });
         let (method, path) = (req.method().clone(), req.uri().path_and_query().map(|p| p.to_string()));
         let resp = self.to_endpoint(&service, req.map(|()| body)).await;
         let status = resp.status();
-        let how = respond_h3(&mut send, resp).await;
+        let endpoint = resp.extensions().get::<EndpointUsed>().map(|e| e.0.to_string()).unwrap_or_default();
+        let (how, bytes_out) = respond_h3(&mut send, resp).await;
         pump.abort();
+        let bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
         let code = status.as_u16().to_string();
         let source_zone = from.zone.as_ref().map(|z| z.to_string()).unwrap_or_default();
         self.mesh
@@ -1227,6 +1336,9 @@ impl Http {
             method = %method,
             path = %path.unwrap_or_default(),
             status = status.as_u16(),
+            endpoint = %endpoint,
+            bytes_in,
+            bytes_out,
             traceparent = %trace,
             duration_ms = start.elapsed().as_secs_f64() * 1000.0,
             "http"
@@ -1236,8 +1348,8 @@ impl Http {
 }
 
 /// Writes `resp` (head, body, trailers) on the server side of an HTTP/3 request stream. Returns
-/// whether the peer reset the stream on the way.
-async fn respond_h3(send: &mut causeway_overlay::relay::ServerSend, resp: Response<ChanBody>) -> StreamEnd {
+/// whether the peer reset the stream on the way, and the body bytes sent.
+async fn respond_h3(send: &mut causeway_overlay::relay::ServerSend, resp: Response<ChanBody>) -> (StreamEnd, u64) {
     use http_body_util::BodyExt;
     let (parts, mut body) = resp.into_parts();
     let mut head = Response::builder().status(parts.status);
@@ -1245,34 +1357,43 @@ async fn respond_h3(send: &mut causeway_overlay::relay::ServerSend, resp: Respon
         *h = parts.headers;
     }
     if send.send_response(head.body(()).unwrap_or_default()).await.is_err() {
-        return StreamEnd::ResetByPeer;
+        return (StreamEnd::ResetByPeer, 0);
     }
+    let mut n = 0;
     while let Some(f) = body.frame().await {
         let Ok(f) = f else { break };
         let r = match f.into_data() {
-            Ok(d) => send.send_data(d).await,
+            Ok(d) => {
+                n += d.len() as u64;
+                send.send_data(d).await
+            }
             Err(f) => match f.into_trailers() {
                 Ok(t) => send.send_trailers(t).await,
                 Err(_) => Ok(()),
             },
         };
         if r.is_err() {
-            return StreamEnd::ResetByPeer;
+            return (StreamEnd::ResetByPeer, n);
         }
     }
     let _ = send.finish().await;
-    StreamEnd::Other
+    (StreamEnd::Other, n)
 }
 
 /// Streams a peer's request body (server side of the h3 stream) into `tx`.
-async fn pump_server<S>(mut rx: h3::server::RequestStream<S, Bytes>, tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>)
-where
+async fn pump_server<S>(
+    mut rx: h3::server::RequestStream<S, Bytes>,
+    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    bytes: &std::sync::atomic::AtomicU64,
+) where
     S: h3::quic::RecvStream,
 {
     loop {
         match rx.recv_data().await {
             Ok(Some(mut b)) => {
-                if tx.send(Ok(Frame::data(b.copy_to_bytes(b.remaining())))).await.is_err() {
+                let b = b.copy_to_bytes(b.remaining());
+                bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if tx.send(Ok(Frame::data(b))).await.is_err() {
                     return;
                 }
             }

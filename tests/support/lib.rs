@@ -70,6 +70,14 @@ pub fn access_log() -> Vec<AccessLine> {
     ACCESS.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
+/// Waits (up to 5 s) until `n` access-log lines hold `pred`, and returns them. An HTTP request's
+/// line is written when its response body ends, a moment after the client may have it all.
+pub async fn access_lines(n: usize, pred: impl Fn(&AccessLine) -> bool) -> Vec<AccessLine> {
+    let matching = || access_log().into_iter().filter(|l| pred(l)).collect::<Vec<_>>();
+    eventually(Duration::from_secs(5), || matching().len() >= n).await;
+    matching()
+}
+
 /// Installs logging for a test binary (once) and raises the open-file limit to its hard maximum,
 /// since a thousand loopback flows hold four descriptors each in one process.
 pub fn init() {
