@@ -893,24 +893,29 @@ impl Http {
             Err(e) => return error_response(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_GATEWAY), e),
         };
         let (mut send, mut recv) = stream.split();
-        // Request body: hyper → HTTP/3, as it arrives.
-        tokio::spawn(async move {
-            use http_body_util::BodyExt;
-            while let Some(frame) = body.frame().await {
-                let Ok(frame) = frame else { return };
-                let r = match frame.into_data() {
-                    Ok(d) => send.send_data(d).await,
-                    Err(f) => match f.into_trailers() {
-                        Ok(t) => send.send_trailers(t).await,
-                        Err(_) => Ok(()),
-                    },
-                };
-                if r.is_err() {
-                    return;
-                }
-            }
+        // Request body: hyper → HTTP/3, as it arrives (a request without one, most GETs, just
+        // ends its stream: no task).
+        if body.is_end_stream() {
             let _ = send.finish().await;
-        });
+        } else {
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else { return };
+                    let r = match frame.into_data() {
+                        Ok(d) => send.send_data(d).await,
+                        Err(f) => match f.into_trailers() {
+                            Ok(t) => send.send_trailers(t).await,
+                            Err(_) => Ok(()),
+                        },
+                    };
+                    if r.is_err() {
+                        return;
+                    }
+                }
+                let _ = send.finish().await;
+            });
+        }
         let head = match tokio::time::timeout(RESPONSE_TIMEOUT, recv.recv_response()).await {
             Ok(Ok(h)) => h,
             Ok(Err(_)) => return error_response(StatusCode::BAD_GATEWAY, FlowError::BackendRefused),
