@@ -29,7 +29,7 @@ cargo build --bins
 echo "== unit and property tests"
 cargo test --workspace --lib --bins
 echo "== integration tests (loopback meshes, gateway processes)"
-cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http --test http_protocols
+cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http --test http_protocols --test policy
 echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"
 cargo test -p causeway-tests --test netns
 echo "== fault suite (loss, bursts, reordering, duplication, corruption through the impairment relay)"

@@ -138,6 +138,9 @@ pub struct Reloaded {
     pub imports_added: usize,
     pub imports_removed: usize,
     pub http_routes_changed: bool,
+    pub authorization_changed: bool,
+    /// Open flows reset because the new policy no longer allows them.
+    pub flows_revoked: usize,
 }
 
 impl Reloader {
@@ -253,6 +256,11 @@ impl Reloader {
         out.http_routes_changed = old.http_routes != new.http_routes;
         let endpoints: Vec<SocketAddr> = new.exports.iter().flat_map(|e| e.endpoints.iter().copied()).collect();
         self.http.reconfigure(new.http_routes.clone(), &endpoints);
+        out.authorization_changed = old.authorization != new.authorization;
+        self.http.policy().replace(new.authorization.clone());
+        if out.authorization_changed {
+            out.flows_revoked = self.mesh.reauthorize();
+        }
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
         Ok(out)
     }
@@ -293,6 +301,8 @@ impl Reloader {
                         imports_added = r.imports_added,
                         imports_removed = r.imports_removed,
                         http_routes_changed = r.http_routes_changed,
+                        authorization_changed = r.authorization_changed,
+                        flows_revoked = r.flows_revoked,
                         "config.reloaded"
                     ),
                     Err(errors) => {
@@ -334,7 +344,9 @@ impl Gateway {
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
 
-        let http = crate::http::Http::new(mesh.clone(), cfg.http_routes.clone());
+        let policy = crate::policy::Enforcer::new(cfg.authorization.clone(), mesh.metrics().clone());
+        mesh.set_authorizer(policy.clone());
+        let http = crate::http::Http::new(mesh.clone(), cfg.http_routes.clone(), policy);
         let handler: Arc<dyn causeway_overlay::http::HttpHandler> = http.clone();
         mesh.set_http_handler(&handler);
         let mut imports = Vec::new();

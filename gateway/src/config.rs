@@ -32,6 +32,9 @@ pub struct RawConfig {
     pub federation: Vec<RawFederation>,
     #[serde(default)]
     pub http_routes: Vec<crate::routes::RawHttpRoute>,
+    /// Who may call this zone's exported services (README "Authorization").
+    #[serde(default)]
+    pub authorization: crate::policy::RawAuthorization,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
     #[serde(default)]
@@ -292,6 +295,7 @@ pub struct Config {
     pub timing: Timing,
     pub limits: Limits,
     pub http_routes: Vec<crate::routes::HttpRoute>,
+    pub authorization: crate::policy::Policies,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -687,6 +691,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
         }
     }
     let http_routes = crate::routes::validate(&raw.http_routes, &imports, &mut e);
+    let authorization = crate::policy::validate(&raw.authorization, &mut e);
+    for (i, p) in authorization.policies.iter().enumerate() {
+        if let Some(s) = p.service.as_ref().filter(|s| !exports.iter().any(|x| &x.name == *s)) {
+            e.push(format!("authorization.policies[{i}].service"), format!("{s} is not exported by this gateway"));
+        }
+    }
 
     let redirectors = id_prefixes("redirectors", &raw.redirectors, trust_domain.as_ref(), &mut e);
     let http3_clients = id_prefixes("http3_clients", &raw.http3_clients, trust_domain.as_ref(), &mut e);
@@ -701,6 +711,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             workloads.push((net, id));
         }
     }
+    // Looked up first match first: the longest prefix wins.
+    workloads.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
 
     let allowed_sources: Vec<ipnet::IpNet> = raw
         .allowed_sources
@@ -816,6 +828,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             timing,
             limits,
             http_routes,
+            authorization,
             log_format,
             log_level,
         }),

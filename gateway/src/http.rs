@@ -22,7 +22,7 @@ use causeway_overlay::flow::{ServerStream, Source};
 use causeway_overlay::http::{refuse, Candidate, HttpHandler, PeerInfo};
 use causeway_overlay::routes::Target;
 use causeway_overlay::Mesh;
-use causeway_protocol::flow::{FlowError, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT, VIA};
+use causeway_protocol::flow::{FlowError, CLIENT_ADDRESS, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT, VIA};
 use causeway_protocol::trace::TraceParent;
 use causeway_protocol::ServiceName;
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
@@ -34,8 +34,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::balance::{Choice, Outcome};
+use crate::policy::{HttpSubject, Subject};
 use crate::routes::{Fault, HeaderChanges, HttpRoute, Mirror, Retries};
 use causeway_overlay::mesh::LbPolicy;
+use causeway_protocol::Identity;
 
 /// Requests served, by service, route, serving zone and status code.
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
@@ -327,6 +329,8 @@ pub struct Http {
     active: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, u32>>>,
     /// Endpoint connections in use and requests waiting for one (`max_connections`, `max_pending`).
     slots: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, SlotState>>>,
+    /// Who may call our exports (decided here, for peers' requests).
+    policy: Arc<crate::policy::Enforcer>,
 }
 
 /// One service's endpoint connections in use, and the requests waiting for one.
@@ -383,7 +387,7 @@ impl Drop for Active {
 }
 
 impl Http {
-    pub fn new(mesh: Mesh, routes: Vec<HttpRoute>) -> Arc<Self> {
+    pub fn new(mesh: Mesh, routes: Vec<HttpRoute>, policy: Arc<crate::policy::Enforcer>) -> Arc<Self> {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -409,7 +413,13 @@ impl Http {
             balancer,
             active: Default::default(),
             slots: Default::default(),
+            policy,
         })
+    }
+
+    /// The running authorization policy.
+    pub fn policy(&self) -> &crate::policy::Enforcer {
+        &self.policy
     }
 
     /// Serves one client connection of an `http` import listener until it closes.
@@ -844,7 +854,10 @@ impl Http {
     {
         let go = async {
             match &c.target {
-                Target::Local => self.to_endpoint(service, req).await,
+                Target::Local => match self.authorize_local(service, &req, source) {
+                    Ok(()) => self.to_endpoint(service, req).await,
+                    Err(policy) => policy_denied(&policy),
+                },
                 Target::Peer(id) => self.to_peer(id, service, req, source, trace).await,
             }
         };
@@ -884,6 +897,7 @@ impl Http {
             set(h, SOURCE_ZONE, self.mesh.zone().as_str());
             set(h, TRACEPARENT, &trace.to_string());
             set(h, VIA, self.mesh.identity().as_str());
+            set(h, CLIENT_ADDRESS, &source.addr.to_string());
         }
         let Ok(h3req) = h3req.body(()) else {
             return error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest);
@@ -937,12 +951,32 @@ impl Http {
         *resp.status_mut() = head.status();
         *resp.headers_mut() = end_to_end(head.headers());
         // A refusal's reason (and breaker) reach the client: the gateways name them, no one else.
-        for k in [causeway_protocol::flow::ERROR, causeway_protocol::flow::BREAKER] {
+        for k in [causeway_protocol::flow::ERROR, causeway_protocol::flow::BREAKER, causeway_protocol::flow::POLICY] {
             if let Some(v) = head.headers().get(k) {
                 resp.headers_mut().insert(k, v.clone());
             }
         }
         resp
+    }
+
+    /// This gateway serves the request itself: it is the destination, and its policy decides
+    /// for its own zone's callers too.
+    fn authorize_local<B>(&self, service: &ServiceName, req: &Request<B>, source: &Source) -> Result<(), String> {
+        let zone = self.mesh.zone().to_string();
+        let port = self.mesh.export_port(service);
+        let (pass, d) = self.policy.check(&Subject {
+            service: Some(service),
+            identity: Some(&source.identity),
+            zone: Some(zone.as_str()),
+            addr: Some(source.addr.ip()),
+            port,
+            http: Some(HttpSubject { method: req.method().as_str(), path: req.uri().path(), headers: req.headers() }),
+        });
+        if pass {
+            Ok(())
+        } else {
+            Err(d.policy)
+        }
     }
 
     /// An immediate 503 from an open breaker, naming it.
@@ -1167,10 +1201,10 @@ fn grpc_error(resp: Response<ChanBody>) -> Response<ChanBody> {
         return resp;
     };
     let code = match e {
-        FlowError::BackendTimeout => 4,                // DEADLINE_EXCEEDED
-        FlowError::Forbidden => 7,                     // PERMISSION_DENIED
-        FlowError::RateLimited => 8,                   // RESOURCE_EXHAUSTED
-        FlowError::BadRequest | FlowError::Loop => 13, // INTERNAL
+        FlowError::BackendTimeout => 4,                      // DEADLINE_EXCEEDED
+        FlowError::Forbidden | FlowError::PolicyDenied => 7, // PERMISSION_DENIED
+        FlowError::RateLimited => 8,                         // RESOURCE_EXHAUSTED
+        FlowError::BadRequest | FlowError::Loop => 13,       // INTERNAL
         FlowError::UnknownService
         | FlowError::NoHealthyEndpoint
         | FlowError::Draining
@@ -1222,6 +1256,19 @@ fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
 fn new_trace() -> TraceParent {
     let mut rng = rand::rng();
     TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
+}
+
+/// A request the destination's policy refuses: 403 naming the policy.
+fn policy_denied(policy: &str) -> Response<ChanBody> {
+    let (tx, body) = chan();
+    let _ = tx.try_send(Ok(Frame::data(Bytes::from(format!("policy_denied: {policy}\n")))));
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r.headers_mut().insert(causeway_protocol::flow::ERROR, http::HeaderValue::from_static("policy_denied"));
+    if let Ok(v) = http::HeaderValue::from_str(policy) {
+        r.headers_mut().insert(causeway_protocol::flow::POLICY, v);
+    }
+    r
 }
 
 /// A fault-injected answer: the route's status, `causeway-fault: abort`, and the reason.
@@ -1304,13 +1351,31 @@ impl Http {
             refuse(stream, FlowError::OverBudget).await;
             return StreamEnd::Other;
         }
+        // Authorization, on what the caller's gateway vouched for (it authenticated the workload;
+        // we authenticated it).
+        let caller = Identity::parse(&source_identity).ok();
+        let addr = req
+            .headers()
+            .get(CLIENT_ADDRESS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip());
+        let (pass, decision) = self.policy.check(&Subject {
+            service: Some(&service),
+            identity: Some(caller.as_ref().unwrap_or(&from.identity)),
+            zone: from.zone.as_ref().map(|z| z.as_str()),
+            addr,
+            port,
+            http: Some(HttpSubject { method: req.method().as_str(), path: req.uri().path(), headers: req.headers() }),
+        });
         let (mut send, recv) = stream.split();
         let (tx, body) = chan();
         let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = bytes_in.clone();
         let pump = tokio::spawn(async move { pump_server(recv, tx, &counted).await });
         let (method, path) = (req.method().clone(), req.uri().path_and_query().map(|p| p.to_string()));
-        let resp = self.to_endpoint(&service, req.map(|()| body)).await;
+        let resp =
+            if pass { self.to_endpoint(&service, req.map(|()| body)).await } else { policy_denied(&decision.policy) };
         let status = resp.status();
         let endpoint = resp.extensions().get::<EndpointUsed>().map(|e| e.0.to_string()).unwrap_or_default();
         let (how, bytes_out) = respond_h3(&mut send, resp).await;
@@ -1342,6 +1407,8 @@ impl Http {
             path = %path.unwrap_or_default(),
             status = status.as_u16(),
             endpoint = %endpoint,
+            policy = %decision.policy,
+            allowed = pass,
             bytes_in,
             bytes_out,
             traceparent = %trace,

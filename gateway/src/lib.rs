@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod listeners;
+pub mod policy;
 pub mod redirect;
 pub mod routes;
 pub mod telemetry;

@@ -129,7 +129,9 @@ impl ImportListener {
             let mesh = mesh.clone();
             let service = self.service.clone();
             let dst = tcp.local_addr().unwrap_or(self.local_addr());
-            let source = Source { identity: identity.clone(), addr, dst };
+            // A client listed in `workloads` is that workload; anyone else is this gateway.
+            let who = mesh.workload_identity(addr.ip()).cloned().unwrap_or_else(|| identity.clone());
+            let source = Source { identity: who, addr, dst };
             let span = tracing::info_span!("flow", service = %service, client = %addr);
             let http = self.http.clone();
             tokio::spawn(

@@ -61,10 +61,46 @@ enum Cmd {
         #[arg(long, default_value_t = 64 * 1024)]
         bytes: usize,
     },
+    /// Authorization policy tools.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Show a running gateway's peers and services (from its admin API).
     Status {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: std::net::SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Print the decision a gateway's `authorization` makes for a caller, and the policy and rule
+    /// that make it. Exit 0 when the call would pass, 1 when denied, 2 on a bad configuration.
+    Explain {
+        /// The destination gateway's configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The exported service called.
+        #[arg(long)]
+        service: String,
+        /// The caller's SPIFFE ID.
+        #[arg(long)]
+        identity: String,
+        /// The caller's zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// The caller's address.
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+        /// The port called (default: the service's exported port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// For an HTTP request: its method (without it, a TCP flow).
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long, default_value = "/")]
+        path: String,
     },
 }
 
@@ -96,6 +132,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Check { config: Some(config), .. } => check(&config),
+        Cmd::Policy { cmd: PolicyCmd::Explain { config, service, identity, zone, address, port, method, path } } => {
+            explain(&config, &service, &identity, zone.as_deref(), address, port, method.as_deref(), &path)
+        }
         Cmd::Check { redirect: Some(path), .. } => check_redirect(&path),
         Cmd::Check { .. } => ExitCode::from(2),
         Cmd::Redirect { cleanup: true, .. } => match causeway::redirect::iptables::cleanup() {
@@ -162,6 +201,70 @@ fn load(
         ExitCode::from(2)
     })?;
     Ok((cfg, creds, bundle))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn explain(
+    config: &std::path::Path,
+    service: &str,
+    identity: &str,
+    zone: Option<&str>,
+    addr: Option<std::net::IpAddr>,
+    port: Option<u16>,
+    method: Option<&str>,
+    path: &str,
+) -> ExitCode {
+    use causeway::policy::{HttpSubject, Subject};
+    let cfg = match causeway::config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (service, identity) =
+        match (causeway_protocol::ServiceName::new(service), causeway_protocol::Identity::parse(identity)) {
+            (Ok(s), Ok(i)) => (s, i),
+            (Err(e), _) => {
+                eprintln!("--service: {e}");
+                return ExitCode::from(2);
+            }
+            (_, Err(e)) => {
+                eprintln!("--identity: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    let port = port.or_else(|| cfg.exports.iter().find(|x| x.name == service).map(|x| x.port));
+    let headers = http::HeaderMap::new();
+    let s = Subject {
+        service: Some(&service),
+        identity: Some(&identity),
+        zone,
+        addr,
+        port,
+        http: method.map(|method| HttpSubject { method, path, headers: &headers }),
+    };
+    let p = &cfg.authorization;
+    let d = p.decide(&s);
+    let decision = match (d.allowed, p.audit_mode) {
+        (true, _) => "allow",
+        (false, true) => "audit (would deny; audit mode lets it pass)",
+        (false, false) => "deny",
+    };
+    println!("decision: {decision}");
+    match d.rule {
+        Some(r) => println!("policy:   {} (rule {r})", d.policy),
+        None => println!("policy:   {} (no rule matched)", d.policy),
+    }
+    println!("reason:   {}", d.reason);
+    if !d.audited.is_empty() {
+        println!("audited:  {}", d.audited.join(", "));
+    }
+    if d.allowed || p.audit_mode {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn check(path: &std::path::Path) -> ExitCode {

@@ -299,6 +299,11 @@ impl Mesh {
         for target in candidates.into_iter().take(MAX_ATTEMPTS) {
             log.attempts += 1;
             let attempt = match target {
+                // This gateway serves the service itself: it is the destination, and its policy
+                // decides for its own zone's callers too.
+                Target::Local if self.authorize_local(service, source).is_err() => {
+                    Err((FlowError::PolicyDenied, FlowError::PolicyDenied.as_str()))
+                }
                 Target::Local => match Box::pin(self.connect_local_with(service, &early)).await {
                     // Checked again once connected (the client's own registration may have
                     // raced this flow's start).
@@ -337,6 +342,21 @@ impl Mesh {
             return None;
         };
         Some((down, upstream, early))
+    }
+
+    /// The authorizer's verdict on a flow of this zone's own client to a service this gateway
+    /// exports (`Err(policy)`: refused).
+    fn authorize_local(&self, service: &ServiceName, source: &Source) -> Result<(), String> {
+        let Some(a) = self.0.authorizer.get() else { return Ok(()) };
+        let port = self.exports().get(service).map(|e| e.export.port).unwrap_or(0);
+        let caller = crate::mesh::FlowCaller {
+            service,
+            identity: Some(&source.identity),
+            zone: Some(&self.0.zone),
+            addr: Some(source.addr.ip()),
+            port,
+        };
+        a.authorize_flow(&caller)
     }
 
     fn flow_failed(&self, service: &ServiceName, reason: &str) {
@@ -567,6 +587,11 @@ pub(crate) async fn serve_inbound(
     let exported = service.as_ref().filter(|s| {
         mesh.exports().get(*s).is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port))
     });
+    let mut denied_by = String::new();
+    // The caller, as its gateway vouched for it (for authorization, now and on policy changes).
+    let caller_id = Identity::parse(&log.source_identity).unwrap_or_else(|_| peer.clone());
+    let caller_zone = mesh.routes().peer(peer).and_then(|e| e.zone.clone());
+    let port = authority.as_ref().and_then(|a| a.port_u16()).unwrap_or(0);
     let target = if !is_connect {
         Err(FlowError::BadRequest)
     } else if guard.is_none() {
@@ -577,6 +602,18 @@ pub(crate) async fn serve_inbound(
         Err(FlowError::RateLimited)
     } else if looped {
         Err(FlowError::Loop)
+    } else if let Some(Err(policy)) = exported.zip(mesh.0.authorizer.get()).map(|(s, a)| {
+        let caller = crate::mesh::FlowCaller {
+            service: s,
+            identity: Some(&caller_id),
+            zone: caller_zone.as_ref(),
+            addr: client_conn.map(|(a, _)| a.ip()),
+            port,
+        };
+        a.authorize_flow(&caller)
+    }) {
+        denied_by = policy;
+        Err(FlowError::PolicyDenied)
     } else if let Some(s) = exported {
         match Box::pin(mesh.connect_local(s)).await {
             // Checked again once connected: the backend connection this flow came from may have
@@ -603,8 +640,11 @@ pub(crate) async fn serve_inbound(
                 &[("service", &log.service), ("source_zone", &source_zone), ("outcome", e.as_str())],
             )
             .increment(1);
-            let resp =
-                http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
+            let mut resp = http::Response::builder().status(e.status()).header(ERROR, e.as_str());
+            if !denied_by.is_empty() {
+                resp = resp.header(causeway_protocol::flow::POLICY, denied_by.as_str());
+            }
+            let resp = resp.body(()).unwrap_or_default();
             if Box::pin(stream.send_response(resp)).await.is_ok() {
                 let _ = Box::pin(stream.finish()).await;
             }
@@ -625,6 +665,18 @@ pub(crate) async fn serve_inbound(
         down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_down")]),
     };
     let (bs, bk) = relay::tcp(tcp);
+    // Registered while open: a policy change that no longer allows the caller resets the flow.
+    let revoke = tokio_util::sync::CancellationToken::new();
+    let _entry = mesh.register_inbound(crate::mesh::InboundCaller {
+        service: service.clone(),
+        identity: caller_id,
+        zone: caller_zone,
+        addr: client_conn.map(|(a, _)| a.ip()),
+        port,
+        revoke: revoke.clone(),
+    });
+    let rx = relay::Revocable { inner: rx, revoke: revoke.clone() };
+    let bs = relay::Revocable { inner: bs, revoke };
     let phase: RelayPhase<'_> = Box::pin(relay::relay_owned(rx, tx, bs, bk, counters));
     let (outcome, up, down) = phase.await;
     m.counter(

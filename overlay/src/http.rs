@@ -97,6 +97,16 @@ impl Mesh {
             .collect()
     }
 
+    /// The port this gateway exports `service` on.
+    pub fn export_port(&self, service: &ServiceName) -> Option<u16> {
+        self.exports().get(service).map(|s| s.export.port)
+    }
+
+    /// Registers the gateway's authorization of flows (once; later calls are ignored).
+    pub fn set_authorizer(&self, a: Arc<dyn crate::mesh::Authorizer>) {
+        let _ = self.0.authorizer.set(a);
+    }
+
     /// Whether `service` is an `http` service: this gateway exports it so, or a peer advertises it
     /// so.
     pub fn is_http(&self, service: &ServiceName) -> bool {

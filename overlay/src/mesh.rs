@@ -66,6 +66,86 @@ pub struct HttpOptions {
     pub max_pending: Option<u32>,
 }
 
+/// What the destination knows of a flow a peer opened to one of its exports.
+#[derive(Debug)]
+pub struct FlowCaller<'a> {
+    pub service: &'a ServiceName,
+    /// The workload's SPIFFE ID as its gateway vouched for it (that gateway's own when absent).
+    pub identity: Option<&'a Identity>,
+    /// The caller's gateway's zone (configured for the authenticated peer).
+    pub zone: Option<&'a ZoneName>,
+    /// The workload's address as its gateway saw it.
+    pub addr: Option<std::net::IpAddr>,
+    pub port: u16,
+}
+
+/// The open inbound flows' callers (for [`Mesh::reauthorize`]).
+#[derive(Default)]
+pub struct InboundFlows {
+    next: u64,
+    open: HashMap<u64, InboundCaller>,
+}
+
+/// What was authorized for one open inbound flow, and how to end it.
+pub struct InboundCaller {
+    pub service: ServiceName,
+    pub identity: Identity,
+    pub zone: Option<ZoneName>,
+    pub addr: Option<std::net::IpAddr>,
+    pub port: u16,
+    pub revoke: tokio_util::sync::CancellationToken,
+}
+
+/// An inbound flow's entry in [`InboundFlows`], removed when dropped.
+pub struct InboundEntry(Arc<Mutex<InboundFlows>>, u64);
+
+impl Drop for InboundEntry {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).open.remove(&self.1);
+    }
+}
+
+impl Mesh {
+    /// Registers an open inbound flow's caller; the entry leaves with the returned guard.
+    pub(crate) fn register_inbound(&self, caller: InboundCaller) -> InboundEntry {
+        let mut m = self.0.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        m.next += 1;
+        let id = m.next;
+        m.open.insert(id, caller);
+        InboundEntry(self.0.inbound.clone(), id)
+    }
+
+    /// Asks the authorizer again about every open inbound flow (after a policy change) and resets
+    /// those it now refuses. Returns how many were revoked.
+    pub fn reauthorize(&self) -> usize {
+        let Some(a) = self.0.authorizer.get() else { return 0 };
+        let m = self.0.inbound.lock().unwrap_or_else(|e| e.into_inner());
+        let mut revoked = 0;
+        for c in m.open.values().filter(|c| !c.revoke.is_cancelled()) {
+            let caller = FlowCaller {
+                service: &c.service,
+                identity: Some(&c.identity),
+                zone: c.zone.as_ref(),
+                addr: c.addr,
+                port: c.port,
+            };
+            if let Err(policy) = a.authorize_flow(&caller) {
+                tracing::info!(service = %c.service, source_identity = %c.identity, %policy, "flow.revoked");
+                self.0.metrics.counter(crate::metrics::FLOWS_REVOKED, &[("service", c.service.as_str())]).increment(1);
+                c.revoke.cancel();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+}
+
+/// The gateway's authorization of flows: `Err(policy)` refuses the flow (403 `policy_denied`,
+/// `causeway-policy: <policy>`).
+pub trait Authorizer: Send + Sync + 'static {
+    fn authorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String>;
+}
+
 /// How an `http` export's endpoint is chosen for each request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum LbPolicy {
@@ -333,10 +413,14 @@ pub(crate) struct Inner {
     pub flows: TaskTracker,
     pub active_flows: AtomicU32,
     pub backend_legs: Arc<BackendLegs>,
+    /// Inbound flows open now, with their callers, so a policy change can revoke them.
+    pub inbound: Arc<Mutex<InboundFlows>>,
     pub budget: crate::budget::Budget,
     /// Serves peers' HTTP requests for `http` exports (set by the gateway). Weak: the handler
     /// holds this mesh, and a cycle would keep a stopped gateway's socket bound.
     pub http: std::sync::OnceLock<std::sync::Weak<dyn crate::http::HttpHandler>>,
+    /// Decides whether a peer's flow to one of our exports is allowed (the gateway's policy).
+    pub authorizer: std::sync::OnceLock<Arc<dyn Authorizer>>,
 }
 
 /// One gateway's view of the mesh. Cheap to clone.
@@ -394,8 +478,10 @@ impl Mesh {
             flows: TaskTracker::new(),
             active_flows: AtomicU32::new(0),
             backend_legs: Arc::default(),
+            inbound: Arc::default(),
             budget: crate::budget::Budget::new(cfg.limits.memory_budget),
             http: std::sync::OnceLock::new(),
+            authorizer: std::sync::OnceLock::new(),
         };
         Ok(Self(Arc::new(inner)))
     }

@@ -260,6 +260,26 @@ impl ByteSink for PipeSink {
     }
 }
 
+/// A source that fails once `revoke` is cancelled: the relay then resets both sides (an open flow a
+/// changed policy no longer allows).
+pub struct Revocable<S> {
+    pub inner: S,
+    pub revoke: tokio_util::sync::CancellationToken,
+}
+
+impl<S: ByteSource> ByteSource for Revocable<S> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
+        tokio::select! {
+            r = self.inner.recv() => r,
+            _ = self.revoke.cancelled() => Err(()),
+        }
+    }
+
+    fn abort(&mut self, code: ErrorCode) {
+        self.inner.abort(code);
+    }
+}
+
 /// How a relayed flow ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -10,6 +10,9 @@ pub const TRACEPARENT: &str = "traceparent";
 /// Response header naming why a flow was refused ([`FlowError::as_str`]).
 pub const ERROR: &str = "causeway-error";
 
+/// Response header naming the authorization policy that refused a flow or request.
+pub const POLICY: &str = "causeway-policy";
+
 /// Response header naming the circuit breaker that refused a request (`max_requests`,
 /// `max_pending`), with [`ERROR`] `circuit_open`.
 pub const BREAKER: &str = "causeway-breaker";
@@ -45,10 +48,13 @@ pub enum FlowError {
     /// The flow would re-enter a gateway it already crossed (508): the destination's own backend
     /// connection came back as this flow's client, or the hop marker names the destination.
     Loop,
+    /// The destination's authorization policy refuses this caller (403; [`POLICY`] names the
+    /// deciding policy).
+    PolicyDenied,
 }
 
 impl FlowError {
-    pub const ALL: [FlowError; 11] = [
+    pub const ALL: [FlowError; 12] = [
         Self::UnknownService,
         Self::NoHealthyEndpoint,
         Self::Draining,
@@ -60,6 +66,7 @@ impl FlowError {
         Self::Loop,
         Self::OverBudget,
         Self::CircuitOpen,
+        Self::PolicyDenied,
     ];
 
     pub fn status(self) -> u16 {
@@ -70,7 +77,7 @@ impl FlowError {
             Self::BackendRefused => 502,
             Self::BackendTimeout => 504,
             Self::BadRequest => 400,
-            Self::Forbidden => 403,
+            Self::Forbidden | Self::PolicyDenied => 403,
             Self::RateLimited => 429,
             Self::Loop => 508,
         }
@@ -89,6 +96,7 @@ impl FlowError {
             Self::Loop => "loop_detected",
             Self::OverBudget => "over_budget",
             Self::CircuitOpen => "circuit_open",
+            Self::PolicyDenied => "policy_denied",
         }
     }
 
@@ -98,7 +106,7 @@ impl FlowError {
 
     /// Whether another zone might serve the flow instead.
     pub fn retryable_elsewhere(self) -> bool {
-        !matches!(self, Self::BadRequest | Self::Loop)
+        !matches!(self, Self::BadRequest | Self::Loop | Self::PolicyDenied)
     }
 }
 

@@ -1,0 +1,296 @@
+//! Authorization at the destination gateway: who may call which exported service, by the caller's
+//! SPIFFE ID (vouched for by its own gateway, from its `workloads` table), zone, address, and for
+//! HTTP method and path. Real clients: curl from two source addresses (two workloads) and TCP
+//! clients bound to them; the policy lives in zone east, the callers in zone a.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use causeway_tests::web::{py_server, start_yaml};
+use causeway_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const A: &str = "spiffe://test.causeway/ns/shop/sa/frontend";
+const B: &str = "spiffe://test.causeway/ns/other/sa/intruder";
+
+/// Answers every request with its method and path.
+const HTTP_PY: &str = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def reply(self):
+        n = int(self.headers.get("Content-Length", "0"))
+        self.rfile.read(n)
+        body = ("%s %s\n" % (self.command, self.path)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = reply
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+/// Zone a imports `reviews.shop` (http) and `echo.shop` (tcp); its workloads 127.0.0.2 (A) and
+/// 127.0.0.3 (B). Zone east exports both with `authorization`.
+async fn mesh(authorization: &str) -> (TestMesh, SocketAddr, SocketAddr, Vec<PyServer>) {
+    init();
+    let web = py_server(HTTP_PY, &[]);
+    let (echo, _task) = echo_server("east".into()).await.unwrap();
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("reviews.shop", vec![]), ("echo.shop", vec![])] },
+            ZoneSpec {
+                zone: "east",
+                exports: vec![("reviews.shop", vec![web.addr]), ("echo.shop", vec![echo])],
+                imports: vec![],
+            },
+        ],
+        "",
+    )
+    .unwrap();
+    m.specs[1].extra = authorization.to_string();
+    let yaml = m.specs[1].yaml().replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http,");
+    m.gateways[1] = Some(start_yaml(&m, 1, &yaml).await);
+    m.specs[0].extra =
+        format!("workloads:\n  - {{ cidr: 127.0.0.2/32, id: \"{A}\" }}\n  - {{ cidr: 127.0.0.3/32, id: \"{B}\" }}\n");
+    let yaml = m.specs[0].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,");
+    m.gateways[0] = Some(start_yaml(&m, 0, &yaml).await);
+    assert!(m.wait_routes(0, "reviews.shop", 1).await && m.wait_routes(0, "echo.shop", 1).await);
+    let (web_at, echo_at) = (m.gw(0).import_addr("reviews.shop").unwrap(), m.gw(0).import_addr("echo.shop").unwrap());
+    (m, web_at, echo_at, vec![web])
+}
+
+use causeway_tests::web::PyServer;
+
+/// One request with curl from `from`: (status, body, headers).
+async fn request(from: &str, method: &str, url: String) -> (u16, String) {
+    let (from, method) = (from.to_string(), method.to_string());
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--interface", &from, "-X", &method, "-w", "\n%{http_code}", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.trim_end().to_string())
+    })
+    .await
+    .unwrap()
+}
+
+/// A TCP flow from `from` through the import listener: `Ok(echoed)` or `Err(how it ended)`.
+async fn flow(from: &str, listen: SocketAddr) -> Result<String, String> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+    let mut s = sock.connect(listen).await.map_err(|e| e.to_string())?;
+    let _ = s.write_all(b"ping").await;
+    let _ = s.shutdown().await;
+    let mut got = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await {
+        Ok(Ok(_)) if !got.is_empty() => Ok(String::from_utf8_lossy(&got).to_string()),
+        Ok(Ok(_)) => Err("closed without data".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+const A_ONLY: &str = r#"authorization:
+  policies:
+    - name: shop-frontend
+      action: allow
+      rules:
+        - from: { identities: ["spiffe://test.causeway/ns/shop/sa/frontend"] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_a_is_allowed_and_identity_b_denied_over_http_and_tcp() {
+    let (m, web, echo, _servers) = mesh(A_ONLY).await;
+    // HTTP: A's request reaches the endpoint; B's gets 403 naming the policy.
+    assert_eq!(request("127.0.0.2", "GET", format!("http://{web}/x")).await, (200, "GET /x".into()));
+    let (code, body) = request("127.0.0.3", "GET", format!("http://{web}/x")).await;
+    assert_eq!((code, body.as_str()), (403, "policy_denied: shop-frontend"));
+    // TCP: A's flow echoes; B's is reset at once, before any byte of the service.
+    let ok = flow("127.0.0.2", echo).await.unwrap();
+    assert!(ok.contains("ping"), "{ok}");
+    let started = std::time::Instant::now();
+    let denied = flow("127.0.0.3", echo).await;
+    assert!(denied.is_err(), "B's flow went through: {denied:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "B's flow ended after {:?}", started.elapsed());
+    // Counted by service, policy and action; every denial in the access log.
+    let t = m.gw(1).metrics_text();
+    let count = |svc: &str, action: &str| {
+        metric(
+            &t,
+            "causeway_policy_decisions_total",
+            &[("service", svc), ("policy", "shop-frontend"), ("action", action)],
+        )
+    };
+    assert_eq!((count("reviews.shop", "allow"), count("reviews.shop", "deny")), (Some(1.0), Some(1.0)), "{t}");
+    assert_eq!((count("echo.shop", "allow"), count("echo.shop", "deny")), (Some(1.0), Some(1.0)), "{t}");
+    let denials = access_lines(2, |l| l.get("kind") == "policy" && l.get("source_identity") == B).await;
+    assert_eq!(denials.len(), 2, "{denials:?}");
+    assert!(denials.iter().all(|l| l.get("decision") == "deny" && l.get("reason") == "no_allow_rule"));
+    let http =
+        access_lines(1, |l| l.get("direction") == "inbound" && l.get("kind") == "http" && l.get("status") == "403")
+            .await;
+    assert_eq!(http[0].get("policy"), "shop-frontend");
+    // The source gateway relays the refusal's reason and policy.
+    let t = m.gw(0).metrics_text();
+    assert!(metric(&t, "causeway_flows_failed_total", &[("service", "echo.shop")]).unwrap_or(0.0) >= 1.0, "{t}");
+    m.shutdown().await;
+}
+
+const PATHS: &str = r#"authorization:
+  default_deny: true
+  policies:
+    - name: public-reads
+      service: reviews.shop
+      action: allow
+      rules:
+        - from: { namespaces: [shop] }
+          to: { methods: [GET], paths: ["/public/*", "/admin/*"] }
+    - name: no-admin
+      service: reviews.shop
+      action: deny
+      rules:
+        - to: { paths: ["/admin/*"] }
+    - name: watch-posts
+      service: reviews.shop
+      action: audit
+      rules:
+        - to: { methods: [POST] }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_and_methods_deny_wins_default_deny_refuses_and_audit_mode_lets_through() {
+    let (mut m, web, echo, _servers) = mesh(PATHS).await;
+    assert_eq!(request("127.0.0.2", "GET", format!("http://{web}/public/a")).await.0, 200);
+    // Deny wins over the allow rule that also names /admin/*.
+    let (code, body) = request("127.0.0.2", "GET", format!("http://{web}/admin/users")).await;
+    assert_eq!((code, body.as_str()), (403, "policy_denied: no-admin"));
+    // POST is not in the allow rule; the audit rule logs it either way.
+    let (code, body) = request("127.0.0.2", "POST", format!("http://{web}/admin/users")).await;
+    assert_eq!((code, body.as_str()), (403, "policy_denied: no-admin"));
+    assert_eq!(request("127.0.0.2", "POST", format!("http://{web}/public/a")).await.0, 403);
+    let audited = access_lines(1, |l| l.get("kind") == "policy" && l.get("audited") == "watch-posts").await;
+    assert!(!audited.is_empty());
+    // echo.shop has no allow policy: default_deny refuses everyone.
+    assert!(flow("127.0.0.2", echo).await.is_err());
+    let t = m.gw(1).metrics_text();
+    let denied = metric(
+        &t,
+        "causeway_policy_decisions_total",
+        &[("service", "echo.shop"), ("policy", "default"), ("action", "deny")],
+    );
+    assert_eq!(denied, Some(1.0), "{t}");
+
+    // Audit mode, by reload: the same calls pass, each logged and counted as audit.
+    m.specs[1].extra = format!("{PATHS}  mode: audit\n");
+    let yaml = m.specs[1].yaml().replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http,");
+    let path = m.pki.dir.join("east-audit.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let r = m.gw(1).reload(&causeway::config::load(&path).unwrap()).await.unwrap();
+    assert!(r.authorization_changed);
+    assert_eq!(
+        request("127.0.0.3", "GET", format!("http://{web}/admin/users")).await,
+        (200, "GET /admin/users".into())
+    );
+    assert!(flow("127.0.0.3", echo).await.unwrap().contains("ping"));
+    let t = m.gw(1).metrics_text();
+    let audit = |svc: &str, policy: &str| {
+        metric(&t, "causeway_policy_decisions_total", &[("service", svc), ("policy", policy), ("action", "audit")])
+    };
+    assert_eq!(audit("reviews.shop", "no-admin"), Some(1.0), "{t}");
+    assert_eq!(audit("echo.shop", "default"), Some(1.0), "{t}");
+    let lines =
+        access_lines(2, |l| l.get("kind") == "policy" && l.get("decision") == "audit" && l.get("source_identity") == B)
+            .await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    m.shutdown().await;
+}
+
+#[test]
+fn policy_explain_names_the_deciding_rule() {
+    let dir = std::env::temp_dir().join(format!("causeway-explain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("east.yaml");
+    // TLS files are not read by explain: the names need not exist.
+    std::fs::write(
+        &cfg,
+        format!(
+            "zone: east\ngateway: gw-1\ntrust_domain: test.causeway\ntls: {{ cert: c.pem, key: k.pem, bundle: ca.crt }}\n\
+             listen: {{ overlay: \"127.0.0.1:4433\" }}\n\
+             exports:\n  - {{ name: reviews.shop, protocol: http, port: 9080, endpoints: [\"127.0.0.1:9\"] }}\n{PATHS}"
+        ),
+    )
+    .unwrap();
+    let explain = |args: &[&str]| {
+        let out = Command::new(causeway_bin())
+            .args(["policy", "explain", "--config", cfg.to_str().unwrap(), "--service", "reviews.shop"])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, out) = explain(&["--identity", A, "--method", "GET", "--path", "/public/x"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("decision: allow") && out.contains("public-reads (rule 0)"), "{out}");
+    let (code, out) = explain(&["--identity", A, "--method", "GET", "--path", "/admin/x"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("decision: deny") && out.contains("no-admin (rule 0)") && out.contains("deny_rule"), "{out}");
+    let (code, out) = explain(&["--identity", A, "--method", "POST", "--path", "/public/x"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("no_allow_rule") && out.contains("audited:  watch-posts"), "{out}");
+    let (code, out) = explain(&["--identity", "not-an-id"]);
+    assert_eq!(code, Some(2), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_closes_open_flows_it_no_longer_allows() {
+    let (mut m, _web, echo, _servers) = mesh(A_ONLY).await;
+    // A's flow is open and echoing.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut open = sock.connect(echo).await.unwrap();
+    open.write_all(b"first").await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), open.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "the flow ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The policy now admits only another identity: the open flow is reset, well within 10 s.
+    m.specs[1].extra = A_ONLY.replace("sa/frontend", "sa/checkout");
+    let yaml = m.specs[1].yaml().replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http,");
+    let path = m.pki.dir.join("east-revoke.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let started = std::time::Instant::now();
+    let r = m.gw(1).reload(&causeway::config::load(&path).unwrap()).await.unwrap();
+    assert_eq!((r.authorization_changed, r.flows_revoked), (true, 1));
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match open.read(&mut buf).await {
+                Ok(0) => return "eof",
+                Ok(_) => continue,
+                Err(_) => return "reset",
+            }
+        }
+    })
+    .await
+    .expect("the revoked flow stayed open");
+    eprintln!("revoked flow ended ({end}) {:?} after the reload", started.elapsed());
+    let t = m.gw(1).metrics_text();
+    assert_eq!(metric(&t, "causeway_flows_revoked_total", &[("service", "echo.shop")]), Some(1.0), "{t}");
+    // New flows from A are refused now.
+    assert!(flow("127.0.0.2", echo).await.is_err());
+    m.shutdown().await;
+}
