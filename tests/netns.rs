@@ -190,6 +190,8 @@ fn gateway_yaml(w: &World, zone: &str) -> std::path::PathBuf {
                 ("redis.shop".into(), 6379, svc(6379)),
                 ("bulk.shop".into(), 9000, svc(9000)),
                 ("reviews.shop".into(), 9080, svc(9080)),
+                // Allowed only to a pod address that does not exist (gateway a's allowlist).
+                ("secret.shop".into(), 9000, svc(9000)),
             ]
         } else {
             vec![("reviews.shop".into(), 9080, vec!["10.12.0.2:9080".parse().unwrap()])]
@@ -202,7 +204,8 @@ fn gateway_yaml(w: &World, zone: &str) -> std::path::PathBuf {
         },
         extra: if zone == "a" {
             format!(
-                "redirectors:\n  - {{ id_prefix: \"spiffe://{TD}/zone/a/node/\" }}\nworkloads:\n  - {{ cidr: 10.11.0.0/24, id: \"{FRONTEND}\" }}\n{REVIEWS_ROUTES}"
+                "redirectors:\n  - {{ id_prefix: \"spiffe://{TD}/zone/a/node/\" }}\nworkloads:\n  - {{ cidr: 10.11.0.0/24, id: \"{FRONTEND}\" }}\n{REVIEWS_ROUTES}\
+                 client_allowlists:\n  - {{ service: secret.shop, cidrs: [10.11.0.99/32] }}\n"
             )
         } else {
             // Handshakes only from the configured peer (always allowed) and this range.
@@ -380,9 +383,9 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
         let n = v["services"]
             .as_array()
             .map(|a| a.iter().filter(|s| s["route_order"].as_array().is_some_and(|r| r.len() == 1)).count());
-        n == Some(3)
+        n == Some(4)
     };
-    assert!(wait(Duration::from_secs(10), routed), "gateway a never routed all three services");
+    assert!(wait(Duration::from_secs(10), routed), "gateway a never routed all four services");
     assert_eq!(causeway_rules(&w.node), 2, "one rule each in OUTPUT and PREROUTING");
 
     // 1. An unmodified curl by name.
@@ -428,6 +431,17 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
         "gateway a's access log lacks the captured requests:\n{}",
         gw_a.log_text()
     );
+
+    // 1c. A pod outside secret.shop's allowlist is refused at capture (reset at once), and
+    // nothing crosses the overlay: gateway b never sees a flow for it.
+    let secret = resolves(&w.pod, "secret.shop.mesh").expect("secret.shop resolves");
+    let (kind, secs) = probe(&w.pod, &secret, 9000);
+    assert_eq!(kind, "RESET", "a pod outside the allowlist");
+    assert!(secs < 1.0, "refused after {secs} s");
+    assert!(
+        metric(&w.gwa, 9901, "causeway_clients_refused_total", "service=\"secret.shop\",via=\"capture\"") >= Some(1.0)
+    );
+    assert_eq!(metric(&w.gwb, 9901, "causeway_inbound_flows_total", "service=\"secret.shop\""), None);
 
     // 2. 32 MiB through redirector and both gateways, checksum-verified.
     let bulk = w.pod.exec(&["python3", "-c", BULK_PY, "bulk.shop.mesh", "9000", &(32 << 20).to_string()]).unwrap();

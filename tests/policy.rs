@@ -294,3 +294,52 @@ async fn a_policy_change_closes_open_flows_it_no_longer_allows() {
     assert!(flow("127.0.0.2", echo).await.is_err());
     m.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_per_identity_admits_about_the_limit_and_answers_429_with_retry_after() {
+    let limits =
+        "rate_limits:\n  - { name: per-caller, service: reviews.shop, per: identity, requests_per_second: 100 }\n";
+    let (m, web, _echo, _servers) = mesh(limits).await;
+    // 500 requests/s for 10 s from workload A (127.0.0.2), on kept-alive connections.
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some("127.0.0.2".parse().unwrap()));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+    let url: http::Uri = format!("http://{web}/limited").parse().unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    let mut calls = tokio::task::JoinSet::new();
+    let started = std::time::Instant::now();
+    for _ in 0..5000 {
+        tick.tick().await;
+        let (c, u) = (client.clone(), url.clone());
+        calls.spawn(async move {
+            let r = c.get(u).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((r.status().as_u16(), r.headers().contains_key("retry-after")))
+        });
+    }
+    let (mut ok, mut limited, mut without_retry_after, mut other) = (0u32, 0u32, 0u32, Vec::new());
+    while let Some(r) = calls.join_next().await {
+        match r.unwrap() {
+            Ok((200, _)) => ok += 1,
+            Ok((429, has)) => {
+                limited += 1;
+                without_retry_after += u32::from(!has);
+            }
+            x => other.push(x),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // 100/s over the run plus a burst of 10 (a tenth of a second's worth).
+    let expected = 100.0 * secs + 10.0;
+    eprintln!(
+        "rate limit 100/s, 5,000 requests in {secs:.1} s: {ok} admitted (expected ≈ {expected:.0}), {limited} × 429"
+    );
+    assert!(other.is_empty(), "{:?}", &other[..other.len().min(5)]);
+    assert_eq!(ok + limited, 5000);
+    assert!((f64::from(ok) - expected).abs() <= expected * 0.1, "{ok} admitted, expected {expected:.0} ± 10 %");
+    assert_eq!(without_retry_after, 0, "429s without Retry-After");
+    let t = m.gw(1).metrics_text();
+    let counted = metric(&t, "causeway_rate_limited_total", &[("limit", "per-caller"), ("kind", "requests")]);
+    assert_eq!(counted, Some(f64::from(limited)), "{t}");
+    m.shutdown().await;
+}

@@ -258,6 +258,10 @@ impl Reloader {
         self.http.reconfigure(new.http_routes.clone(), &endpoints);
         out.authorization_changed = old.authorization != new.authorization;
         self.http.policy().replace(new.authorization.clone());
+        self.mesh.set_client_allowlists(new.client_allowlists.clone());
+        if old.rate_limits != new.rate_limits {
+            self.http.policy().replace_limits(&new.rate_limits);
+        }
         if out.authorization_changed {
             out.flows_revoked = self.mesh.reauthorize();
         }
@@ -334,6 +338,7 @@ impl Gateway {
             redirectors: cfg.redirectors.clone(),
             http3_clients: cfg.http3_clients.clone(),
             workloads: cfg.workloads.clone(),
+            client_allowlists: cfg.client_allowlists.clone(),
             allowed_sources: cfg.allowed_sources.clone(),
             timing: cfg.timing,
             limits: cfg.limits,
@@ -344,7 +349,7 @@ impl Gateway {
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
 
-        let policy = crate::policy::Enforcer::new(cfg.authorization.clone(), mesh.metrics().clone());
+        let policy = crate::policy::Enforcer::new(cfg.authorization.clone(), &cfg.rate_limits, mesh.metrics().clone());
         mesh.set_authorizer(policy.clone());
         let http = crate::http::Http::new(mesh.clone(), cfg.http_routes.clone(), policy);
         let handler: Arc<dyn causeway_overlay::http::HttpHandler> = http.clone();

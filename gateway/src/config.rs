@@ -35,6 +35,12 @@ pub struct RawConfig {
     /// Who may call this zone's exported services (README "Authorization").
     #[serde(default)]
     pub authorization: crate::policy::RawAuthorization,
+    /// Which client addresses may use a service through capture or a local listener.
+    #[serde(default)]
+    pub client_allowlists: Vec<RawClientAllowlist>,
+    /// Rate limits on this gateway's exported services (README "Authorization").
+    #[serde(default)]
+    pub rate_limits: Vec<crate::ratelimit::RawRateLimit>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
     #[serde(default)]
@@ -163,6 +169,14 @@ pub struct RawExport {
     /// `http`: how an endpoint is chosen for each request.
     #[serde(default)]
     pub load_balancer: Option<RawLoadBalancer>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientAllowlist {
+    pub service: String,
+    /// Addresses or CIDRs of the pods (or hosts) that may use it; everyone else is refused.
+    pub cidrs: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -296,6 +310,8 @@ pub struct Config {
     pub limits: Limits,
     pub http_routes: Vec<crate::routes::HttpRoute>,
     pub authorization: crate::policy::Policies,
+    pub client_allowlists: HashMap<ServiceName, Vec<ipnet::IpNet>>,
+    pub rate_limits: Vec<crate::ratelimit::LimitSpec>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -692,6 +708,25 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
     let http_routes = crate::routes::validate(&raw.http_routes, &imports, &mut e);
     let authorization = crate::policy::validate(&raw.authorization, &mut e);
+    let rate_limits = crate::ratelimit::validate(&raw.rate_limits, &exports, &mut e);
+    let mut client_allowlists: HashMap<ServiceName, Vec<ipnet::IpNet>> = HashMap::new();
+    for (i, a) in raw.client_allowlists.iter().enumerate() {
+        let Some(service) = e.parse(format!("client_allowlists[{i}].service"), ServiceName::new(&a.service)) else {
+            continue;
+        };
+        if a.cidrs.is_empty() {
+            e.push(format!("client_allowlists[{i}].cidrs"), "must list at least one address or CIDR");
+        }
+        let nets: Vec<_> = a
+            .cidrs
+            .iter()
+            .enumerate()
+            .filter_map(|(j, c)| e.parse(format!("client_allowlists[{i}].cidrs[{j}]"), cidr(c)))
+            .collect();
+        if client_allowlists.insert(service.clone(), nets).is_some() {
+            e.push(format!("client_allowlists[{i}].service"), format!("{service} is listed twice"));
+        }
+    }
     for (i, p) in authorization.policies.iter().enumerate() {
         if let Some(s) = p.service.as_ref().filter(|s| !exports.iter().any(|x| &x.name == *s)) {
             e.push(format!("authorization.policies[{i}].service"), format!("{s} is not exported by this gateway"));
@@ -711,8 +746,6 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             workloads.push((net, id));
         }
     }
-    // Looked up first match first: the longest prefix wins.
-    workloads.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
 
     let allowed_sources: Vec<ipnet::IpNet> = raw
         .allowed_sources
@@ -829,6 +862,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             limits,
             http_routes,
             authorization,
+            client_allowlists,
+            rate_limits,
             log_format,
             log_level,
         }),

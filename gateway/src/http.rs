@@ -855,8 +855,8 @@ impl Http {
         let go = async {
             match &c.target {
                 Target::Local => match self.authorize_local(service, &req, source) {
-                    Ok(()) => self.to_endpoint(service, req).await,
-                    Err(policy) => policy_denied(&policy),
+                    None => self.to_endpoint(service, req).await,
+                    Some(refusal) => refusal,
                 },
                 Target::Peer(id) => self.to_peer(id, service, req, source, trace).await,
             }
@@ -961,22 +961,32 @@ impl Http {
 
     /// This gateway serves the request itself: it is the destination, and its policy decides
     /// for its own zone's callers too.
-    fn authorize_local<B>(&self, service: &ServiceName, req: &Request<B>, source: &Source) -> Result<(), String> {
+    fn authorize_local<B>(
+        &self,
+        service: &ServiceName,
+        req: &Request<B>,
+        source: &Source,
+    ) -> Option<Response<ChanBody>> {
         let zone = self.mesh.zone().to_string();
         let port = self.mesh.export_port(service);
-        let (pass, d) = self.policy.check(&Subject {
+        let subject = Subject {
             service: Some(service),
             identity: Some(&source.identity),
             zone: Some(zone.as_str()),
             addr: Some(source.addr.ip()),
             port,
             http: Some(HttpSubject { method: req.method().as_str(), path: req.uri().path(), headers: req.headers() }),
-        });
-        if pass {
-            Ok(())
-        } else {
-            Err(d.policy)
+        };
+        self.admit(&subject)
+    }
+
+    /// Authorization, then rate limits: the refusal to answer with, if any.
+    fn admit(&self, s: &Subject<'_>) -> Option<Response<ChanBody>> {
+        let (pass, d) = self.policy.check(s);
+        if !pass {
+            return Some(policy_denied(&d.policy));
         }
+        self.policy.check_rate(s).err().map(|l| rate_limited(&l))
     }
 
     /// An immediate 503 from an open breaker, naming it.
@@ -1201,10 +1211,10 @@ fn grpc_error(resp: Response<ChanBody>) -> Response<ChanBody> {
         return resp;
     };
     let code = match e {
-        FlowError::BackendTimeout => 4,                      // DEADLINE_EXCEEDED
-        FlowError::Forbidden | FlowError::PolicyDenied => 7, // PERMISSION_DENIED
-        FlowError::RateLimited => 8,                         // RESOURCE_EXHAUSTED
-        FlowError::BadRequest | FlowError::Loop => 13,       // INTERNAL
+        FlowError::BackendTimeout => 4,                         // DEADLINE_EXCEEDED
+        FlowError::Forbidden | FlowError::PolicyDenied => 7,    // PERMISSION_DENIED
+        FlowError::RateLimited | FlowError::LimitExceeded => 8, // RESOURCE_EXHAUSTED
+        FlowError::BadRequest | FlowError::Loop => 13,          // INTERNAL
         FlowError::UnknownService
         | FlowError::NoHealthyEndpoint
         | FlowError::Draining
@@ -1267,6 +1277,21 @@ fn policy_denied(policy: &str) -> Response<ChanBody> {
     r.headers_mut().insert(causeway_protocol::flow::ERROR, http::HeaderValue::from_static("policy_denied"));
     if let Ok(v) = http::HeaderValue::from_str(policy) {
         r.headers_mut().insert(causeway_protocol::flow::POLICY, v);
+    }
+    r
+}
+
+/// A request over a rate limit: 429 naming the limit, with `Retry-After` (whole seconds, at least 1).
+fn rate_limited(l: &crate::ratelimit::Limited) -> Response<ChanBody> {
+    let (tx, body) = chan();
+    let _ = tx.try_send(Ok(Frame::data(Bytes::from(format!("rate_limited: {}\n", l.name)))));
+    let mut r = Response::new(body);
+    *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let h = r.headers_mut();
+    h.insert(causeway_protocol::flow::ERROR, http::HeaderValue::from_static("rate_limited"));
+    h.insert(http::header::RETRY_AFTER, http::HeaderValue::from(l.retry_after.as_secs_f64().ceil().max(1.0) as u64));
+    if let Ok(v) = http::HeaderValue::from_str(&l.name) {
+        h.insert(causeway_protocol::flow::POLICY, v);
     }
     r
 }
@@ -1360,22 +1385,31 @@ impl Http {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
             .map(|a| a.ip());
-        let (pass, decision) = self.policy.check(&Subject {
+        let subject = Subject {
             service: Some(&service),
             identity: Some(caller.as_ref().unwrap_or(&from.identity)),
             zone: from.zone.as_ref().map(|z| z.as_str()),
             addr,
             port,
             http: Some(HttpSubject { method: req.method().as_str(), path: req.uri().path(), headers: req.headers() }),
-        });
+        };
+        let (pass, decision) = self.policy.check(&subject);
+        // Authorized calls draw from the rate limits; a refusal is answered instead.
+        let refusal = if pass {
+            self.policy.check_rate(&subject).err().map(|l| rate_limited(&l))
+        } else {
+            Some(policy_denied(&decision.policy))
+        };
         let (mut send, recv) = stream.split();
         let (tx, body) = chan();
         let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = bytes_in.clone();
         let pump = tokio::spawn(async move { pump_server(recv, tx, &counted).await });
         let (method, path) = (req.method().clone(), req.uri().path_and_query().map(|p| p.to_string()));
-        let resp =
-            if pass { self.to_endpoint(&service, req.map(|()| body)).await } else { policy_denied(&decision.policy) };
+        let resp = match refusal {
+            None => self.to_endpoint(&service, req.map(|()| body)).await,
+            Some(r) => r,
+        };
         let status = resp.status();
         let endpoint = resp.extensions().get::<EndpointUsed>().map(|e| e.0.to_string()).unwrap_or_default();
         let (how, bytes_out) = respond_h3(&mut send, resp).await;

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod http;
 pub mod listeners;
 pub mod policy;
+pub mod ratelimit;
 pub mod redirect;
 pub mod routes;
 pub mod telemetry;

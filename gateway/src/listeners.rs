@@ -126,6 +126,12 @@ impl ImportListener {
                 causeway_overlay::relay::abort(tcp);
                 continue;
             };
+            // A service with an allowlist: refused before any overlay traffic.
+            if !mesh.client_allowed(&self.service, addr.ip(), "listener") {
+                causeway_overlay::relay::abort(tcp);
+                drop(slot);
+                continue;
+            }
             let mesh = mesh.clone();
             let service = self.service.clone();
             let dst = tcp.local_addr().unwrap_or(self.local_addr());

@@ -358,16 +358,39 @@ pub const POLICY_DECISIONS: &str = "causeway_policy_decisions_total";
 /// audit logged (target `causeway::access`, `kind=policy`).
 pub struct Enforcer {
     policies: std::sync::RwLock<std::sync::Arc<Policies>>,
+    limits: std::sync::RwLock<std::sync::Arc<crate::ratelimit::RateLimits>>,
     metrics: causeway_overlay::metrics::Metrics,
 }
 
 impl Enforcer {
-    pub fn new(p: Policies, metrics: causeway_overlay::metrics::Metrics) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self { policies: std::sync::RwLock::new(std::sync::Arc::new(p)), metrics })
+    pub fn new(
+        p: Policies,
+        limits: &[crate::ratelimit::LimitSpec],
+        metrics: causeway_overlay::metrics::Metrics,
+    ) -> std::sync::Arc<Self> {
+        let limits = crate::ratelimit::RateLimits::new(limits, metrics.clone());
+        std::sync::Arc::new(Self {
+            policies: std::sync::RwLock::new(std::sync::Arc::new(p)),
+            limits: std::sync::RwLock::new(std::sync::Arc::new(limits)),
+            metrics,
+        })
     }
 
     pub fn replace(&self, p: Policies) {
         *self.policies.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(p);
+    }
+
+    /// New rate limits (a reload that changed them): fresh buckets.
+    pub fn replace_limits(&self, specs: &[crate::ratelimit::LimitSpec]) {
+        let l = crate::ratelimit::RateLimits::new(specs, self.metrics.clone());
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(l);
+    }
+
+    /// The request rate limits for an authorized HTTP request.
+    pub fn check_rate(&self, s: &Subject<'_>) -> Result<(), crate::ratelimit::Limited> {
+        let Some(service) = s.service else { return Ok(()) };
+        let limits = self.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+        limits.check_request(service, s.identity.map(|i| i.as_str()).unwrap_or(""), s.zone.unwrap_or(""))
     }
 
     /// Decides, counts and logs; returns whether the request or flow may pass, and the decision.
@@ -425,6 +448,16 @@ impl causeway_overlay::mesh::Authorizer for Enforcer {
         match self.check(&s) {
             (true, _) => Ok(()),
             (false, d) => Err(d.policy),
+        }
+    }
+
+    fn admit_flow(&self, c: &causeway_overlay::mesh::FlowCaller<'_>) -> Result<Box<dyn Send + Sync>, String> {
+        let limits = self.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let identity = c.identity.map(|i| i.as_str()).unwrap_or("");
+        let zone = c.zone.map(|z| z.as_str()).unwrap_or("");
+        match limits.admit_flow(c.service, identity, zone) {
+            Ok(slots) => Ok(Box::new(slots)),
+            Err(l) => Err(l.name),
         }
     }
 }

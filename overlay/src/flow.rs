@@ -59,6 +59,8 @@ struct FlowLog {
     up: u64,
     down: u64,
     attempts: u32,
+    /// The flow's places in rate limits' open-flow counts, given back when the flow ends.
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl Drop for FlowLog {
@@ -179,6 +181,7 @@ impl Mesh {
             up: 0,
             down: 0,
             attempts: 0,
+            hold: None,
         };
         let Some(_guard) = self.flow_guard() else {
             log.error = "draining";
@@ -301,17 +304,22 @@ impl Mesh {
             let attempt = match target {
                 // This gateway serves the service itself: it is the destination, and its policy
                 // decides for its own zone's callers too.
-                Target::Local if self.authorize_local(service, source).is_err() => {
-                    Err((FlowError::PolicyDenied, FlowError::PolicyDenied.as_str()))
-                }
-                Target::Local => match Box::pin(self.connect_local_with(service, &early)).await {
-                    // Checked again once connected (the client's own registration may have
-                    // raced this flow's start).
-                    Ok((tcp, _, _)) if self.0.backend_legs.contains(source.addr, source.dst) => {
-                        relay::abort(tcp);
-                        Err((FlowError::Loop, FlowError::Loop.as_str()))
+                Target::Local => match self.admit_local(service, source) {
+                    Err(e) => Err((e, e.as_str())),
+                    Ok(hold) => {
+                        log.hold = hold;
+                        match Box::pin(self.connect_local_with(service, &early)).await {
+                            // Checked again once connected (the client's own registration may
+                            // have raced this flow's start).
+                            Ok((tcp, _, _)) if self.0.backend_legs.contains(source.addr, source.dst) => {
+                                relay::abort(tcp);
+                                Err((FlowError::Loop, FlowError::Loop.as_str()))
+                            }
+                            r => r
+                                .map(|(tcp, addr, leg)| Upstream::Local(tcp, addr, Some(leg)))
+                                .map_err(|e| (e, e.as_str())),
+                        }
                     }
-                    r => r.map(|(tcp, addr, leg)| Upstream::Local(tcp, addr, Some(leg))).map_err(|e| (e, e.as_str())),
                 },
                 Target::Peer(id) => Box::pin(self.open_remote(service, &id, source, &log.trace, &early))
                     .await
@@ -344,10 +352,10 @@ impl Mesh {
         Some((down, upstream, early))
     }
 
-    /// The authorizer's verdict on a flow of this zone's own client to a service this gateway
-    /// exports (`Err(policy)`: refused).
-    fn authorize_local(&self, service: &ServiceName, source: &Source) -> Result<(), String> {
-        let Some(a) = self.0.authorizer.get() else { return Ok(()) };
+    /// Authorization and rate limits for this zone's own client of a service this gateway serves
+    /// itself (it is the destination): the limits' hold on success.
+    fn admit_local(&self, service: &ServiceName, source: &Source) -> Result<Option<Box<dyn Send + Sync>>, FlowError> {
+        let Some(a) = self.0.authorizer.get() else { return Ok(None) };
         let port = self.exports().get(service).map(|e| e.export.port).unwrap_or(0);
         let caller = crate::mesh::FlowCaller {
             service,
@@ -356,7 +364,8 @@ impl Mesh {
             addr: Some(source.addr.ip()),
             port,
         };
-        a.authorize_flow(&caller)
+        a.authorize_flow(&caller).map_err(|_| FlowError::PolicyDenied)?;
+        a.admit_flow(&caller).map(Some).map_err(|_| FlowError::LimitExceeded)
     }
 
     fn flow_failed(&self, service: &ServiceName, reason: &str) {
@@ -578,6 +587,7 @@ pub(crate) async fn serve_inbound(
         up: 0,
         down: 0,
         attempts: 1,
+        hold: None,
     };
     // The request's header map lives on the heap; a flow may stay open for days.
     drop(req);
@@ -592,6 +602,21 @@ pub(crate) async fn serve_inbound(
     let caller_id = Identity::parse(&log.source_identity).unwrap_or_else(|_| peer.clone());
     let caller_zone = mesh.routes().peer(peer).and_then(|e| e.zone.clone());
     let port = authority.as_ref().and_then(|a| a.port_u16()).unwrap_or(0);
+    // Authorization, then rate limits (whose hold on the open-flow counts lasts the flow).
+    let mut hold: Option<Box<dyn Send + Sync>> = None;
+    let mut admit = |s: &ServiceName| -> Result<(), (FlowError, String)> {
+        let Some(a) = mesh.0.authorizer.get() else { return Ok(()) };
+        let caller = crate::mesh::FlowCaller {
+            service: s,
+            identity: Some(&caller_id),
+            zone: caller_zone.as_ref(),
+            addr: client_conn.map(|(a, _)| a.ip()),
+            port,
+        };
+        a.authorize_flow(&caller).map_err(|p| (FlowError::PolicyDenied, p))?;
+        hold = Some(a.admit_flow(&caller).map_err(|l| (FlowError::LimitExceeded, l))?);
+        Ok(())
+    };
     let target = if !is_connect {
         Err(FlowError::BadRequest)
     } else if guard.is_none() {
@@ -602,18 +627,9 @@ pub(crate) async fn serve_inbound(
         Err(FlowError::RateLimited)
     } else if looped {
         Err(FlowError::Loop)
-    } else if let Some(Err(policy)) = exported.zip(mesh.0.authorizer.get()).map(|(s, a)| {
-        let caller = crate::mesh::FlowCaller {
-            service: s,
-            identity: Some(&caller_id),
-            zone: caller_zone.as_ref(),
-            addr: client_conn.map(|(a, _)| a.ip()),
-            port,
-        };
-        a.authorize_flow(&caller)
-    }) {
-        denied_by = policy;
-        Err(FlowError::PolicyDenied)
+    } else if let Some(Err((e, name))) = exported.map(&mut admit) {
+        denied_by = name;
+        Err(e)
     } else if let Some(s) = exported {
         match Box::pin(mesh.connect_local(s)).await {
             // Checked again once connected: the backend connection this flow came from may have
@@ -664,6 +680,7 @@ pub(crate) async fn serve_inbound(
         up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_up")]),
         down: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", &zone), ("direction", "inbound_down")]),
     };
+    log.hold = hold;
     let (bs, bk) = relay::tcp(tcp);
     // Registered while open: a policy change that no longer allows the caller resets the flow.
     let revoke = tokio_util::sync::CancellationToken::new();

@@ -95,6 +95,11 @@ async fn handle(mesh: Mesh, node: Identity, req: http::Request<()>, stream: Serv
         mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "bad_request")]).increment(1);
         return refuse(stream, FlowError::BadRequest).await;
     };
+    // A service with an allowlist: refused before any overlay traffic (the redirector resets the pod).
+    if !mesh.client_allowed(&service, src.ip(), "capture") {
+        mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "not_allowed")]).increment(1);
+        return refuse(stream, FlowError::PolicyDenied).await;
+    }
     let identity = mesh.workload_identity(src.ip()).cloned().unwrap_or(node);
     let trace = header(TRACEPARENT).and_then(TraceParent::parse);
     mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "accepted")]).increment(1);

@@ -144,6 +144,12 @@ impl Mesh {
 /// `causeway-policy: <policy>`).
 pub trait Authorizer: Send + Sync + 'static {
     fn authorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String>;
+
+    /// Rate limits of an authorized new flow: `Ok(guard)` holds the flow's place among the open
+    /// flows until dropped; `Err(limit)` refuses it (429 `rate_limited`).
+    fn admit_flow(&self, _caller: &FlowCaller<'_>) -> Result<Box<dyn Send + Sync>, String> {
+        Ok(Box::new(()))
+    }
 }
 
 /// How an `http` export's endpoint is chosen for each request.
@@ -225,6 +231,8 @@ pub struct MeshConfig {
     pub http3_clients: Vec<String>,
     /// Source address ranges of workloads and their identities (longest prefix wins).
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
+    /// Services only these source ranges may use, through capture or a local listener.
+    pub client_allowlists: HashMap<ServiceName, Vec<ipnet::IpNet>>,
     /// Addresses that may start a QUIC handshake with us, besides the configured peers' addresses.
     /// Empty: anyone may try (the certificate is still checked).
     pub allowed_sources: Vec<ipnet::IpNet>,
@@ -387,6 +395,8 @@ pub(crate) struct Inner {
     pub dialers: Mutex<HashMap<Identity, CancellationToken>>,
     pub allowed: crate::tls::Allowed,
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
+    /// Per service, the source ranges allowed to use it here (absent: anyone).
+    pub client_allowlists: RwLock<Arc<HashMap<ServiceName, Vec<ipnet::IpNet>>>>,
     /// As configured; the addresses of peers are added to it (`allowed_sources`).
     pub allowed_sources_base: Vec<ipnet::IpNet>,
     /// `None`: any source may start a handshake.
@@ -462,6 +472,7 @@ impl Mesh {
             dialers: Mutex::new(HashMap::new()),
             allowed,
             workloads,
+            client_allowlists: RwLock::new(Arc::new(cfg.client_allowlists)),
             allowed_sources_base: cfg.allowed_sources,
             allowed_sources: RwLock::new(allowed_sources),
             routes: RwLock::new(routes),
@@ -653,6 +664,31 @@ impl Mesh {
     /// Waits until every QUIC connection is closed and its close has been sent.
     pub async fn wait_closed(&self) {
         self.0.endpoint.wait_idle().await;
+    }
+
+    /// Whether a client at `ip` may use `service` here (capture or a local listener). A refusal is
+    /// counted and logged; the caller resets the client before any overlay traffic.
+    pub fn client_allowed(&self, service: &ServiceName, ip: std::net::IpAddr, via: &'static str) -> bool {
+        let lists = self.0.client_allowlists.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(nets) = lists.get(service) else { return true };
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        if nets.iter().any(|n| n.contains(&ip)) {
+            return true;
+        }
+        tracing::info!(service = %service, client = %ip, via, "client.refused");
+        self.0
+            .metrics
+            .counter(crate::metrics::CLIENTS_REFUSED, &[("service", service.as_str()), ("via", via)])
+            .increment(1);
+        false
+    }
+
+    /// Replaces the client allowlists (a reload).
+    pub fn set_client_allowlists(&self, lists: HashMap<ServiceName, Vec<ipnet::IpNet>>) {
+        *self.0.client_allowlists.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(lists);
     }
 
     /// The workload identity of a source address, from the configured ranges.

@@ -30,6 +30,9 @@ pub const FLOWS_OPENED: &str = "causeway_flows_opened_total";
 pub const FLOWS_CLOSED: &str = "causeway_flows_closed_total";
 pub const FLOWS_FAILED: &str = "causeway_flows_failed_total";
 pub const FLOWS_ACTIVE: &str = "causeway_flows_active";
+/// Clients refused by a service's allowlist before any overlay traffic, by service and where
+/// (`listener`, `capture`).
+pub const CLIENTS_REFUSED: &str = "causeway_clients_refused_total";
 /// Open inbound flows reset because a changed policy no longer allows them, by service.
 pub const FLOWS_REVOKED: &str = "causeway_flows_revoked_total";
 pub const FLOW_BYTES: &str = "causeway_flow_bytes_total";
@@ -129,6 +132,11 @@ impl Metrics {
         c(FLOWS_CLOSED, None, "Flows ended, by service, serving zone and outcome.");
         c(FLOWS_FAILED, None, "Flows that found no route or were refused everywhere, by service and reason.");
         g(FLOWS_ACTIVE, None, "Flows open now, by service and serving zone.");
+        c(
+            CLIENTS_REFUSED,
+            None,
+            "Clients refused by a service's allowlist before any overlay traffic, by service and where.",
+        );
         c(FLOWS_REVOKED, None, "Open inbound flows reset because a changed policy no longer allows them, by service.");
         g(PEER_CWND, Some(Unit::Bytes), "Congestion window of the connection to a peer.");
         g(

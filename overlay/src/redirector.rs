@@ -29,8 +29,9 @@ use crate::session::{Backoff, MAX_FIELD_SECTION};
 use crate::tls::{Credentials, TlsFactory, TrustBundle, SERVER_NAME};
 use crate::transport::{self, Timers};
 
-/// Timers of the redirector. The gateway is on the same network, so a dead gateway is noticed fast:
-/// a connection silent for `idle_timeout` is dropped and captured connections are reset at once.
+/// Timers of the redirector. The gateway is on the same network, so a silent gateway is noticed
+/// fast: new captured connections are reset at once after `silence`, and the connection (with its
+/// flows) is dropped after `silence_close`.
 #[derive(Debug, Clone, Copy)]
 pub struct RedirectTiming {
     pub handshake_timeout: Duration,
@@ -40,8 +41,12 @@ pub struct RedirectTiming {
     pub backoff_max: Duration,
     pub transport: Timers,
     /// No datagram from the gateway for this long (it acknowledges our keep-alives every
-    /// `transport.keep_alive`) means it is gone: its flows are reset and new ones refused at once.
+    /// `transport.keep_alive`) means it may be gone: new captured connections are refused at once
+    /// (reset) until it is heard again ...
     pub silence: Duration,
+    /// ... and after this long the connection is closed, resetting the flows still on it. Longer,
+    /// so a gateway stalled for a moment (a busy node) costs no open flow.
+    pub silence_close: Duration,
 }
 
 /// How often the redirector looks for datagrams from its gateway.
@@ -58,6 +63,7 @@ impl Default for RedirectTiming {
             // for a busy gateway; a silent gateway is noticed by `silence` instead.
             transport: Timers { keep_alive: Duration::from_millis(200), idle_timeout: Duration::from_secs(5) },
             silence: Duration::from_millis(600),
+            silence_close: Duration::from_secs(3),
         }
     }
 }
@@ -217,7 +223,7 @@ impl Redirector {
             Ok(Err(e)) => return e,
             Err(_) => return "catalog stream not answered".into(),
         };
-        self.0.session.send_replace(Some(requests));
+        self.0.session.send_replace(Some(requests.clone()));
         let (_tx, mut rx) = stream.split();
         let mut dec = Decoder::new();
         let mut pending: BTreeMap<ServiceName, u16> = BTreeMap::new();
@@ -225,6 +231,7 @@ impl Redirector {
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_rx = (conn.stats().udp_rx.datagrams, Instant::now());
         let mut last_tick = Instant::now();
+        let mut suspect = false;
         loop {
             let data = tokio::select! {
                 d = rx.recv() => d,
@@ -235,12 +242,22 @@ impl Redirector {
                     // over time the redirector was awake to hear it.
                     let late = last_tick.elapsed() > WATCHDOG * 3;
                     last_tick = Instant::now();
+                    let silent = last_rx.1.elapsed();
                     if rx != last_rx.0 || late {
                         last_rx = (rx, Instant::now());
-                    } else if last_rx.1.elapsed() > self.0.cfg.timing.silence {
-                        let why = format!("gateway silent for {:?}", last_rx.1.elapsed());
+                        if std::mem::take(&mut suspect) {
+                            tracing::info!(silent_ms = silent.as_millis() as u64, "redirect.gateway.heard");
+                            self.0.session.send_replace(Some(requests.clone()));
+                        }
+                    } else if silent > self.0.cfg.timing.silence_close {
+                        let why = format!("gateway silent for {silent:?}");
                         conn.close(quinn::VarInt::from_u32(causeway_protocol::ErrorCode::PEER_UNRESPONSIVE.0 as u32), why.as_bytes());
                         return why;
+                    } else if silent > self.0.cfg.timing.silence && !suspect {
+                        // New captured connections are reset at once; open flows wait a while.
+                        suspect = true;
+                        tracing::warn!(silent_ms = silent.as_millis() as u64, "redirect.gateway.silent");
+                        self.0.session.send_replace(None);
                     }
                     continue;
                 }
@@ -319,10 +336,19 @@ impl Redirector {
             }
             Ok(s.split())
         };
-        let (tx, rx) = match tokio::time::timeout(self.0.cfg.timing.flow_timeout, Box::pin(attempt)).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(why)) => return fail(why, tcp),
-            Err(_) => return fail("timeout", tcp),
+        // Waiting for the gateway's answer ends early if the gateway falls silent meanwhile.
+        let mut session = self.0.session.subscribe();
+        let gone = async move {
+            let _ = session.wait_for(Option::is_none).await;
+        };
+        let answered = tokio::time::timeout(self.0.cfg.timing.flow_timeout, Box::pin(attempt));
+        let (tx, rx) = tokio::select! {
+            r = answered => match r {
+                Ok(Ok(x)) => x,
+                Ok(Err(why)) => return fail(why, tcp),
+                Err(_) => return fail("timeout", tcp),
+            },
+            _ = gone => return fail("gateway_down", tcp),
         };
         let counters = Counters {
             up: m.counter(FLOW_BYTES, &[("service", service.as_str()), ("zone", "redirect"), ("direction", "up")]),

@@ -51,10 +51,13 @@ pub enum FlowError {
     /// The destination's authorization policy refuses this caller (403; [`POLICY`] names the
     /// deciding policy).
     PolicyDenied,
+    /// A rate limit of the destination refuses this call for now (429; [`POLICY`] names the limit,
+    /// `retry-after` says when to try again).
+    LimitExceeded,
 }
 
 impl FlowError {
-    pub const ALL: [FlowError; 12] = [
+    pub const ALL: [FlowError; 13] = [
         Self::UnknownService,
         Self::NoHealthyEndpoint,
         Self::Draining,
@@ -67,6 +70,7 @@ impl FlowError {
         Self::OverBudget,
         Self::CircuitOpen,
         Self::PolicyDenied,
+        Self::LimitExceeded,
     ];
 
     pub fn status(self) -> u16 {
@@ -78,7 +82,7 @@ impl FlowError {
             Self::BackendTimeout => 504,
             Self::BadRequest => 400,
             Self::Forbidden | Self::PolicyDenied => 403,
-            Self::RateLimited => 429,
+            Self::RateLimited | Self::LimitExceeded => 429,
             Self::Loop => 508,
         }
     }
@@ -97,6 +101,7 @@ impl FlowError {
             Self::OverBudget => "over_budget",
             Self::CircuitOpen => "circuit_open",
             Self::PolicyDenied => "policy_denied",
+            Self::LimitExceeded => "rate_limited",
         }
     }
 
@@ -106,7 +111,7 @@ impl FlowError {
 
     /// Whether another zone might serve the flow instead.
     pub fn retryable_elsewhere(self) -> bool {
-        !matches!(self, Self::BadRequest | Self::Loop | Self::PolicyDenied)
+        !matches!(self, Self::BadRequest | Self::Loop | Self::PolicyDenied | Self::LimitExceeded)
     }
 }
 
