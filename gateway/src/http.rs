@@ -32,6 +32,7 @@ use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::balance::{Choice, Outcome};
 use crate::policy::{HttpSubject, Subject};
@@ -439,7 +440,8 @@ impl Http {
                 if req.version() <= http::Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE) {
                     return Ok::<_, Infallible>(this.tunnel(req, &service, &source).await);
                 }
-                Ok(this.route(req, &service, &source).await)
+                let span = request_span("outbound", service.as_str(), &req);
+                Ok(this.route(req, &service, &source).instrument(span).await)
             }
         });
         let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -1252,6 +1254,11 @@ fn should_retry(r: &Retries, resp: &Response<ChanBody>) -> bool {
     }
 }
 
+/// The span of one request at this gateway (its trace context is in the access-log line).
+fn request_span<B>(direction: &'static str, service: &str, req: &Request<B>) -> tracing::Span {
+    tracing::info_span!("http", direction, service, method = %req.method(), path = %req.uri().path())
+}
+
 /// The value of cookie `name` in the request's `Cookie` headers.
 fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
     h.get_all(http::header::COOKIE)
@@ -1323,7 +1330,8 @@ impl HttpHandler for Http {
         stream: ServerStream,
         from: PeerInfo,
     ) -> Pin<Box<dyn std::future::Future<Output = StreamEnd> + Send + 'static>> {
-        Box::pin(async move { self.serve_inbound(req, stream, from).await })
+        let span = request_span("inbound", req.uri().host().unwrap_or(""), &req);
+        Box::pin(async move { self.serve_inbound(req, stream, from).await }.instrument(span))
     }
 
     fn serve_request(
@@ -1343,7 +1351,8 @@ impl HttpHandler for Http {
             let (tx, body) = chan();
             let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let pump = tokio::spawn(async move { pump_server(recv, tx, &counted).await });
-            let resp = self.route(req.map(|()| body), &service, &source).await;
+            let span = request_span("outbound", service.as_str(), &req);
+            let resp = self.route(req.map(|()| body), &service, &source).instrument(span).await;
             respond_h3(&mut send, resp).await;
             pump.abort();
         })
