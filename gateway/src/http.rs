@@ -193,6 +193,27 @@ impl Drop for ChanBody {
     }
 }
 
+/// A body relayed into a channel by a task of its own, which holds `hold` until the body is through.
+fn piped<B>(mut body: B, hold: impl Send + 'static) -> ChanBody
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let (tx, out) = chan();
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let _hold = hold;
+        while let Some(f) = body.frame().await {
+            let f = f.map_err(Into::into);
+            let stop = f.is_err();
+            if tx.send(f).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    out
+}
+
 fn chan() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, ChanBody) {
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
     (tx, ChanBody { rx: Some(rx), log: None, bytes: 0, length: None })
@@ -810,19 +831,8 @@ impl Http {
         let mut resp = resp;
         if status != StatusCode::SWITCHING_PROTOCOLS {
             outcome("refused");
-            let (parts, mut body) = resp.into_parts();
-            let (tx, out) = chan();
-            tokio::spawn(async move {
-                use http_body_util::BodyExt;
-                while let Some(f) = body.frame().await {
-                    let f = f.map_err(|e| Box::new(e) as BoxError);
-                    let stop = f.is_err();
-                    if tx.send(f).await.is_err() || stop {
-                        return;
-                    }
-                }
-            });
-            let mut r = Response::new(out);
+            let (parts, body) = resp.into_parts();
+            let mut r = Response::new(piped(body, ()));
             *r.status_mut() = parts.status;
             *r.headers_mut() = end_to_end(&parts.headers);
             return r;
@@ -1104,19 +1114,9 @@ impl Http {
                 self.mesh.metrics().counter(HTTP_EJECTIONS, &[("service", service.as_str())]).increment(1);
             }
         };
-        let (parts, mut body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let (btx, bbody) = chan();
-        tokio::spawn(async move {
-            use http_body_util::BodyExt;
-            while let Some(f) = body.frame().await {
-                let f = f.map_err(Into::into);
-                let stop = f.is_err();
-                if btx.send(f).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
+        let bbody = piped(body, ());
         let mut out = Request::builder().method(parts.method).uri(format!("http://{endpoint}{pq}"));
         if let Some(h) = out.headers_mut() {
             *h = end_to_end(&parts.headers);
@@ -1147,7 +1147,7 @@ impl Http {
                 return error_response(StatusCode::GATEWAY_TIMEOUT, FlowError::BackendTimeout);
             }
         };
-        let (parts, mut body) = resp.into_parts();
+        let (parts, body) = resp.into_parts();
         if parts.headers.contains_key(GRPC_STATUS) {
             // Trailers-only (see `to_peer`).
             let mut r = Response::new(ChanBody::empty());
@@ -1156,21 +1156,9 @@ impl Http {
             r.extensions_mut().insert(EndpointUsed(endpoint));
             return r;
         }
-        let (tx, rbody) = chan();
-        tokio::spawn(async move {
-            use http_body_util::BodyExt;
-            // In progress (and holding its endpoint connection) until the endpoint's response body
-            // is through.
-            let _active = (active, slot);
-            while let Some(f) = body.frame().await {
-                let f = f.map_err(|e| Box::new(e) as BoxError);
-                let stop = f.is_err();
-                if tx.send(f).await.is_err() || stop {
-                    return;
-                }
-            }
-        });
-        let mut r = Response::new(rbody);
+        // In progress (and holding its endpoint connection) until the endpoint's response body is
+        // through.
+        let mut r = Response::new(piped(body, (active, slot)));
         *r.status_mut() = parts.status;
         *r.headers_mut() = end_to_end(&parts.headers);
         r.extensions_mut().insert(EndpointUsed(endpoint));
