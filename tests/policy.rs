@@ -268,6 +268,11 @@ async fn a_policy_change_closes_open_flows_it_no_longer_allows() {
         assert!(n > 0, "the flow ended early");
         got.extend_from_slice(&buf[..n]);
     }
+    // Asked of the running gateway, the policy admits A.
+    let admin = m.gw(1).admin_addr.unwrap();
+    let (code, out) = explain_admin(admin, &["--service", "echo.shop", "--identity", A, "--zone", "a"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("decision: allow") && out.contains("shop-frontend (rule 0)"), "{out}");
     // The policy now admits only another identity: the open flow is reset, well within 10 s.
     m.specs[1].extra = A_ONLY.replace("sa/frontend", "sa/checkout");
     let yaml = m.specs[1].yaml().replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http,");
@@ -290,9 +295,76 @@ async fn a_policy_change_closes_open_flows_it_no_longer_allows() {
     eprintln!("revoked flow ended ({end}) {:?} after the reload", started.elapsed());
     let t = m.gw(1).metrics_text();
     assert_eq!(metric(&t, "causeway_flows_revoked_total", &[("service", "echo.shop")]), Some(1.0), "{t}");
-    // New flows from A are refused now.
+    // New flows from A are refused now, and the running gateway says why.
     assert!(flow("127.0.0.2", echo).await.is_err());
+    let (code, out) = explain_admin(admin, &["--service", "echo.shop", "--identity", A, "--zone", "a"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("decision: deny") && out.contains("shop-frontend (no rule matched)"), "{out}");
+    assert!(out.contains("no_allow_rule"), "{out}");
+    let (code, out) = explain_admin(admin, &["--service", "echo.shop", "--identity", "not-an-id"]).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("identity"), "{out}");
     m.shutdown().await;
+}
+
+/// `causeway policy explain --admin ADDR args…`: (exit code, stdout and stderr).
+async fn explain_admin(admin: SocketAddr, args: &[&str]) -> (Option<i32>, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(causeway_bin())
+            .args(["policy", "explain", "--admin", &admin.to_string()])
+            .args(&args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    })
+    .await
+    .unwrap()
+}
+
+/// What a paced run of GET requests got: 2xx per target, 429s (and those without `Retry-After`),
+/// anything else, and how long it took.
+struct Run {
+    ok: Vec<u32>,
+    limited: u32,
+    without_retry_after: u32,
+    other: Vec<Result<(u16, bool), String>>,
+    secs: f64,
+}
+
+/// `n` GET requests from workload A (127.0.0.2), one every `every`, to `urls` in turn, on
+/// kept-alive connections.
+async fn drive(urls: &[http::Uri], n: usize, every: Duration) -> Run {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some("127.0.0.2".parse().unwrap()));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+    let mut tick = tokio::time::interval(every);
+    let mut calls = tokio::task::JoinSet::new();
+    let started = std::time::Instant::now();
+    for i in 0..n {
+        tick.tick().await;
+        let (c, at) = (client.clone(), i % urls.len());
+        let u = urls[at].clone();
+        calls.spawn(async move {
+            let r = c.get(u).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((at, r.status().as_u16(), r.headers().contains_key("retry-after")))
+        });
+    }
+    let mut run = Run { ok: vec![0; urls.len()], limited: 0, without_retry_after: 0, other: Vec::new(), secs: 0.0 };
+    while let Some(r) = calls.join_next().await {
+        match r.unwrap() {
+            Ok((at, 200, _)) => run.ok[at] += 1,
+            Ok((_, 429, has)) => {
+                run.limited += 1;
+                run.without_retry_after += u32::from(!has);
+            }
+            Ok((_, code, has)) => run.other.push(Ok((code, has))),
+            Err(e) => run.other.push(Err(e)),
+        }
+    }
+    run.secs = started.elapsed().as_secs_f64();
+    run
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,46 +372,176 @@ async fn a_rate_limit_per_identity_admits_about_the_limit_and_answers_429_with_r
     let limits =
         "rate_limits:\n  - { name: per-caller, service: reviews.shop, per: identity, requests_per_second: 100 }\n";
     let (m, web, _echo, _servers) = mesh(limits).await;
-    // 500 requests/s for 10 s from workload A (127.0.0.2), on kept-alive connections.
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_local_address(Some("127.0.0.2".parse().unwrap()));
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
-    let url: http::Uri = format!("http://{web}/limited").parse().unwrap();
-    let mut tick = tokio::time::interval(Duration::from_millis(2));
-    let mut calls = tokio::task::JoinSet::new();
-    let started = std::time::Instant::now();
-    for _ in 0..5000 {
-        tick.tick().await;
-        let (c, u) = (client.clone(), url.clone());
-        calls.spawn(async move {
-            let r = c.get(u).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((r.status().as_u16(), r.headers().contains_key("retry-after")))
-        });
-    }
-    let (mut ok, mut limited, mut without_retry_after, mut other) = (0u32, 0u32, 0u32, Vec::new());
-    while let Some(r) = calls.join_next().await {
-        match r.unwrap() {
-            Ok((200, _)) => ok += 1,
-            Ok((429, has)) => {
-                limited += 1;
-                without_retry_after += u32::from(!has);
-            }
-            x => other.push(x),
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
+    // 500 requests/s for 10 s from workload A.
+    let run = drive(&[format!("http://{web}/limited").parse().unwrap()], 5000, Duration::from_millis(2)).await;
+    let (ok, limited, secs) = (run.ok[0], run.limited, run.secs);
     // 100/s over the run plus a burst of 10 (a tenth of a second's worth).
     let expected = 100.0 * secs + 10.0;
     eprintln!(
         "rate limit 100/s, 5,000 requests in {secs:.1} s: {ok} admitted (expected ≈ {expected:.0}), {limited} × 429"
     );
-    assert!(other.is_empty(), "{:?}", &other[..other.len().min(5)]);
+    assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
     assert_eq!(ok + limited, 5000);
     assert!((f64::from(ok) - expected).abs() <= expected * 0.1, "{ok} admitted, expected {expected:.0} ± 10 %");
-    assert_eq!(without_retry_after, 0, "429s without Retry-After");
+    assert_eq!(run.without_retry_after, 0, "429s without Retry-After");
     let t = m.gw(1).metrics_text();
     let counted = metric(&t, "causeway_rate_limited_total", &[("limit", "per-caller"), ("kind", "requests")]);
     assert_eq!(counted, Some(f64::from(limited)), "{t}");
+    m.shutdown().await;
+}
+
+/// A redis-server on a free port, without persistence; killed when dropped.
+struct Redis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Redis {
+    async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (tests/run.sh installs it)");
+        let up =
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+        assert!(up, "redis-server did not listen on {port}");
+        Self { port, child }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Sums a metric over the gateways.
+fn total(m: &TestMesh, gws: &[usize], name: &str, labels: &[(&str, &str)]) -> f64 {
+    gws.iter().map(|i| metric(&m.gw(*i).metrics_text(), name, labels).unwrap_or(0.0)).sum()
+}
+
+/// Two gateways of zone east serve `reviews.shop` to their own workloads (A at 127.0.0.2) with a
+/// 100 requests/s limit per identity whose buckets they share in Redis. Together they admit about
+/// the limit, not twice it; with Redis gone each falls back to half of it (two gateways seen) and
+/// says so; with Redis back they share again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_local_share() {
+    init();
+    let web = py_server(HTTP_PY, &[]);
+    let redis = Redis::start(free_tcp_port()).await;
+    let gateway = || ZoneSpec {
+        zone: "east",
+        exports: vec![("reviews.shop", vec![web.addr])],
+        imports: vec![("reviews.shop", vec![])],
+    };
+    let mut m = TestMesh::plan(vec![gateway(), gateway()], "").unwrap();
+    let port = redis.port;
+    for i in 0..2 {
+        // A generous timeout: a debug build on two busy cores.
+        m.specs[i].extra = format!(
+            "workloads:\n  - {{ cidr: 127.0.0.2/32, id: \"{A}\" }}\n\
+             rate_limit_store: {{ redis: \"127.0.0.1:{port}\", timeout: 250ms, on_failure: local }}\n\
+             rate_limits:\n  - {{ name: shared, service: reviews.shop, requests_per_second: 100, scope: global }}\n"
+        );
+        let yaml = m.specs[i]
+            .yaml()
+            .replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http,")
+            .replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,");
+        m.gateways[i] = Some(start_yaml(&m, i, &yaml).await);
+    }
+    let both = [0, 1];
+    let seen_two = eventually(Duration::from_secs(10), || {
+        both.iter().all(|i| metric(&m.gw(*i).metrics_text(), "causeway_rate_limit_store_gateways", &[]) == Some(2.0))
+    })
+    .await;
+    assert!(seen_two, "each gateway sees two in the zone's set");
+    let urls: Vec<http::Uri> = both
+        .iter()
+        .map(|i| format!("http://{}/shared", m.gw(*i).import_addr("reviews.shop").unwrap()).parse().unwrap())
+        .collect();
+
+    // 500/s for 10 s, half to each gateway: together ≈ the limit.
+    let run = drive(&urls, 5000, Duration::from_millis(2)).await;
+    let ok: u32 = run.ok.iter().sum();
+    let expected = 100.0 * run.secs + 10.0;
+    eprintln!(
+        "global 100/s over two gateways, {:.1} s: admitted {:?} (expected ≈ {expected:.0} together), {} × 429",
+        run.secs, run.ok, run.limited
+    );
+    assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
+    assert_eq!(run.without_retry_after, 0);
+    assert!((f64::from(ok) - expected).abs() <= expected * 0.1, "{ok} admitted, expected {expected:.0} ± 10 %");
+    assert!(run.ok.iter().all(|n| f64::from(*n) >= expected * 0.3), "both gateways admitted: {:?}", run.ok);
+    let counted = total(&m, &both, "causeway_rate_limited_total", &[("limit", "shared"), ("kind", "requests")]);
+    assert_eq!(counted, f64::from(run.limited));
+    assert_eq!(total(&m, &both, "causeway_rate_limit_fallbacks_total", &[]), 0.0);
+
+    // Redis goes away: each gateway falls back to half the limit, and says so.
+    drop(redis);
+    let down = eventually(Duration::from_secs(10), || {
+        both.iter().all(|i| metric(&m.gw(*i).metrics_text(), "causeway_rate_limit_store_up", &[]) == Some(0.0))
+    })
+    .await;
+    assert!(down, "both gateways report the store down");
+    let store = format!("127.0.0.1:{port}");
+    let said = || -> Vec<AccessLine> {
+        let down = |w: &AccessLine| w.get("message") == "rate_limit.store.down" && w.get("store") == store;
+        warnings().into_iter().filter(down).collect()
+    };
+    eventually(Duration::from_secs(5), || said().len() >= 2).await;
+    let said = said();
+    assert!(said.len() == 2 && said.iter().all(|w| w.get("fallback") == "local: 1/2 of each global limit"), "{said:?}");
+    let run = drive(&urls, 2000, Duration::from_millis(2)).await;
+    let ok: u32 = run.ok.iter().sum();
+    // 50/s each plus a burst of 5 each.
+    let expected = 100.0 * run.secs + 10.0;
+    eprintln!("store down, {:.1} s: admitted {:?} (expected ≈ {expected:.0} together)", run.secs, run.ok);
+    assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
+    assert!((f64::from(ok) - expected).abs() <= expected * 0.15, "{ok} admitted, expected {expected:.0} ± 15 %");
+    assert!(
+        total(&m, &both, "causeway_rate_limit_fallbacks_total", &[("limit", "shared"), ("mode", "local")]) >= 2000.0
+    );
+
+    // Redis is back on the same address: the heartbeat reconnects and the buckets are shared again.
+    let _redis = Redis::start(port).await;
+    let up = eventually(Duration::from_secs(10), || {
+        both.iter().all(|i| metric(&m.gw(*i).metrics_text(), "causeway_rate_limit_store_up", &[]) == Some(1.0))
+    })
+    .await;
+    assert!(up, "both gateways reconnect");
+    let before = total(&m, &both, "causeway_rate_limit_fallbacks_total", &[]);
+    let run = drive(&urls, 10, Duration::from_millis(10)).await;
+    assert_eq!(run.ok.iter().sum::<u32>(), 10);
+    assert_eq!(total(&m, &both, "causeway_rate_limit_fallbacks_total", &[]), before, "decided by the store again");
+    m.shutdown().await;
+}
+
+/// `on_failure: closed`: with the store unreachable, a call under a global limit is refused — HTTP
+/// with 429 saying why, a TCP flow with a reset — and the fallback is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_down_a_closed_fallback_refuses_and_says_why() {
+    let port = free_tcp_port();
+    let limits = format!(
+        "rate_limit_store: {{ redis: \"127.0.0.1:{port}\", on_failure: closed }}\n\
+         rate_limits:\n  - {{ name: strict, requests_per_second: 1000, flows_per_second: 1000, scope: global }}\n"
+    );
+    let (m, web, echo, _servers) = mesh(&limits).await;
+    let (code, body) = request("127.0.0.2", "GET", format!("http://{web}/x")).await;
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("rate_limited: strict") && body.contains("does not answer"), "{body}");
+    assert!(flow("127.0.0.2", echo).await.is_err(), "the TCP flow is refused");
+    let t = m.gw(1).metrics_text();
+    assert_eq!(metric(&t, "causeway_rate_limit_store_up", &[]), Some(0.0));
+    assert_eq!(
+        metric(&t, "causeway_rate_limit_fallbacks_total", &[("limit", "strict"), ("mode", "closed")]),
+        Some(2.0)
+    );
+    assert_eq!(metric(&t, "causeway_rate_limited_total", &[("limit", "strict"), ("kind", "flows")]), Some(1.0));
     m.shutdown().await;
 }

@@ -20,9 +20,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # PyPI tools: offline Kubernetes schema validation of deploy/kubernetes; real gRPC and WebSocket
-# programs (grpcio, websockets) at both ends of the HTTP tests.
+# programs (grpcio, websockets) at both ends of the HTTP tests; aioquic, an independent HTTP/3
+# client.
 command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
-python3 -c "import grpc, websockets" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio websockets
+python3 -c "import grpc, websockets, aioquic" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio websockets aioquic
 
 # The process-level tests (kill -9, CLI) run the real binary.
 cargo build --bins

@@ -1,5 +1,6 @@
-//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz`, `/ready`, `/peers` and
-//! `/services` (JSON). Plain HTTP/1.1 on a local address; it carries no secrets.
+//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz`, `/ready`, `/peers`,
+//! `/services` and `/policy/explain` (JSON). Plain HTTP/1.1 on a local address; it carries no
+//! secrets.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ pub struct AdminState {
     pub mesh: Option<Mesh>,
     pub metrics: PrometheusHandle,
     pub ready: Arc<AtomicBool>,
+    /// The running authorization (`/policy/explain`); `None` for a redirector.
+    pub policy: Option<Arc<crate::policy::Enforcer>>,
 }
 
 pub struct Admin {
@@ -105,12 +108,56 @@ fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Fu
         "/services" if state.mesh.is_some() => {
             respond(StatusCode::OK, JSON, pretty(&state.mesh.as_ref().map(Mesh::services_json).unwrap_or_default()))
         }
+        "/policy/explain" => match (&state.mesh, &state.policy) {
+            (Some(mesh), Some(policy)) => match explain(mesh, policy, req.uri().query().unwrap_or("")) {
+                Ok(v) => respond(StatusCode::OK, JSON, pretty(&v)),
+                Err(why) => respond(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+            },
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", "not a gateway\n"),
+        },
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz, /ready, /peers, /services\n",
+            "not found: try /metrics, /healthz, /ready, /peers, /services, /policy/explain\n",
         ),
     }
+}
+
+/// Query parameters of `/policy/explain` (those of `causeway policy explain`), URL-encoded.
+pub const EXPLAIN_PARAMS: [&str; 7] = ["service", "identity", "zone", "address", "port", "method", "path"];
+
+/// `/policy/explain?service=…&identity=…[&zone=…&address=…&port=…&method=…&path=…]`: the running
+/// policy's decision for that caller, nothing counted or logged.
+fn explain(mesh: &Mesh, policy: &crate::policy::Enforcer, query: &str) -> Result<serde_json::Value, String> {
+    use crate::policy::{HttpSubject, Subject};
+    let mut q = std::collections::HashMap::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if !EXPLAIN_PARAMS.contains(&k.as_ref()) {
+            return Err(format!("unknown parameter {k:?}: expected {}", EXPLAIN_PARAMS.join(", ")));
+        }
+        q.insert(k.into_owned(), v.into_owned());
+    }
+    let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let service = causeway_protocol::ServiceName::new(get("service").ok_or("service: required")?)
+        .map_err(|e| format!("service: {e}"))?;
+    let identity = causeway_protocol::Identity::parse(get("identity").ok_or("identity: required")?)
+        .map_err(|e| format!("identity: {e}"))?;
+    let addr = get("address").map(|a| a.parse().map_err(|e| format!("address: {e}"))).transpose()?;
+    let port = match get("port") {
+        Some(p) => Some(p.parse::<u16>().map_err(|e| format!("port: {e}"))?),
+        None => mesh.export_port(&service),
+    };
+    let headers = http::HeaderMap::new();
+    let path = get("path").unwrap_or("/");
+    let s = Subject {
+        service: Some(&service),
+        identity: Some(&identity),
+        zone: get("zone"),
+        addr,
+        port,
+        http: get("method").map(|method| HttpSubject { method, path, headers: &headers }),
+    };
+    Ok(policy.explain(&s))
 }
 
 fn pretty(v: &serde_json::Value) -> String {

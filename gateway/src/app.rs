@@ -259,8 +259,8 @@ impl Reloader {
         out.authorization_changed = old.authorization != new.authorization;
         self.http.policy().replace(new.authorization.clone());
         self.mesh.set_client_allowlists(new.client_allowlists.clone());
-        if old.rate_limits != new.rate_limits {
-            self.http.policy().replace_limits(&new.rate_limits);
+        if old.rate_limits != new.rate_limits || old.rate_limit_store != new.rate_limit_store {
+            self.http.policy().replace_limits(&new.rate_limits, new.rate_limit_store.as_ref());
         }
         if out.authorization_changed {
             out.flows_revoked = self.mesh.reauthorize();
@@ -349,7 +349,14 @@ impl Gateway {
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
 
-        let policy = crate::policy::Enforcer::new(cfg.authorization.clone(), &cfg.rate_limits, mesh.metrics().clone());
+        let policy = crate::policy::Enforcer::new(
+            cfg.authorization.clone(),
+            &cfg.rate_limits,
+            cfg.rate_limit_store.as_ref(),
+            cfg.zone.as_str(),
+            mesh.identity().as_str(),
+            mesh.metrics().clone(),
+        );
         mesh.set_authorizer(policy.clone());
         let http = crate::http::Http::new(mesh.clone(), cfg.http_routes.clone(), policy);
         let handler: Arc<dyn causeway_overlay::http::HttpHandler> = http.clone();
@@ -372,7 +379,12 @@ impl Gateway {
         let import_addrs: Vec<_> = imports.iter().map(|r| (r.service.to_string(), r.bound)).collect();
         let admin_addr = match cfg.admin {
             Some(addr) => {
-                let state = AdminState { mesh: Some(mesh.clone()), metrics: handle.clone(), ready: ready.clone() };
+                let state = AdminState {
+                    mesh: Some(mesh.clone()),
+                    metrics: handle.clone(),
+                    ready: ready.clone(),
+                    policy: Some(http.policy().clone()),
+                };
                 let admin =
                     Admin::bind(addr, state).await.with_context(|| format!("listen.admin: cannot bind {addr}"))?;
                 let bound = admin.local_addr();
@@ -440,6 +452,7 @@ impl Gateway {
     }
 
     async fn finish(self) {
+        self.reloader.http.policy().close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.mesh.wait_closed()).await;
     }

@@ -41,6 +41,9 @@ pub struct RawConfig {
     /// Rate limits on this gateway's exported services (README "Authorization").
     #[serde(default)]
     pub rate_limits: Vec<crate::ratelimit::RawRateLimit>,
+    /// Where `scope: global` rate limits keep the buckets the zone's gateways share (Redis).
+    #[serde(default)]
+    pub rate_limit_store: Option<crate::ratelimit::store::RawStore>,
     #[serde(default)]
     pub peers: Vec<RawPeer>,
     #[serde(default)]
@@ -312,6 +315,7 @@ pub struct Config {
     pub authorization: crate::policy::Policies,
     pub client_allowlists: HashMap<ServiceName, Vec<ipnet::IpNet>>,
     pub rate_limits: Vec<crate::ratelimit::LimitSpec>,
+    pub rate_limit_store: Option<crate::ratelimit::store::StoreSpec>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -708,7 +712,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
     let http_routes = crate::routes::validate(&raw.http_routes, &imports, &mut e);
     let authorization = crate::policy::validate(&raw.authorization, &mut e);
-    let rate_limits = crate::ratelimit::validate(&raw.rate_limits, &exports, &mut e);
+    let rate_limit_store = raw.rate_limit_store.as_ref().and_then(|r| crate::ratelimit::store::validate(r, &mut e));
+    let rate_limits = crate::ratelimit::validate(&raw.rate_limits, &exports, rate_limit_store.as_ref(), &mut e);
     let mut client_allowlists: HashMap<ServiceName, Vec<ipnet::IpNet>> = HashMap::new();
     for (i, a) in raw.client_allowlists.iter().enumerate() {
         let Some(service) = e.parse(format!("client_allowlists[{i}].service"), ServiceName::new(&a.service)) else {
@@ -864,6 +869,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             authorization,
             client_allowlists,
             rate_limits,
+            rate_limit_store,
             log_format,
             log_level,
         }),

@@ -440,7 +440,7 @@ impl Http {
     }
 
     /// The running authorization policy.
-    pub fn policy(&self) -> &crate::policy::Enforcer {
+    pub fn policy(&self) -> &Arc<crate::policy::Enforcer> {
         &self.policy
     }
 
@@ -866,7 +866,7 @@ impl Http {
     {
         let go = async {
             match &c.target {
-                Target::Local => match self.authorize_local(service, &req, source) {
+                Target::Local => match self.authorize_local(service, &req, source).await {
                     None => self.to_endpoint(service, req).await,
                     Some(refusal) => refusal,
                 },
@@ -978,7 +978,7 @@ impl Http {
         service: &ServiceName,
         req: &Request<B>,
         source: &Source,
-    ) -> Option<Response<ChanBody>> {
+    ) -> impl std::future::Future<Output = Option<Response<ChanBody>>> + Send + 'static {
         let zone = self.mesh.zone().to_string();
         let port = self.mesh.export_port(service);
         let subject = Subject {
@@ -992,13 +992,17 @@ impl Http {
         self.admit(&subject)
     }
 
-    /// Authorization, then rate limits: the refusal to answer with, if any.
-    fn admit(&self, s: &Subject<'_>) -> Option<Response<ChanBody>> {
+    /// Authorization now, then the rate limits (a global one asks the shared store): the refusal
+    /// to answer with, if any.
+    fn admit(&self, s: &Subject<'_>) -> impl std::future::Future<Output = Option<Response<ChanBody>>> + Send + 'static {
         let (pass, d) = self.policy.check(s);
-        if !pass {
-            return Some(policy_denied(&d.policy));
+        let rate = pass.then(|| self.policy.check_rate(s));
+        async move {
+            match rate {
+                None => Some(policy_denied(&d.policy)),
+                Some(rate) => rate.await.err().map(|l| rate_limited(&l)),
+            }
         }
-        self.policy.check_rate(s).err().map(|l| rate_limited(&l))
     }
 
     /// An immediate 503 from an open breaker, naming it.
@@ -1279,7 +1283,8 @@ fn policy_denied(policy: &str) -> Response<ChanBody> {
 /// A request over a rate limit: 429 naming the limit, with `Retry-After` (whole seconds, at least 1).
 fn rate_limited(l: &crate::ratelimit::Limited) -> Response<ChanBody> {
     let (tx, body) = chan();
-    let _ = tx.try_send(Ok(Frame::data(Bytes::from(format!("rate_limited: {}\n", l.name)))));
+    let why = if l.store_unavailable { " (the limit store does not answer; its fallback is closed)" } else { "" };
+    let _ = tx.try_send(Ok(Frame::data(Bytes::from(format!("rate_limited: {}{why}\n", l.name)))));
     let mut r = Response::new(body);
     *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     let h = r.headers_mut();
@@ -1392,10 +1397,10 @@ impl Http {
         };
         let (pass, decision) = self.policy.check(&subject);
         // Authorized calls draw from the rate limits; a refusal is answered instead.
-        let refusal = if pass {
-            self.policy.check_rate(&subject).err().map(|l| rate_limited(&l))
-        } else {
-            Some(policy_denied(&decision.policy))
+        let rate = pass.then(|| self.policy.check_rate(&subject));
+        let refusal = match rate {
+            Some(rate) => rate.await.err().map(|l| rate_limited(&l)),
+            None => Some(policy_denied(&decision.policy)),
         };
         let (mut send, recv) = stream.split();
         let (tx, body) = chan();

@@ -76,11 +76,15 @@ enum Cmd {
 #[derive(Subcommand)]
 enum PolicyCmd {
     /// Print the decision a gateway's `authorization` makes for a caller, and the policy and rule
-    /// that make it. Exit 0 when the call would pass, 1 when denied, 2 on a bad configuration.
+    /// that make it: from a configuration file, or asked of a running gateway's admin API. Exit 0
+    /// when the call would pass, 1 when denied, 2 on a bad configuration or request.
     Explain {
         /// The destination gateway's configuration.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "admin", conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// The destination gateway's admin address (its running policy, after any reloads).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
         /// The exported service called.
         #[arg(long)]
         service: String,
@@ -132,8 +136,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Check { config: Some(config), .. } => check(&config),
-        Cmd::Policy { cmd: PolicyCmd::Explain { config, service, identity, zone, address, port, method, path } } => {
-            explain(&config, &service, &identity, zone.as_deref(), address, port, method.as_deref(), &path)
+        Cmd::Policy {
+            cmd: PolicyCmd::Explain { config, admin, service, identity, zone, address, port, method, path },
+        } => {
+            let q = Explain { service, identity, zone, address, port, method, path };
+            let answer = match (config, admin) {
+                (Some(config), _) => explain_file(&config, &q),
+                (None, Some(admin)) => explain_admin(admin, &q),
+                (None, None) => Err("--config or --admin: required".to_string()),
+            };
+            match answer {
+                Ok(v) => print_explained(&v),
+                Err(why) => {
+                    eprintln!("{why}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Cmd::Check { redirect: Some(path), .. } => check_redirect(&path),
         Cmd::Check { .. } => ExitCode::from(2),
@@ -203,64 +221,77 @@ fn load(
     Ok((cfg, creds, bundle))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn explain(
-    config: &std::path::Path,
-    service: &str,
-    identity: &str,
-    zone: Option<&str>,
-    addr: Option<std::net::IpAddr>,
+/// A caller to explain (`causeway policy explain`).
+struct Explain {
+    service: String,
+    identity: String,
+    zone: Option<String>,
+    address: Option<std::net::IpAddr>,
     port: Option<u16>,
-    method: Option<&str>,
-    path: &str,
-) -> ExitCode {
+    method: Option<String>,
+    path: String,
+}
+
+/// The decision of the `authorization` in a configuration file.
+fn explain_file(config: &std::path::Path, q: &Explain) -> Result<serde_json::Value, String> {
     use causeway::policy::{HttpSubject, Subject};
-    let cfg = match causeway::config::load(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let (service, identity) =
-        match (causeway_protocol::ServiceName::new(service), causeway_protocol::Identity::parse(identity)) {
-            (Ok(s), Ok(i)) => (s, i),
-            (Err(e), _) => {
-                eprintln!("--service: {e}");
-                return ExitCode::from(2);
-            }
-            (_, Err(e)) => {
-                eprintln!("--identity: {e}");
-                return ExitCode::from(2);
-            }
-        };
-    let port = port.or_else(|| cfg.exports.iter().find(|x| x.name == service).map(|x| x.port));
+    let cfg = causeway::config::load(config).map_err(|e| e.to_string())?;
+    let service = causeway_protocol::ServiceName::new(&q.service).map_err(|e| format!("--service: {e}"))?;
+    let identity = causeway_protocol::Identity::parse(&q.identity).map_err(|e| format!("--identity: {e}"))?;
+    let port = q.port.or_else(|| cfg.exports.iter().find(|x| x.name == service).map(|x| x.port));
     let headers = http::HeaderMap::new();
     let s = Subject {
         service: Some(&service),
         identity: Some(&identity),
-        zone,
-        addr,
+        zone: q.zone.as_deref(),
+        addr: q.address,
         port,
-        http: method.map(|method| HttpSubject { method, path, headers: &headers }),
+        http: q.method.as_deref().map(|method| HttpSubject { method, path: &q.path, headers: &headers }),
     };
-    let p = &cfg.authorization;
-    let d = p.decide(&s);
-    let decision = match (d.allowed, p.audit_mode) {
-        (true, _) => "allow",
-        (false, true) => "audit (would deny; audit mode lets it pass)",
-        (false, false) => "deny",
+    Ok(cfg.authorization.explain(&s))
+}
+
+/// The decision of a running gateway's policy, from its admin API (`/policy/explain`).
+fn explain_admin(admin: std::net::SocketAddr, q: &Explain) -> Result<serde_json::Value, String> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("service", &q.service).append_pair("identity", &q.identity).append_pair("path", &q.path);
+    for (k, v) in [
+        ("zone", q.zone.clone()),
+        ("address", q.address.map(|a| a.to_string())),
+        ("port", q.port.map(|p| p.to_string())),
+        ("method", q.method.clone()),
+    ] {
+        if let Some(v) = v {
+            query.append_pair(k, &v);
+        }
+    }
+    let path = format!("/policy/explain?{}", query.finish());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    match rt.block_on(causeway::admin::get(admin, &path)) {
+        Ok((200, body)) => serde_json::from_str(&body).map_err(|e| format!("{admin}: not an explanation: {e}")),
+        Ok((code, body)) => Err(format!("{admin}: {code} {}", body.trim())),
+        Err(e) => Err(format!("{admin}: {e:#}")),
+    }
+}
+
+/// Prints an explanation; exit 0 when the call passes, 1 when it is denied.
+fn print_explained(v: &serde_json::Value) -> ExitCode {
+    let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let decision = match text("decision").as_str() {
+        "audit" => "audit (would deny; audit mode lets it pass)".to_string(),
+        d => d.to_string(),
     };
     println!("decision: {decision}");
-    match d.rule {
-        Some(r) => println!("policy:   {} (rule {r})", d.policy),
-        None => println!("policy:   {} (no rule matched)", d.policy),
+    match v["rule"].as_u64() {
+        Some(r) => println!("policy:   {} (rule {r})", text("policy")),
+        None => println!("policy:   {} (no rule matched)", text("policy")),
     }
-    println!("reason:   {}", d.reason);
-    if !d.audited.is_empty() {
-        println!("audited:  {}", d.audited.join(", "));
+    println!("reason:   {}", text("reason"));
+    let audited: Vec<&str> = v["audited"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    if !audited.is_empty() {
+        println!("audited:  {}", audited.join(", "));
     }
-    if d.allowed || p.audit_mode {
+    if v["passes"].as_bool() == Some(true) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -262,6 +262,26 @@ fn rule_matches(r: &PolicyRule, s: &Subject<'_>, fail_closed: bool) -> bool {
 }
 
 impl Policies {
+    /// The decision for `s` and what made it, as `causeway policy explain` and the admin API's
+    /// `/policy/explain` give it: `decision` (`allow`, `deny`, or `audit`: denied, let through by
+    /// audit mode), `passes`, `policy`, `rule` (index, or null), `reason`, `audited`.
+    pub fn explain(&self, s: &Subject<'_>) -> serde_json::Value {
+        let d = self.decide(s);
+        let decision = match (d.allowed, self.audit_mode) {
+            (true, _) => "allow",
+            (false, true) => "audit",
+            (false, false) => "deny",
+        };
+        serde_json::json!({
+            "decision": decision,
+            "passes": d.allowed || self.audit_mode,
+            "policy": d.policy,
+            "rule": d.rule,
+            "reason": d.reason,
+            "audited": d.audited,
+        })
+    }
+
     /// The decision for `s` (README "Authorization").
     pub fn decide(&self, s: &Subject<'_>) -> Decision {
         let applies = |p: &&Policy| p.service.is_none() || p.service.as_ref() == s.service;
@@ -359,38 +379,98 @@ pub const POLICY_DECISIONS: &str = "causeway_policy_decisions_total";
 pub struct Enforcer {
     policies: std::sync::RwLock<std::sync::Arc<Policies>>,
     limits: std::sync::RwLock<std::sync::Arc<crate::ratelimit::RateLimits>>,
+    /// The shared store of global rate limits, kept across reloads that do not change it.
+    store: std::sync::Mutex<Option<std::sync::Arc<crate::ratelimit::store::Store>>>,
+    /// This gateway's zone and identity (the store's namespace and this gateway's name in it).
+    zone: String,
+    member: String,
     metrics: causeway_overlay::metrics::Metrics,
 }
 
+/// A caller's owned rate-limit keys (a check outlives the request's borrowed fields).
+type RateKey = (ServiceName, String, String);
+
 impl Enforcer {
+    /// Needs a Tokio runtime when `store` is set (its heartbeat is a task).
     pub fn new(
         p: Policies,
         limits: &[crate::ratelimit::LimitSpec],
+        store: Option<&crate::ratelimit::store::StoreSpec>,
+        zone: &str,
+        member: &str,
         metrics: causeway_overlay::metrics::Metrics,
     ) -> std::sync::Arc<Self> {
-        let limits = crate::ratelimit::RateLimits::new(limits, metrics.clone());
-        std::sync::Arc::new(Self {
+        let e = Self {
             policies: std::sync::RwLock::new(std::sync::Arc::new(p)),
-            limits: std::sync::RwLock::new(std::sync::Arc::new(limits)),
+            limits: std::sync::RwLock::new(std::sync::Arc::new(crate::ratelimit::RateLimits::new(
+                &[],
+                None,
+                metrics.clone(),
+            ))),
+            store: std::sync::Mutex::new(None),
+            zone: zone.to_string(),
+            member: member.to_string(),
             metrics,
-        })
+        };
+        e.replace_limits(limits, store);
+        std::sync::Arc::new(e)
     }
 
     pub fn replace(&self, p: Policies) {
         *self.policies.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(p);
     }
 
-    /// New rate limits (a reload that changed them): fresh buckets.
-    pub fn replace_limits(&self, specs: &[crate::ratelimit::LimitSpec]) {
-        let l = crate::ratelimit::RateLimits::new(specs, self.metrics.clone());
+    /// New rate limits (a reload that changed them): fresh local buckets; a new store connection
+    /// only when its configuration changed.
+    pub fn replace_limits(
+        &self,
+        specs: &[crate::ratelimit::LimitSpec],
+        store: Option<&crate::ratelimit::store::StoreSpec>,
+    ) {
+        let store = {
+            let mut cur = self.store.lock().unwrap_or_else(|e| e.into_inner());
+            if cur.as_ref().map(|s| s.spec()) != store {
+                *cur = store.and_then(|spec| {
+                    crate::ratelimit::store::Store::start(spec, &self.zone, &self.member, self.metrics.clone())
+                        .inspect_err(|err| tracing::error!(error = %err, "rate_limit.store.config"))
+                        .ok()
+                });
+            }
+            cur.clone()
+        };
+        let l = crate::ratelimit::RateLimits::new(specs, store, self.metrics.clone());
         *self.limits.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(l);
     }
 
-    /// The request rate limits for an authorized HTTP request.
-    pub fn check_rate(&self, s: &Subject<'_>) -> Result<(), crate::ratelimit::Limited> {
-        let Some(service) = s.service else { return Ok(()) };
+    /// The gateway is shutting down: the rate-limit store's heartbeat stops.
+    pub fn close(&self) {
+        if let Some(store) = self.store.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            store.close();
+        }
+    }
+
+    fn rate_key(s: &Subject<'_>) -> Option<RateKey> {
+        let identity = s.identity.map(|i| i.as_str().to_string()).unwrap_or_default();
+        Some((s.service?.clone(), identity, s.zone.unwrap_or("").to_string()))
+    }
+
+    /// The request rate limits for an authorized HTTP request (a round trip to the shared store
+    /// for global limits).
+    pub fn check_rate(
+        &self,
+        s: &Subject<'_>,
+    ) -> impl std::future::Future<Output = Result<(), crate::ratelimit::Limited>> + Send + 'static {
         let limits = self.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
-        limits.check_request(service, s.identity.map(|i| i.as_str()).unwrap_or(""), s.zone.unwrap_or(""))
+        let key = Self::rate_key(s);
+        async move {
+            let Some((service, identity, zone)) = key else { return Ok(()) };
+            limits.check_request(&service, &identity, &zone).await
+        }
+    }
+
+    /// The decision for `s`, as `causeway policy explain` prints it; nothing counted or logged.
+    pub fn explain(&self, s: &Subject<'_>) -> serde_json::Value {
+        self.policies.read().unwrap_or_else(|e| e.into_inner()).explain(s)
     }
 
     /// Decides, counts and logs; returns whether the request or flow may pass, and the decision.
@@ -451,14 +531,17 @@ impl causeway_overlay::mesh::Authorizer for Enforcer {
         }
     }
 
-    fn admit_flow(&self, c: &causeway_overlay::mesh::FlowCaller<'_>) -> Result<Box<dyn Send + Sync>, String> {
+    fn admit_flow(&self, c: &causeway_overlay::mesh::FlowCaller<'_>) -> causeway_overlay::mesh::Admission {
         let limits = self.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let identity = c.identity.map(|i| i.as_str()).unwrap_or("");
-        let zone = c.zone.map(|z| z.as_str()).unwrap_or("");
-        match limits.admit_flow(c.service, identity, zone) {
-            Ok(slots) => Ok(Box::new(slots)),
-            Err(l) => Err(l.name),
-        }
+        let service = c.service.clone();
+        let identity = c.identity.map(|i| i.as_str().to_string()).unwrap_or_default();
+        let zone = c.zone.map(|z| z.as_str().to_string()).unwrap_or_default();
+        Box::pin(async move {
+            match limits.admit_flow(&service, &identity, &zone).await {
+                Ok(slots) => Ok(Box::new(slots) as Box<dyn Send + Sync>),
+                Err(l) => Err(l.name),
+            }
+        })
     }
 }
 

@@ -304,7 +304,7 @@ impl Mesh {
             let attempt = match target {
                 // This gateway serves the service itself: it is the destination, and its policy
                 // decides for its own zone's callers too.
-                Target::Local => match self.admit_local(service, source) {
+                Target::Local => match Box::pin(self.admit_local(service, source)).await {
                     Err(e) => Err((e, e.as_str())),
                     Ok(hold) => {
                         log.hold = hold;
@@ -354,7 +354,11 @@ impl Mesh {
 
     /// Authorization and rate limits for this zone's own client of a service this gateway serves
     /// itself (it is the destination): the limits' hold on success.
-    fn admit_local(&self, service: &ServiceName, source: &Source) -> Result<Option<Box<dyn Send + Sync>>, FlowError> {
+    async fn admit_local(
+        &self,
+        service: &ServiceName,
+        source: &Source,
+    ) -> Result<Option<Box<dyn Send + Sync>>, FlowError> {
         let Some(a) = self.0.authorizer.get() else { return Ok(None) };
         let port = self.exports().get(service).map(|e| e.export.port).unwrap_or(0);
         let caller = crate::mesh::FlowCaller {
@@ -365,7 +369,7 @@ impl Mesh {
             port,
         };
         a.authorize_flow(&caller).map_err(|_| FlowError::PolicyDenied)?;
-        a.admit_flow(&caller).map(Some).map_err(|_| FlowError::LimitExceeded)
+        a.admit_flow(&caller).await.map(Some).map_err(|_| FlowError::LimitExceeded)
     }
 
     fn flow_failed(&self, service: &ServiceName, reason: &str) {
@@ -604,8 +608,8 @@ pub(crate) async fn serve_inbound(
     let port = authority.as_ref().and_then(|a| a.port_u16()).unwrap_or(0);
     // Authorization, then rate limits (whose hold on the open-flow counts lasts the flow).
     let mut hold: Option<Box<dyn Send + Sync>> = None;
-    let mut admit = |s: &ServiceName| -> Result<(), (FlowError, String)> {
-        let Some(a) = mesh.0.authorizer.get() else { return Ok(()) };
+    let admit = |s: &ServiceName| {
+        let a = mesh.0.authorizer.get()?;
         let caller = crate::mesh::FlowCaller {
             service: s,
             identity: Some(&caller_id),
@@ -613,9 +617,7 @@ pub(crate) async fn serve_inbound(
             addr: client_conn.map(|(a, _)| a.ip()),
             port,
         };
-        a.authorize_flow(&caller).map_err(|p| (FlowError::PolicyDenied, p))?;
-        hold = Some(a.admit_flow(&caller).map_err(|l| (FlowError::LimitExceeded, l))?);
-        Ok(())
+        Some(a.authorize_flow(&caller).map(|()| a.admit_flow(&caller)))
     };
     let target = if !is_connect {
         Err(FlowError::BadRequest)
@@ -627,18 +629,29 @@ pub(crate) async fn serve_inbound(
         Err(FlowError::RateLimited)
     } else if looped {
         Err(FlowError::Loop)
-    } else if let Some(Err((e, name))) = exported.map(&mut admit) {
-        denied_by = name;
-        Err(e)
     } else if let Some(s) = exported {
-        match Box::pin(mesh.connect_local(s)).await {
-            // Checked again once connected: the backend connection this flow came from may have
-            // been registered only now (its task and this one race).
-            Ok((tcp, _, _)) if is_leg(client_conn) => {
-                relay::abort(tcp);
-                Err(FlowError::Loop)
+        let admitted = match admit(s) {
+            None => Ok(None),
+            Some(Err(policy)) => Err((FlowError::PolicyDenied, policy)),
+            Some(Ok(admission)) => admission.await.map(Some).map_err(|limit| (FlowError::LimitExceeded, limit)),
+        };
+        match admitted {
+            Err((e, name)) => {
+                denied_by = name;
+                Err(e)
             }
-            r => r.map(|(tcp, addr, leg)| (s.clone(), tcp, addr, leg)),
+            Ok(h) => {
+                hold = h;
+                match Box::pin(mesh.connect_local(s)).await {
+                    // Checked again once connected: the backend connection this flow came from
+                    // may have been registered only now (its task and this one race).
+                    Ok((tcp, _, _)) if is_leg(client_conn) => {
+                        relay::abort(tcp);
+                        Err(FlowError::Loop)
+                    }
+                    r => r.map(|(tcp, addr, leg)| (s.clone(), tcp, addr, leg)),
+                }
+            }
         }
     } else {
         Err(FlowError::Forbidden)

@@ -146,11 +146,16 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String>;
 
     /// Rate limits of an authorized new flow: `Ok(guard)` holds the flow's place among the open
-    /// flows until dropped; `Err(limit)` refuses it (429 `rate_limited`).
-    fn admit_flow(&self, _caller: &FlowCaller<'_>) -> Result<Box<dyn Send + Sync>, String> {
-        Ok(Box::new(()))
+    /// flows until dropped; `Err(limit)` refuses it (429 `rate_limited`). A future: a limit the
+    /// zone's gateways share asks their store.
+    fn admit_flow(&self, _caller: &FlowCaller<'_>) -> Admission {
+        Box::pin(std::future::ready(Ok(Box::new(()) as Box<dyn Send + Sync>)))
     }
 }
+
+/// The rate limits' answer for a new flow (see [`Authorizer::admit_flow`]).
+pub type Admission =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn Send + Sync>, String>> + Send + 'static>>;
 
 /// How an `http` export's endpoint is chosen for each request.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -33,6 +33,14 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ErrorCounter {
         if *e.metadata().level() == tracing::Level::ERROR {
             ERRORS.fetch_add(1, Ordering::Relaxed);
         }
+        if *e.metadata().level() == tracing::Level::WARN {
+            let mut line = AccessLine::default();
+            e.record(&mut line);
+            let mut log = WARNINGS.lock().unwrap_or_else(|p| p.into_inner());
+            if log.len() < 10_000 {
+                log.push(line);
+            }
+        }
         if e.metadata().target() == "causeway::access" {
             let mut line = AccessLine::default();
             e.record(&mut line);
@@ -64,6 +72,12 @@ impl tracing::field::Visit for AccessLine {
 }
 
 static ACCESS: std::sync::Mutex<Vec<AccessLine>> = std::sync::Mutex::new(Vec::new());
+static WARNINGS: std::sync::Mutex<Vec<AccessLine>> = std::sync::Mutex::new(Vec::new());
+
+/// WARN events logged so far in this test binary (at most 10,000), field by field (`message`…).
+pub fn warnings() -> Vec<AccessLine> {
+    WARNINGS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// The access-log events written so far by the gateways in this test binary (at most 100,000).
 pub fn access_log() -> Vec<AccessLine> {
@@ -164,24 +178,29 @@ pub struct TestMesh {
 pub const SERVICE_PORT: u16 = 8080;
 
 impl TestMesh {
-    /// Renders configurations for `zones` (full mesh, every gateway knowing every address).
+    /// Renders configurations for `zones` (full mesh, every gateway knowing every address). A zone
+    /// listed again is another gateway of it (`gw-2`, …).
     pub fn plan(zones: Vec<ZoneSpec>, extra: &str) -> anyhow::Result<Self> {
         let pki = Pki::new(TRUST_DOMAIN)?;
-        let ids: Vec<_> = zones.iter().map(|z| pki.identity(z.zone, "gw-1")).collect();
+        let names: Vec<String> = (0..zones.len())
+            .map(|i| format!("gw-{}", 1 + zones[..i].iter().filter(|z| z.zone == zones[i].zone).count()))
+            .collect();
+        let ids: Vec<_> = zones.iter().zip(&names).map(|(z, g)| pki.identity(z.zone, g)).collect();
         let addrs: Vec<SocketAddr> = zones
             .iter()
             .map(|_| free_udp_port().map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
             .collect::<Result<_, _>>()?;
         let mut specs = Vec::new();
         for (i, z) in zones.iter().enumerate() {
-            let tls = pki.issue(z.zone, &ids[i], Validity::for_duration(Duration::from_secs(3600)))?;
+            let file = if names[i] == "gw-1" { z.zone.to_string() } else { format!("{}-{}", z.zone, names[i]) };
+            let tls = pki.issue(&file, &ids[i], Validity::for_duration(Duration::from_secs(3600)))?;
             let peers = (0..zones.len())
                 .filter(|j| *j != i)
                 .map(|j| (ids[j].clone(), Some(addrs[j].to_string()), zones[j].zone.to_string()))
                 .collect();
             specs.push(GatewaySpec {
                 zone: z.zone.into(),
-                gateway: "gw-1".into(),
+                gateway: names[i].clone(),
                 trust_domain: TRUST_DOMAIN.into(),
                 tls,
                 overlay: addrs[i],

@@ -40,7 +40,7 @@ pub fn py_server(program: &str, args: &[&str]) -> PyServer {
 
 /// Writes `yaml` as gateway `i`'s config and starts it (in this process).
 pub async fn start_yaml(m: &TestMesh, i: usize, yaml: &str) -> causeway::Gateway {
-    let path = m.pki.dir.join(format!("{}-http.yaml", m.specs[i].zone));
+    let path = m.pki.dir.join(format!("{}-{}-http.yaml", m.specs[i].zone, m.specs[i].gateway));
     std::fs::write(&path, yaml).expect("write config");
     let cfg = causeway::config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let (creds, bundle) = causeway::app::load_tls(&cfg).expect("tls");

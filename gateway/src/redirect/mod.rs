@@ -235,6 +235,7 @@ impl Redirect {
                     mesh: None,
                     metrics: handle.clone(),
                     ready: Arc::new(AtomicBool::new(true)),
+                    policy: None,
                 };
                 let admin =
                     crate::admin::Admin::bind(a, state).await.with_context(|| format!("admin: cannot bind {a}"))?;
