@@ -53,11 +53,12 @@ async fn kill_9_of_the_serving_gateway_fails_over_within_a_second() {
     assert!(reset_after < Duration::from_secs(6), "in-flight flow reset after {reset_after:?}");
     eprintln!("failover after kill -9: {failover:?}; in-flight flow reset after {reset_after:?}");
 
-    // The session records why it ended right after the connection closes (by our liveness check
-    // or QUIC's idle timeout, both at 5 s), which the client may see first.
+    // The session records why it ended once its connection is closed (by our liveness check or
+    // QUIC's idle timeout, both 5 s after the peer fell silent), which the client may see first:
+    // waited for as an event, not within a window after the reset.
     let unresponsive =
         || metric(&m.gw(0).metrics_text(), "causeway_peer_control_errors_total", &[("code", "PEER_UNRESPONSIVE")]);
-    assert!(eventually(Duration::from_secs(2), || unresponsive() >= Some(1.0)).await, "{:?}", unresponsive());
+    assert!(eventually(Duration::from_secs(10), || unresponsive() >= Some(1.0)).await, "{:?}", unresponsive());
     let t = m.gw(0).metrics_text();
     assert_eq!(metric(&t, "causeway_peer_up", &[("peer_zone", "b")]), Some(0.0));
     assert!(

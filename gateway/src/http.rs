@@ -56,6 +56,10 @@ pub const HTTP_RETRIES: &str = "causeway_http_retries_total";
 pub const HTTP_MIRRORS: &str = "causeway_http_mirrors_total";
 /// Requests answered by fault injection, by service, route and kind (`delay`, `abort`).
 pub const HTTP_FAULTS: &str = "causeway_http_faults_total";
+/// Mirrored copies in flight at once (each holds its request body, ≤ 64 KiB, until answered or
+/// 30 s); past it, copies are skipped and counted (`skipped_busy`).
+const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
 /// Header on a mirrored copy of a request, so its endpoint can tell it from the real one.
 const MIRROR_HEADER: &str = "x-causeway-mirror";
 
@@ -353,6 +357,8 @@ pub struct Http {
     slots: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, SlotState>>>,
     /// Who may call our exports (decided here, for peers' requests).
     policy: Arc<crate::policy::Enforcer>,
+    /// Places for mirrored copies in flight.
+    mirrors: Arc<tokio::sync::Semaphore>,
 }
 
 /// One service's endpoint connections in use, and the requests waiting for one.
@@ -436,6 +442,7 @@ impl Http {
             active: Default::default(),
             slots: Default::default(),
             policy,
+            mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         })
     }
 
@@ -749,6 +756,10 @@ impl Http {
             self.count_mirror(service, route, "no_zone");
             return false;
         };
+        let Ok(place) = self.mirrors.clone().try_acquire_owned() else {
+            self.count_mirror(service, route, "skipped_busy");
+            return false;
+        };
         self.count_mirror(service, route, "sent");
         let mut req = Request::from_parts(parts.clone(), http_body_util::Full::new(body.clone()));
         req.headers_mut().insert(MIRROR_HEADER, http::HeaderValue::from_static("1"));
@@ -757,7 +768,8 @@ impl Http {
         tokio::spawn(async move {
             use http_body_util::BodyExt;
             let resp = this.attempt(&c, &service, req, &source, &trace, Some(RESPONSE_TIMEOUT)).await;
-            let _ = resp.into_body().collect().await;
+            let _ = tokio::time::timeout(RESPONSE_TIMEOUT, resp.into_body().collect()).await;
+            drop(place);
         });
         true
     }

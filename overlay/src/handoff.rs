@@ -12,20 +12,18 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use causeway_protocol::control::{self, Catalog, Message, Protocol, ServiceAd};
-use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ERROR, ORIGINAL_DST, SOURCE_ADDRESS, TRACEPARENT};
+use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ORIGINAL_DST, SOURCE_ADDRESS, TRACEPARENT};
 use causeway_protocol::limits::MAX_SERVICES_PER_FRAME;
 use causeway_protocol::trace::TraceParent;
 use causeway_protocol::{Identity, ServiceName};
 use tracing::Instrument;
 
 use crate::flow::{Downstream, ServerStream, Source};
-use crate::h3q;
 use crate::mesh::Mesh;
-use crate::metrics::{H3_FRAMES_REFUSED, REDIRECTORS, REDIRECT_FLOWS};
+use crate::metrics::{REDIRECTORS, REDIRECT_FLOWS};
 use crate::relay::ByteSink;
-use crate::session::MAX_FIELD_SECTION;
 
 /// How often a catalog stream rechecks whether the gateway's first catalogs are in, when no
 /// catalog event wakes it (the settle deadline passes without one).
@@ -38,34 +36,9 @@ pub(crate) async fn serve_redirector(mesh: Mesh, conn: quinn::Connection, node: 
         let gauge = mesh.0.metrics.gauge(REDIRECTORS, &[]);
         gauge.increment(1.0);
         tracing::info!("redirector.connected");
-        let refused = mesh.0.metrics.counter(H3_FRAMES_REFUSED, &[]);
-        let (_reverse, server_sess, demux) = h3q::split(&conn, false, refused);
-        tokio::spawn(demux);
-        match h3::server::builder().max_field_section_size(MAX_FIELD_SECTION).build::<_, Bytes>(server_sess).await {
-            Ok(mut server) => loop {
-                let resolver = tokio::select! {
-                    r = server.accept() => match r {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::info!(error = %e, "redirector.h3.closed");
-                            break;
-                        }
-                    },
-                    _ = mesh.0.shutdown.cancelled() => break,
-                };
-                let (mesh, node) = (mesh.clone(), node.clone());
-                let header_timeout = mesh.0.timing.header_timeout;
-                tokio::spawn(async move {
-                    let Ok(Ok((req, stream))) = tokio::time::timeout(header_timeout, resolver.resolve_request()).await
-                    else {
-                        return;
-                    };
-                    handle(mesh, node, req, stream).await;
-                });
-            },
-            Err(e) => tracing::debug!(error = %e, "redirector.h3.failed"),
-        }
+        let m = mesh.clone();
+        crate::http::serve_requests(&mesh, &conn, move |req, stream| handle(m.clone(), node.clone(), req, stream))
+            .await;
         gauge.decrement(1.0);
         tracing::info!(reason = ?conn.close_reason(), "redirector.disconnected");
     }
@@ -73,17 +46,10 @@ pub(crate) async fn serve_redirector(mesh: Mesh, conn: quinn::Connection, node: 
     .await
 }
 
-async fn refuse(mut stream: ServerStream, e: FlowError) {
-    let resp = http::Response::builder().status(e.status()).header(ERROR, e.as_str()).body(()).unwrap_or_default();
-    if stream.send_response(resp).await.is_ok() {
-        let _ = stream.finish().await;
-    }
-}
-
 async fn handle(mesh: Mesh, node: Identity, req: http::Request<()>, stream: ServerStream) {
     let authority = req.uri().authority().cloned();
     if req.method() != http::Method::CONNECT {
-        return refuse(stream, FlowError::BadRequest).await;
+        return crate::http::refuse(stream, FlowError::BadRequest).await;
     }
     if authority.as_ref().is_some_and(|a| a.as_str() == CATALOG_AUTHORITY) {
         return catalog_stream(mesh, stream).await;
@@ -93,12 +59,12 @@ async fn handle(mesh: Mesh, node: Identity, req: http::Request<()>, stream: Serv
     let src = header(SOURCE_ADDRESS).and_then(|s| s.parse::<SocketAddr>().ok());
     let (Some(service), Some(src)) = (service, src) else {
         mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "bad_request")]).increment(1);
-        return refuse(stream, FlowError::BadRequest).await;
+        return crate::http::refuse(stream, FlowError::BadRequest).await;
     };
     // A service with an allowlist: refused before any overlay traffic (the redirector resets the pod).
     if !mesh.client_allowed(&service, src.ip(), "capture") {
         mesh.0.metrics.counter(REDIRECT_FLOWS, &[("outcome", "not_allowed")]).increment(1);
-        return refuse(stream, FlowError::PolicyDenied).await;
+        return crate::http::refuse(stream, FlowError::PolicyDenied).await;
     }
     let identity = mesh.workload_identity(src.ip()).cloned().unwrap_or(node);
     let trace = header(TRACEPARENT).and_then(TraceParent::parse);

@@ -181,45 +181,61 @@ pub(crate) async fn serve_client(mesh: Mesh, conn: quinn::Connection, id: Identi
         let gauge = mesh.metrics().gauge(crate::metrics::HTTP3_CLIENTS, &[]);
         gauge.increment(1.0);
         tracing::info!("http3_client.connected");
-        let refused = mesh.metrics().counter(crate::metrics::H3_FRAMES_REFUSED, &[]);
-        let (_reverse, server_sess, demux) = crate::h3q::split(&conn, false, refused);
-        tokio::spawn(demux);
         let local = mesh.0.endpoint.local_addr().unwrap_or(remote);
-        let built = h3::server::builder()
-            .max_field_section_size(crate::session::MAX_FIELD_SECTION)
-            .build::<_, Bytes>(server_sess)
-            .await;
-        match built {
-            Ok(mut server) => loop {
-                let resolver = tokio::select! {
-                    r = server.accept() => match r {
-                        Ok(Some(r)) => r,
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "http3_client.closed");
-                            break;
-                        }
-                    },
-                    _ = mesh.0.shutdown.cancelled() => break,
-                };
-                let Some(handler) = mesh.http_handler() else { break };
-                let source = crate::flow::Source { identity: id.clone(), addr: remote, dst: local };
-                let header_timeout = mesh.0.timing.header_timeout;
-                tokio::spawn(async move {
-                    let Ok(Ok((req, stream))) = tokio::time::timeout(header_timeout, resolver.resolve_request()).await
-                    else {
-                        return;
-                    };
+        let m = mesh.clone();
+        serve_requests(&mesh, &conn, move |req, stream| {
+            let handler = m.http_handler();
+            let source = crate::flow::Source { identity: id.clone(), addr: remote, dst: local };
+            async move {
+                if let Some(handler) = handler {
                     handler.serve_request(req, stream, source).await;
-                });
-            },
-            Err(e) => tracing::debug!(error = %e, "http3_client.h3.failed"),
-        }
+                }
+            }
+        })
+        .await;
         gauge.decrement(1.0);
         tracing::info!(reason = ?conn.close_reason(), "http3_client.disconnected");
     }
     .instrument(span)
     .await
+}
+
+/// Serves the HTTP/3 requests of a connection from this zone's side (a redirector or an HTTP/3
+/// client: no control stream, no reverse session) until it closes or the mesh shuts down. Each
+/// request whose head arrives within `timing.header_timeout` goes to `handle`, on a task of its own.
+pub(crate) async fn serve_requests<F, Fut>(mesh: &Mesh, conn: &quinn::Connection, handle: F)
+where
+    F: Fn(http::Request<()>, ServerStream) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let refused = mesh.metrics().counter(crate::metrics::H3_FRAMES_REFUSED, &[]);
+    let (_reverse, server_sess, demux) = crate::h3q::split(conn, false, refused);
+    tokio::spawn(demux);
+    let built = h3::server::builder()
+        .max_field_section_size(crate::session::MAX_FIELD_SECTION)
+        .build::<_, Bytes>(server_sess)
+        .await;
+    let mut server = match built {
+        Ok(s) => s,
+        Err(e) => return tracing::debug!(error = %e, "h3.failed"),
+    };
+    let header_timeout = mesh.0.timing.header_timeout;
+    loop {
+        let resolver = tokio::select! {
+            r = server.accept() => match r {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => return tracing::debug!(error = %e, "h3.closed"),
+            },
+            _ = mesh.0.shutdown.cancelled() => return,
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok((req, stream))) = tokio::time::timeout(header_timeout, resolver.resolve_request()).await {
+                handle(req, stream).await;
+            }
+        });
+    }
 }
 
 /// Answers a request the gateway cannot serve with `e`'s status and reason.

@@ -462,6 +462,13 @@ fn peer_zone_label(mesh: &Mesh, peer: &Identity) -> String {
 
 type ControlSlot = Arc<Mutex<Option<oneshot::Sender<(crate::relay::ServerSend, crate::relay::ServerRecv)>>>>;
 
+/// Frames from the peer that only its gateway's work causes: stream data it wrote, and flow
+/// credit it granted by reading ours.
+fn app_frames(conn: &quinn::Connection) -> u64 {
+    let rx = conn.stats().frame_rx;
+    rx.stream + rx.max_data + rx.max_stream_data
+}
+
 /// Why a closed connection closed, as the session's end.
 fn closed_by(conn: &quinn::Connection) -> Option<SessionEnd> {
     Some(match conn.close_reason()? {
@@ -767,7 +774,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut last_frame = Instant::now();
     let mut frame_started: Option<Instant> = None;
     let mut last_rx = conn.stats().udp_rx.datagrams;
-    let mut last_stream_frames = conn.stats().frame_rx.stream;
+    let mut last_stream_frames = app_frames(conn);
     let mut ping = tokio::time::interval(t.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
@@ -887,8 +894,10 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                 // against one connection-wide flow-control and send window, and wakes blocked
                 // writers last-blocked-first, so under sustained bulk load the control stream can
                 // wait seconds for room). Found by the benchmarks: 128 parallel bulk flows through
-                // a single-threaded gateway pair.
-                let stream_frames = conn.stats().frame_rx.stream;
+                // a single-threaded gateway pair. So does flow credit arriving while we send bulk
+                // data one way: the peer grants it only as its gateway reads what we sent, and our
+                // own pings may be the ones queued behind that data.
+                let stream_frames = app_frames(conn);
                 if stream_frames != last_stream_frames {
                     last_stream_frames = stream_frames;
                     last_frame = last_frame.max(Instant::now() - t.ping_interval);
