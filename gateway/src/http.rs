@@ -125,23 +125,33 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A body fed from a channel: what one side of the gateway reads, the other writes. No channel:
-/// no body at all (a trailers-only gRPC answer, a 101), which HTTP/2 ends with the headers.
+/// The body one side of the gateway reads: polled straight from where it comes from (the other
+/// side's hyper body, or an HTTP/3 stream: no task, no queue between them), or fed from a channel
+/// by the gateway itself (an answer it makes). No source: no body at all (a trailers-only gRPC
+/// answer, a 101), which HTTP/2 ends with the headers.
 ///
 /// The body the client reads carries the request's access-log line, written when the body ends
 /// (or is dropped unfinished: the client went away), so it has the bytes sent and the whole
 /// duration, and a gRPC status from the trailers.
 pub struct ChanBody {
-    rx: Option<mpsc::Receiver<Result<Frame<Bytes>, BoxError>>>,
+    from: From,
+    /// Held until the body ends or is dropped (a breaker's place, the peer stream's hold).
+    hold: Option<Box<dyn Send>>,
     log: Option<Box<AccessRecord>>,
     bytes: u64,
     /// The response's Content-Length: HTTP/1.1 stops reading a body once it has that many bytes.
     length: Option<u64>,
 }
 
+enum From {
+    None,
+    Chan(mpsc::Receiver<Result<Frame<Bytes>, BoxError>>),
+    Direct(http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>),
+}
+
 impl ChanBody {
     fn empty() -> Self {
-        ChanBody { rx: None, log: None, bytes: 0, length: None }
+        ChanBody { from: From::None, hold: None, log: None, bytes: 0, length: None }
     }
 
     /// Writes `record` when this body ends (`length`: the response's Content-Length).
@@ -151,6 +161,7 @@ impl ChanBody {
     }
 
     fn finish(&mut self, complete: bool) {
+        self.hold = None;
         if let Some(r) = self.log.take() {
             r.emit(self.bytes, complete);
         }
@@ -162,9 +173,10 @@ impl Body for ChanBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = match self.rx.as_mut() {
-            Some(rx) => rx.poll_recv(cx),
-            None => Poll::Ready(None),
+        let r = match &mut self.from {
+            From::None => Poll::Ready(None),
+            From::Chan(rx) => rx.poll_recv(cx),
+            From::Direct(b) => Pin::new(b).poll_frame(cx),
         };
         match &r {
             Poll::Ready(Some(Ok(f))) => {
@@ -184,43 +196,114 @@ impl Body for ChanBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rx.is_none()
+        match &self.from {
+            From::None => true,
+            From::Chan(_) => false,
+            From::Direct(b) => b.is_end_stream(),
+        }
     }
 }
 
 impl Drop for ChanBody {
     fn drop(&mut self) {
-        // A body without a channel is complete as it is (HTTP/2 may never poll it), and so is
+        // A body without a source is complete as it is (HTTP/2 may never poll it), and so is
         // one whose Content-Length was sent (HTTP/1.1 stops there).
-        let complete = self.rx.is_none() || self.length == Some(self.bytes);
+        let complete = matches!(self.from, From::None) || self.length == Some(self.bytes);
         self.finish(complete);
     }
 }
 
-/// A body relayed into a channel by a task of its own, which holds `hold` until the body is through.
-fn piped<B>(mut body: B, hold: impl Send + 'static) -> ChanBody
+/// `body`, read straight from its source by whoever reads this one; `hold` is kept until it ends.
+fn piped<B>(body: B, hold: impl Send + 'static) -> ChanBody
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError> + Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
-    let (tx, out) = chan();
-    tokio::spawn(async move {
-        use http_body_util::BodyExt;
-        let _hold = hold;
-        while let Some(f) = body.frame().await {
-            let f = f.map_err(Into::into);
-            let stop = f.is_err();
-            if tx.send(f).await.is_err() || stop {
-                return;
-            }
-        }
-    });
-    out
+    use http_body_util::BodyExt;
+    ChanBody {
+        from: From::Direct(body.map_err(Into::into).boxed_unsync()),
+        hold: Some(Box::new(hold)),
+        log: None,
+        bytes: 0,
+        length: None,
+    }
 }
 
 fn chan() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, ChanBody) {
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
-    (tx, ChanBody { rx: Some(rx), log: None, bytes: 0, length: None })
+    (tx, ChanBody { from: From::Chan(rx), hold: None, log: None, bytes: 0, length: None })
+}
+
+/// The receive half of an HTTP/3 request stream, client or server side (h3 gives them the same
+/// methods and no common trait).
+trait H3Recv: Send + 'static {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, h3::error::StreamError>>;
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>>;
+}
+
+impl<S: h3::quic::RecvStream + Send + 'static> H3Recv for h3::client::RequestStream<S, Bytes> {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, h3::error::StreamError>> {
+        self.poll_recv_data(cx).map_ok(|b| b.map(|mut b| b.copy_to_bytes(b.remaining())))
+    }
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>> {
+        self.poll_recv_trailers(cx)
+    }
+}
+
+impl<S: h3::quic::RecvStream + Send + 'static> H3Recv for h3::server::RequestStream<S, Bytes> {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, h3::error::StreamError>> {
+        self.poll_recv_data(cx).map_ok(|b| b.map(|mut b| b.copy_to_bytes(b.remaining())))
+    }
+    fn poll_trailers(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<HeaderMap>, h3::error::StreamError>> {
+        self.poll_recv_trailers(cx)
+    }
+}
+
+/// An HTTP/3 stream's DATA, then its trailers, as a body; the bytes are also added to `counted`.
+struct H3Body<R> {
+    rx: R,
+    data_done: bool,
+    ended: bool,
+    counted: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl<R: H3Recv> H3Body<R> {
+    fn new(rx: R, counted: Option<Arc<std::sync::atomic::AtomicU64>>) -> Self {
+        Self { rx, data_done: false, ended: false, counted }
+    }
+}
+
+impl<R: H3Recv + Unpin> Body for H3Body<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if !self.data_done {
+            match std::task::ready!(self.rx.poll_data(cx)) {
+                Ok(Some(b)) => {
+                    if let Some(c) = &self.counted {
+                        c.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Ok(None) => self.data_done = true,
+                Err(e) => {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+            }
+        }
+        let t = std::task::ready!(self.rx.poll_trailers(cx));
+        self.ended = true;
+        Poll::Ready(t.ok().flatten().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
 }
 
 /// The endpoint that answered a request (a response extension, for the access log).
@@ -305,37 +388,6 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
         out.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     }
     out
-}
-
-/// Streams an h3 body (and its trailers) into `tx`.
-async fn pump_h3<S>(
-    mut rx: h3::client::RequestStream<S, Bytes>,
-    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-) -> u64
-where
-    S: h3::quic::RecvStream,
-{
-    let mut n = 0;
-    loop {
-        match rx.recv_data().await {
-            Ok(Some(mut b)) => {
-                let b = b.copy_to_bytes(b.remaining());
-                n += b.len() as u64;
-                if tx.send(Ok(Frame::data(b))).await.is_err() {
-                    return n;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                let _ = tx.send(Err(Box::new(e))).await;
-                return n;
-            }
-        }
-    }
-    if let Ok(Some(t)) = rx.recv_trailers().await {
-        let _ = tx.send(Ok(Frame::trailers(t))).await;
-    }
-    n
 }
 
 /// The gateway's HTTP side: routes for the source, an endpoint client for the destination.
@@ -964,12 +1016,7 @@ impl Http {
         let out = if head.headers().contains_key(GRPC_STATUS) {
             ChanBody::empty()
         } else {
-            let (tx, out) = chan();
-            tokio::spawn(async move {
-                let _held = held;
-                pump_h3(recv, tx).await;
-            });
-            out
+            piped(H3Body::new(recv, None), held)
         };
         let mut resp = Response::new(out);
         *resp.status_mut() = head.status();
@@ -1353,13 +1400,10 @@ impl HttpHandler for Http {
                 return;
             };
             let (mut send, recv) = stream.split();
-            let (tx, body) = chan();
-            let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let pump = tokio::spawn(async move { pump_server(recv, tx, &counted).await });
+            let body = piped(H3Body::new(recv, None), ());
             let span = request_span("outbound", service.as_str(), &req);
             let resp = self.route(req.map(|()| body), &service, &source).instrument(span).await;
             respond_h3(&mut send, resp).await;
-            pump.abort();
         })
     }
 
@@ -1415,10 +1459,8 @@ impl Http {
             None => Some(policy_denied(&decision.policy)),
         };
         let (mut send, recv) = stream.split();
-        let (tx, body) = chan();
         let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = bytes_in.clone();
-        let pump = tokio::spawn(async move { pump_server(recv, tx, &counted).await });
+        let body = piped(H3Body::new(recv, Some(bytes_in.clone())), ());
         let (method, path) = (req.method().clone(), req.uri().path_and_query().map(|p| p.to_string()));
         let resp = match refusal {
             None => self.to_endpoint(&service, req.map(|()| body)).await,
@@ -1427,7 +1469,6 @@ impl Http {
         let status = resp.status();
         let endpoint = resp.extensions().get::<EndpointUsed>().map(|e| e.0.to_string()).unwrap_or_default();
         let (how, bytes_out) = respond_h3(&mut send, resp).await;
-        pump.abort();
         let bytes_in = bytes_in.load(std::sync::atomic::Ordering::Relaxed);
         let code = status.as_u16().to_string();
         let source_zone = from.zone.as_ref().map(|z| z.to_string()).unwrap_or_default();
@@ -1498,33 +1539,4 @@ async fn respond_h3(send: &mut causeway_overlay::relay::ServerSend, resp: Respon
     }
     let _ = send.finish().await;
     (StreamEnd::Other, n)
-}
-
-/// Streams a peer's request body (server side of the h3 stream) into `tx`.
-async fn pump_server<S>(
-    mut rx: h3::server::RequestStream<S, Bytes>,
-    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-    bytes: &std::sync::atomic::AtomicU64,
-) where
-    S: h3::quic::RecvStream,
-{
-    loop {
-        match rx.recv_data().await {
-            Ok(Some(mut b)) => {
-                let b = b.copy_to_bytes(b.remaining());
-                bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                if tx.send(Ok(Frame::data(b))).await.is_err() {
-                    return;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                let _ = tx.send(Err(Box::new(e))).await;
-                return;
-            }
-        }
-    }
-    if let Ok(Some(t)) = rx.recv_trailers().await {
-        let _ = tx.send(Ok(Frame::trailers(t))).await;
-    }
 }
