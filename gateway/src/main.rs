@@ -132,6 +132,12 @@ enum CertsCmd {
     },
 }
 
+/// jemalloc: fewer cycles per request than glibc malloc under the gateway's allocation pattern
+/// (BENCHMARKS.md, B11 profile).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {

@@ -527,7 +527,10 @@ impl Bench {
             "redirectors:\n  - {{ id_prefix: \"spiffe://{TD}/zone/a/node/\" }}\n\
              workloads:\n  - {{ cidr: 10.77.0.1/32, id: \"spiffe://{TD}/ns/bench/sa/client\" }}\n"
         );
-        let quiet = "log: { level: \"warn\" }\n";
+        // The abuse limits are lifted: the bench measures capacity, and one client address opens
+        // every flow (B6 holds 10,000 at once; the default is 1,000 per source address).
+        let quiet = "log: { level: \"warn\" }\n\
+                     limits: { connections_per_listener: 100000, connections_per_source: 100000, peer_flow_rate: 1000000 }\n";
         let specs = [
             (
                 "gw-a",
@@ -630,7 +633,7 @@ impl Bench {
         let yaml = format!(
             "node: node-1\ntrust_domain: {TD}\ntls: {{ cert: \"{}\", key: \"{}\", bundle: \"{}\" }}\n\
              gateway: {{ address: \"127.0.0.1:4433\", id: \"{}\" }}\n\
-             capture: {{ listen: \"0.0.0.0:15001\", vip_range: \"240.240.0.0/16\", chains: [output] }}\n\
+             capture: {{ listen: \"0.0.0.0:15001\", vip_range: \"240.240.0.0/16\", chains: [output], max_connections: 100000, connections_per_source: 100000 }}\n\
              log: {{ level: \"warn\" }}\n",
             cert.display(),
             key.display(),

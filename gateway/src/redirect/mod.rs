@@ -27,7 +27,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{addr, duration, host_port, ConfigError, ConfigErrors, Errors, LogFormat, RawLog, RawTls};
 use iptables::Chain;
 
-/// Captured connections handled at once; more wait in the kernel's accept queue.
+/// Captured connections handled at once by default (`capture.max_connections`); more wait in the
+/// kernel's accept queue.
 pub const MAX_CAPTURED: usize = 10_000;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -63,6 +64,12 @@ pub struct RawCapture {
     /// `output` (the node's own processes) and/or `prerouting` (pods routed through the node).
     #[serde(default)]
     pub chains: Option<Vec<String>>,
+    /// Captured connections handled at once (default 10,000; more wait in the accept queue).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Captured connections one pod address may hold at once (default 1,000; more are reset).
+    #[serde(default)]
+    pub connections_per_source: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -96,6 +103,8 @@ pub struct RedirectConfig {
     pub capture: SocketAddr,
     pub vip_range: VipRange,
     pub chains: Vec<Chain>,
+    pub max_connections: usize,
+    pub connections_per_source: usize,
     pub dns: Option<DnsConfig>,
     pub admin: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -124,6 +133,14 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
             "prerouting" => chains.push(Chain::Prerouting),
             other => e.push(format!("capture.chains[{i}]"), format!("{other:?} is not one of output, prerouting")),
         }
+    }
+    let max_connections = raw.capture.max_connections.unwrap_or(MAX_CAPTURED);
+    let connections_per_source = raw.capture.connections_per_source.unwrap_or(crate::listeners::MAX_PER_SOURCE);
+    if !(1..=1_000_000).contains(&max_connections) {
+        e.push("capture.max_connections", "must be 1 to 1,000,000");
+    }
+    if connections_per_source == 0 || connections_per_source > max_connections {
+        e.push("capture.connections_per_source", "must be at least 1 and at most capture.max_connections");
     }
     let dns = raw.dns.as_ref().and_then(|d| {
         let listen = e.parse("dns.listen", addr(&d.listen));
@@ -171,6 +188,8 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
             capture,
             vip_range,
             chains,
+            max_connections,
+            connections_per_source,
             dns,
             admin,
             log_format,
@@ -258,7 +277,8 @@ impl Redirect {
                     .map_err(|e| vec![ConfigError { path: "tls".into(), reason: e.to_string() }])
             }));
         }
-        tasks.spawn(capture_loop(capture, redirector.clone(), metrics, stop.clone()));
+        let limits = (cfg.max_connections, cfg.connections_per_source);
+        tasks.spawn(capture_loop(capture, limits, redirector.clone(), metrics, stop.clone()));
         tasks.close();
         tracing::info!(node = %cfg.node, identity = %redirector.identity(), capture = %capture_addr, dns = ?dns_addr,
             vip_range = %cfg.vip_range, gateway = %cfg.gateway, rules, "redirect.started");
@@ -294,9 +314,15 @@ pub fn check(cfg: &RedirectConfig) -> Result<Identity, Vec<ConfigError>> {
     creds.identity().map_err(|e| vec![ConfigError { path: "tls.cert".into(), reason: e.to_string() }])
 }
 
-async fn capture_loop(listener: TcpListener, redirector: Redirector, metrics: Metrics, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CAPTURED));
-    let per_source = crate::listeners::PerSource::new(crate::listeners::MAX_PER_SOURCE);
+async fn capture_loop(
+    listener: TcpListener,
+    limits: (usize, usize),
+    redirector: Redirector,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.0));
+    let per_source = crate::listeners::PerSource::new(limits.1);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -338,4 +364,30 @@ pub async fn run(cfg: RedirectConfig) -> anyhow::Result<()> {
     let r = Redirect::start(&cfg, true).await?;
     crate::wait_for_signal().await;
     r.stop().await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    const BASE: &str = "trust_domain: td.example\n\
+        tls: { cert: c.pem, key: k.pem, bundle: ca.crt }\n\
+        gateway: { address: \"127.0.0.1:4433\", id: \"spiffe://td.example/zone/a/gateway/gw-1\" }\n";
+
+    #[test]
+    fn capture_limits_default_and_are_checked() {
+        let cfg = super::parse(&format!("{BASE}capture: {{ listen: \"0.0.0.0:15001\" }}\n")).unwrap();
+        assert_eq!((cfg.max_connections, cfg.connections_per_source), (10_000, 1_000));
+        let cfg = super::parse(&format!(
+            "{BASE}capture: {{ listen: \"0.0.0.0:15001\", max_connections: 50000, connections_per_source: 20000 }}\n"
+        ))
+        .unwrap();
+        assert_eq!((cfg.max_connections, cfg.connections_per_source), (50_000, 20_000));
+        let errs = super::parse(&format!(
+            "{BASE}capture: {{ listen: \"0.0.0.0:15001\", max_connections: 0, connections_per_source: 5 }}\n"
+        ))
+        .unwrap_err();
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["capture.max_connections", "capture.connections_per_source"]);
+    }
 }
