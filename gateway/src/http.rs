@@ -208,7 +208,12 @@ impl Drop for ChanBody {
     fn drop(&mut self) {
         // A body without a source is complete as it is (HTTP/2 may never poll it), and so is
         // one whose Content-Length was sent (HTTP/1.1 stops there).
-        let complete = matches!(self.from, From::None) || self.length == Some(self.bytes);
+        let complete = match &self.from {
+            From::None => true,
+            // Empty from the start (a 204, a 304): hyper never polls it.
+            From::Direct(b) if b.is_end_stream() => true,
+            _ => self.length == Some(self.bytes),
+        };
         self.finish(complete);
     }
 }
@@ -819,8 +824,12 @@ impl Http {
         let trace = trace.child(rand::rng().random::<u64>() | 1);
         tokio::spawn(async move {
             use http_body_util::BodyExt;
-            let resp = this.attempt(&c, &service, req, &source, &trace, Some(RESPONSE_TIMEOUT)).await;
-            let _ = tokio::time::timeout(RESPONSE_TIMEOUT, resp.into_body().collect()).await;
+            let copy = async {
+                let resp = this.attempt(&c, &service, req, &source, &trace, Some(RESPONSE_TIMEOUT)).await;
+                let _ = resp.into_body().collect().await;
+            };
+            // One deadline for the whole copy, answer included.
+            let _ = tokio::time::timeout(RESPONSE_TIMEOUT, copy).await;
             drop(place);
         });
         true

@@ -23,9 +23,12 @@ use serde::{Deserialize, Serialize};
 use crate::config::Errors;
 use store::{OnFailure, Store, StoreSpec, Verdict};
 
-/// Distinct keys a local bucket set tracks. Past it, idle keys are forgotten; if that is not
-/// enough (a flood of distinct callers), new keys share one overflow bucket.
+/// Distinct callers a limit's local buckets track. Past it, callers whose buckets are full again
+/// are forgotten (at most once a second); if that is not enough (a flood of distinct callers),
+/// callers without a bucket share one overflow bucket, and those with one keep it.
 const MAX_KEYS: usize = 10_000;
+/// How often a full table of buckets is swept for idle callers.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -152,13 +155,62 @@ pub(crate) fn validate(
     out
 }
 
-type Bucket = governor::DefaultKeyedRateLimiter<String>;
+/// One limit's local buckets, a GCRA (governor) per caller, bounded by [`MAX_KEYS`].
+struct Keyed {
+    quota: governor::Quota,
+    clock: governor::clock::DefaultClock,
+    /// A bucket is full again this long after its last admitted call: forgetting it loses nothing.
+    refill: Duration,
+    table: Mutex<Table>,
+}
+
+struct Table {
+    buckets: HashMap<String, (governor::DefaultDirectRateLimiter, std::time::Instant)>,
+    swept: std::time::Instant,
+}
+
+impl Keyed {
+    fn new(quota: governor::Quota) -> Self {
+        let refill = quota.replenish_interval() * quota.burst_size().get();
+        let table = Table { buckets: HashMap::new(), swept: std::time::Instant::now() };
+        Self { quota, clock: governor::clock::DefaultClock::default(), refill, table: Mutex::new(table) }
+    }
+
+    /// One call by `key` (`overflow`: the bucket of callers the table has no room for); `Err` is
+    /// the time until the bucket admits one.
+    fn check(&self, key: &str, overflow: impl FnOnce() -> String) -> Result<(), Duration> {
+        let now = std::time::Instant::now();
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if !t.buckets.contains_key(key) && t.buckets.len() >= MAX_KEYS && now.duration_since(t.swept) >= SWEEP_EVERY {
+            let refill = self.refill;
+            t.buckets.retain(|_, (_, last)| now.duration_since(*last) < refill);
+            t.swept = now;
+        }
+        let key = if t.buckets.contains_key(key) || t.buckets.len() < MAX_KEYS { key.to_string() } else { overflow() };
+        let (bucket, last) = t
+            .buckets
+            .entry(key)
+            .or_insert_with(|| (governor::RateLimiter::direct_with_clock(self.quota, self.clock.clone()), now));
+        match bucket.check() {
+            Ok(()) => {
+                *last = now;
+                Ok(())
+            }
+            Err(not_until) => Err(not_until.wait_time_from(self.clock.now())),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).buckets.len()
+    }
+}
 
 /// A limit's local buckets, at `1/share` of its rates (share 1 unless a global limit falls back).
 struct Local {
     share: u32,
-    requests: Option<Bucket>,
-    flows: Option<Bucket>,
+    requests: Option<Keyed>,
+    flows: Option<Keyed>,
 }
 
 impl Local {
@@ -166,8 +218,8 @@ impl Local {
         let part = |rate: NonZeroU32| quota(rate, spec.burst, share);
         Arc::new(Self {
             share,
-            requests: spec.requests_per_second.map(|r| Bucket::keyed(part(r))),
-            flows: spec.flows_per_second.map(|r| Bucket::keyed(part(r))),
+            requests: spec.requests_per_second.map(|r| Keyed::new(part(r))),
+            flows: spec.flows_per_second.map(|r| Keyed::new(part(r))),
         })
     }
 }
@@ -314,16 +366,9 @@ impl RateLimits {
             Kind::Flows => local.flows.as_ref(),
         };
         let Some(bucket) = bucket else { return Ok(()) };
-        let mut key = key;
-        if bucket.len() >= MAX_KEYS {
-            bucket.retain_recent();
-            if bucket.len() >= MAX_KEYS {
-                key = format!("{service}|~overflow");
-            }
-        }
-        match bucket.check_key(&key) {
+        match bucket.check(&key, || format!("{service}|~overflow")) {
             Ok(()) => Ok(()),
-            Err(not_until) => refused(not_until.wait_time_from(bucket.clock().now()), false),
+            Err(wait) => refused(wait, false),
         }
     }
 
@@ -411,17 +456,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_flood_of_distinct_callers_shares_one_overflow_bucket() {
-        let l = limits("[{ name: r, requests_per_second: 1, burst: 1 }]");
+    async fn a_flood_of_new_callers_shares_one_overflow_bucket_and_known_callers_keep_theirs() {
+        let l = limits("[{ name: r, requests_per_second: 1, burst: 2 }]");
         let s = ServiceName::new("a.shop").unwrap();
         for i in 0..MAX_KEYS {
             assert!(l.check_request(&s, &format!("id-{i}"), "east").await.is_ok());
         }
-        // None of those is idle yet: the next new callers draw from one bucket.
+        // None of those is idle yet: new callers draw from one bucket (a burst of 2)…
         assert!(l.check_request(&s, "late-1", "east").await.is_ok());
-        assert!(l.check_request(&s, "late-2", "east").await.is_err(), "shares late-1's overflow bucket");
+        assert!(l.check_request(&s, "late-2", "east").await.is_ok());
+        assert!(l.check_request(&s, "late-3", "east").await.is_err(), "shares late-1's overflow bucket");
+        // …while a known caller still has the second call of its own burst.
+        assert!(l.check_request(&s, "id-0", "east").await.is_ok());
         let local = l.limits[0].local.read().unwrap().clone();
-        assert!(local.requests.as_ref().unwrap().len() <= MAX_KEYS + 1);
+        assert_eq!(local.requests.as_ref().unwrap().len(), MAX_KEYS + 1);
     }
 
     /// A store nobody answers on: global limits fall back at once (the heartbeat has not connected).
@@ -473,6 +521,15 @@ mod tests {
                 "rate_limits[3].scope"
             ]
         );
+    }
+
+    #[test]
+    fn the_store_password_stays_out_of_logs() {
+        let raw: store::RawStore = serde_yaml_ng::from_str("{ redis: 'redis://app:s3cret@10.0.0.5:6379/2' }").unwrap();
+        let mut e = Errors::default();
+        let spec = store::validate(&raw, &mut e).unwrap();
+        let shown = format!("{spec:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("redis://app:***@10.0.0.5:6379/2"), "{shown}");
     }
 
     #[test]
