@@ -426,10 +426,11 @@ fn total(m: &TestMesh, gws: &[usize], name: &str, labels: &[(&str, &str)]) -> f6
     gws.iter().map(|i| metric(&m.gw(*i).metrics_text(), name, labels).unwrap_or(0.0)).sum()
 }
 
-/// Two gateways of zone east serve `reviews.shop` to their own workloads (A at 127.0.0.2) with a
-/// 100 requests/s limit per identity whose buckets they share in Redis. Together they admit about
-/// the limit, not twice it; with Redis gone each falls back to half of it (two gateways seen) and
-/// says so; with Redis back they share again.
+/// Two gateways of zone east serve `reviews.shop` with a 100 requests/s limit per identity whose
+/// buckets they share in Redis: to callers in zone a (whose gateway spreads them over both), and
+/// to their own workloads (A at 127.0.0.2, half the calls at each). Together they admit about the
+/// limit, not twice it; with Redis gone each falls back to half of it (two gateways seen) and says
+/// so; with Redis back they share again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_local_share() {
     init();
@@ -440,7 +441,8 @@ async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_
         exports: vec![("reviews.shop", vec![web.addr])],
         imports: vec![("reviews.shop", vec![])],
     };
-    let mut m = TestMesh::plan(vec![gateway(), gateway()], "").unwrap();
+    let caller = ZoneSpec { zone: "a", exports: vec![], imports: vec![("reviews.shop", vec![])] };
+    let mut m = TestMesh::plan(vec![gateway(), gateway(), caller], "").unwrap();
     let port = redis.port;
     for i in 0..2 {
         // A generous timeout: a debug build on two busy cores.
@@ -461,6 +463,31 @@ async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_
     })
     .await;
     assert!(seen_two, "each gateway sees two in the zone's set");
+    m.specs[2].extra = format!("workloads:\n  - {{ cidr: 127.0.0.2/32, id: \"{A}\" }}\n");
+    let yaml = m.specs[2].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,");
+    m.gateways[2] = Some(start_yaml(&m, 2, &yaml).await);
+    assert!(m.wait_routes(2, "reviews.shop", 2).await, "zone a routes to both east gateways");
+
+    // From zone a, 500/s for 6 s: zone a's gateway picks an east gateway per request.
+    let from_a: http::Uri = format!("http://{}/shared", m.gw(2).import_addr("reviews.shop").unwrap()).parse().unwrap();
+    let run = drive(&[from_a], 3000, Duration::from_millis(2)).await;
+    let expected = 100.0 * run.secs + 10.0;
+    let served = |i: usize| {
+        let labels = [("route", "inbound"), ("zone", "a"), ("code", "200")];
+        metric(&m.gw(i).metrics_text(), "causeway_http_requests_total", &labels).unwrap_or(0.0)
+    };
+    // Counted at the destination once each response is through, a moment after the client has it.
+    let all = f64::from(run.ok[0]);
+    eventually(Duration::from_secs(5), || served(0) + served(1) >= all).await;
+    let split = (served(0), served(1));
+    eprintln!(
+        "global 100/s, from zone a for {:.1} s: {} admitted (expected ≈ {expected:.0}), served by east {split:?}",
+        run.secs, run.ok[0]
+    );
+    assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
+    assert!((f64::from(run.ok[0]) - expected).abs() <= expected * 0.1, "{} admitted from zone a", run.ok[0]);
+    assert_eq!(split.0 + split.1, all);
+    let limited_before = total(&m, &both, "causeway_rate_limited_total", &[("limit", "shared"), ("kind", "requests")]);
     let urls: Vec<http::Uri> = both
         .iter()
         .map(|i| format!("http://{}/shared", m.gw(*i).import_addr("reviews.shop").unwrap()).parse().unwrap())
@@ -479,7 +506,7 @@ async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_
     assert!((f64::from(ok) - expected).abs() <= expected * 0.1, "{ok} admitted, expected {expected:.0} ± 10 %");
     assert!(run.ok.iter().all(|n| f64::from(*n) >= expected * 0.3), "both gateways admitted: {:?}", run.ok);
     let counted = total(&m, &both, "causeway_rate_limited_total", &[("limit", "shared"), ("kind", "requests")]);
-    assert_eq!(counted, f64::from(run.limited));
+    assert_eq!(counted - limited_before, f64::from(run.limited));
     assert_eq!(total(&m, &both, "causeway_rate_limit_fallbacks_total", &[]), 0.0);
 
     // Redis goes away: each gateway falls back to half the limit, and says so.
