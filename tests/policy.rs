@@ -367,8 +367,14 @@ async fn drive(urls: &[http::Uri], n: usize, every: Duration) -> Run {
     run
 }
 
+/// The tests that drive 500 requests/s and count what a rate limit admits run one at a time: two
+/// at once on two cores make arrivals bursty, and a limit with a burst of 10 then (rightly) admits
+/// less than its rate.
+static LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_per_identity_admits_about_the_limit_and_answers_429_with_retry_after() {
+    let _alone = LOAD.lock().await;
     let limits =
         "rate_limits:\n  - { name: per-caller, service: reviews.shop, per: identity, requests_per_second: 100 }\n";
     let (m, web, _echo, _servers) = mesh(limits).await;
@@ -433,6 +439,7 @@ fn total(m: &TestMesh, gws: &[usize], name: &str, labels: &[(&str, &str)]) -> f6
 /// so; with Redis back they share again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_local_share() {
+    let _alone = LOAD.lock().await;
     init();
     let web = py_server(HTTP_PY, &[]);
     let redis = Redis::start(free_tcp_port()).await;

@@ -134,7 +134,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (or is dropped unfinished: the client went away), so it has the bytes sent and the whole
 /// duration, and a gRPC status from the trailers.
 pub struct ChanBody {
-    from: From,
+    from: BodyFrom,
     /// Held until the body ends or is dropped (a breaker's place, the peer stream's hold).
     hold: Option<Box<dyn Send>>,
     log: Option<Box<AccessRecord>>,
@@ -143,7 +143,8 @@ pub struct ChanBody {
     length: Option<u64>,
 }
 
-enum From {
+/// Where a [`ChanBody`] reads from.
+enum BodyFrom {
     None,
     Chan(mpsc::Receiver<Result<Frame<Bytes>, BoxError>>),
     Direct(http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>),
@@ -151,7 +152,7 @@ enum From {
 
 impl ChanBody {
     fn empty() -> Self {
-        ChanBody { from: From::None, hold: None, log: None, bytes: 0, length: None }
+        ChanBody { from: BodyFrom::None, hold: None, log: None, bytes: 0, length: None }
     }
 
     /// Writes `record` when this body ends (`length`: the response's Content-Length).
@@ -174,9 +175,9 @@ impl Body for ChanBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = match &mut self.from {
-            From::None => Poll::Ready(None),
-            From::Chan(rx) => rx.poll_recv(cx),
-            From::Direct(b) => Pin::new(b).poll_frame(cx),
+            BodyFrom::None => Poll::Ready(None),
+            BodyFrom::Chan(rx) => rx.poll_recv(cx),
+            BodyFrom::Direct(b) => Pin::new(b).poll_frame(cx),
         };
         match &r {
             Poll::Ready(Some(Ok(f))) => {
@@ -197,9 +198,9 @@ impl Body for ChanBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.from {
-            From::None => true,
-            From::Chan(_) => false,
-            From::Direct(b) => b.is_end_stream(),
+            BodyFrom::None => true,
+            BodyFrom::Chan(_) => false,
+            BodyFrom::Direct(b) => b.is_end_stream(),
         }
     }
 }
@@ -209,9 +210,9 @@ impl Drop for ChanBody {
         // A body without a source is complete as it is (HTTP/2 may never poll it), and so is
         // one whose Content-Length was sent (HTTP/1.1 stops there).
         let complete = match &self.from {
-            From::None => true,
+            BodyFrom::None => true,
             // Empty from the start (a 204, a 304): hyper never polls it.
-            From::Direct(b) if b.is_end_stream() => true,
+            BodyFrom::Direct(b) if b.is_end_stream() => true,
             _ => self.length == Some(self.bytes),
         };
         self.finish(complete);
@@ -226,7 +227,7 @@ where
 {
     use http_body_util::BodyExt;
     ChanBody {
-        from: From::Direct(body.map_err(Into::into).boxed_unsync()),
+        from: BodyFrom::Direct(body.map_err(Into::into).boxed_unsync()),
         hold: Some(Box::new(hold)),
         log: None,
         bytes: 0,
@@ -236,7 +237,7 @@ where
 
 fn chan() -> (mpsc::Sender<Result<Frame<Bytes>, BoxError>>, ChanBody) {
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
-    (tx, ChanBody { from: From::Chan(rx), hold: None, log: None, bytes: 0, length: None })
+    (tx, ChanBody { from: BodyFrom::Chan(rx), hold: None, log: None, bytes: 0, length: None })
 }
 
 /// The receive half of an HTTP/3 request stream, client or server side (h3 gives them the same

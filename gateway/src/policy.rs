@@ -514,20 +514,34 @@ impl Enforcer {
     }
 }
 
+fn flow_subject<'a>(c: &'a causeway_overlay::mesh::FlowCaller<'a>) -> Subject<'a> {
+    Subject {
+        service: Some(c.service),
+        identity: c.identity,
+        zone: c.zone.map(|z| z.as_str()),
+        addr: c.addr,
+        port: Some(c.port),
+        http: None,
+    }
+}
+
 impl causeway_overlay::mesh::Authorizer for Enforcer {
     fn authorize_flow(&self, c: &causeway_overlay::mesh::FlowCaller<'_>) -> Result<(), String> {
-        let zone = c.zone.map(|z| z.as_str());
-        let s = Subject {
-            service: Some(c.service),
-            identity: c.identity,
-            zone,
-            addr: c.addr,
-            port: Some(c.port),
-            http: None,
-        };
-        match self.check(&s) {
+        match self.check(&flow_subject(c)) {
             (true, _) => Ok(()),
             (false, d) => Err(d.policy),
+        }
+    }
+
+    /// An open flow asked again after a reload: decided, not counted as a new call (the mesh
+    /// counts and logs a revocation).
+    fn reauthorize_flow(&self, c: &causeway_overlay::mesh::FlowCaller<'_>) -> Result<(), String> {
+        let p = self.policies.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let d = p.decide(&flow_subject(c));
+        if d.allowed || p.audit_mode {
+            Ok(())
+        } else {
+            Err(d.policy)
         }
     }
 

@@ -359,7 +359,6 @@ impl Mesh {
         service: &ServiceName,
         source: &Source,
     ) -> Result<Option<Box<dyn Send + Sync>>, FlowError> {
-        let Some(a) = self.0.authorizer.get() else { return Ok(None) };
         let port = self.exports().get(service).map(|e| e.export.port).unwrap_or(0);
         let caller = crate::mesh::FlowCaller {
             service,
@@ -368,8 +367,18 @@ impl Mesh {
             addr: Some(source.addr.ip()),
             port,
         };
-        a.authorize_flow(&caller).map_err(|_| FlowError::PolicyDenied)?;
-        a.admit_flow(&caller).await.map(Some).map_err(|_| FlowError::LimitExceeded)
+        self.admit_caller(&caller).await.map_err(|(e, _)| e)
+    }
+
+    /// Authorization, then rate limits (a limit the zone's gateways share asks their store): the
+    /// limits' hold on success, else the refusal and the policy or limit that made it.
+    async fn admit_caller(
+        &self,
+        caller: &crate::mesh::FlowCaller<'_>,
+    ) -> Result<Option<Box<dyn Send + Sync>>, (FlowError, String)> {
+        let Some(a) = self.0.authorizer.get() else { return Ok(None) };
+        a.authorize_flow(caller).map_err(|policy| (FlowError::PolicyDenied, policy))?;
+        a.admit_flow(caller).await.map(Some).map_err(|limit| (FlowError::LimitExceeded, limit))
     }
 
     fn flow_failed(&self, service: &ServiceName, reason: &str) {
@@ -608,17 +617,6 @@ pub(crate) async fn serve_inbound(
     let port = authority.as_ref().and_then(|a| a.port_u16()).unwrap_or(0);
     // Authorization, then rate limits (whose hold on the open-flow counts lasts the flow).
     let mut hold: Option<Box<dyn Send + Sync>> = None;
-    let admit = |s: &ServiceName| {
-        let a = mesh.0.authorizer.get()?;
-        let caller = crate::mesh::FlowCaller {
-            service: s,
-            identity: Some(&caller_id),
-            zone: caller_zone.as_ref(),
-            addr: client_conn.map(|(a, _)| a.ip()),
-            port,
-        };
-        Some(a.authorize_flow(&caller).map(|()| a.admit_flow(&caller)))
-    };
     let target = if !is_connect {
         Err(FlowError::BadRequest)
     } else if guard.is_none() {
@@ -630,12 +628,14 @@ pub(crate) async fn serve_inbound(
     } else if looped {
         Err(FlowError::Loop)
     } else if let Some(s) = exported {
-        let admitted = match admit(s) {
-            None => Ok(None),
-            Some(Err(policy)) => Err((FlowError::PolicyDenied, policy)),
-            Some(Ok(admission)) => admission.await.map(Some).map_err(|limit| (FlowError::LimitExceeded, limit)),
+        let caller = crate::mesh::FlowCaller {
+            service: s,
+            identity: Some(&caller_id),
+            zone: caller_zone.as_ref(),
+            addr: client_conn.map(|(a, _)| a.ip()),
+            port,
         };
-        match admitted {
+        match Box::pin(mesh.admit_caller(&caller)).await {
             Err((e, name)) => {
                 denied_by = name;
                 Err(e)
@@ -705,8 +705,8 @@ pub(crate) async fn serve_inbound(
         port,
         revoke: revoke.clone(),
     });
-    let rx = relay::Revocable { inner: rx, revoke: revoke.clone() };
-    let bs = relay::Revocable { inner: bs, revoke };
+    let rx = relay::Revocable::new(rx, revoke.clone());
+    let bs = relay::Revocable::new(bs, revoke);
     let phase: RelayPhase<'_> = Box::pin(relay::relay_owned(rx, tx, bs, bk, counters));
     let (outcome, up, down) = phase.await;
     m.counter(

@@ -129,7 +129,7 @@ impl Mesh {
                 addr: c.addr,
                 port: c.port,
             };
-            if let Err(policy) = a.authorize_flow(&caller) {
+            if let Err(policy) = a.reauthorize_flow(&caller) {
                 tracing::info!(service = %c.service, source_identity = %c.identity, %policy, "flow.revoked");
                 self.0.metrics.counter(crate::metrics::FLOWS_REVOKED, &[("service", c.service.as_str())]).increment(1);
                 c.revoke.cancel();
@@ -144,6 +144,11 @@ impl Mesh {
 /// `causeway-policy: <policy>`).
 pub trait Authorizer: Send + Sync + 'static {
     fn authorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String>;
+
+    /// The same question for a flow already open (after a policy change).
+    fn reauthorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String> {
+        self.authorize_flow(caller)
+    }
 
     /// Rate limits of an authorized new flow: `Ok(guard)` holds the flow's place among the open
     /// flows until dropped; `Err(limit)` refuses it (429 `rate_limited`). A future: a limit the

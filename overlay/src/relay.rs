@@ -261,17 +261,23 @@ impl ByteSink for PipeSink {
 }
 
 /// A source that fails once `revoke` is cancelled: the relay then resets both sides (an open flow a
-/// changed policy no longer allows).
+/// changed policy no longer allows). The wait on the token is registered once, not per read.
 pub struct Revocable<S> {
-    pub inner: S,
-    pub revoke: tokio_util::sync::CancellationToken,
+    inner: S,
+    revoked: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<S> Revocable<S> {
+    pub fn new(inner: S, revoke: tokio_util::sync::CancellationToken) -> Self {
+        Self { inner, revoked: Box::pin(revoke.cancelled_owned()) }
+    }
 }
 
 impl<S: ByteSource> ByteSource for Revocable<S> {
     async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
         tokio::select! {
             r = self.inner.recv() => r,
-            _ = self.revoke.cancelled() => Err(()),
+            () = &mut self.revoked => Err(()),
         }
     }
 
