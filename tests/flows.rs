@@ -261,3 +261,105 @@ async fn a_peer_named_by_host_is_resolved_at_each_dial() {
     assert_eq!(m.gw(0).mesh.peers_json()["peers"][0]["address"], format!("localhost:{}", m.addrs[1].port()));
     m.shutdown().await;
 }
+
+/// The catalog bug of issue 17: one health round changes two exports (both lose their endpoint),
+/// then one recovers on its own — the peer must route to it again within a round. The sender once
+/// numbered a set's messages past its own version, so the peer ignored the next single change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_recovers_alone_after_a_two_service_round_is_routed_again() {
+    init();
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (l1, l2) = (bind(), bind());
+    let (e1, e2) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("one.test", vec![]), ("two.test", vec![])] },
+            ZoneSpec { zone: "b", exports: vec![("one.test", vec![e1]), ("two.test", vec![e2])], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    m.specs[1].extra = "timing: { health_interval: 200ms }\n".into();
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "one.test", 1).await && m.wait_routes(0, "two.test", 1).await);
+    // Both endpoints stop answering: one round takes both out (a sees neither).
+    drop((l1, l2));
+    assert!(m.wait_routes(0, "one.test", 0).await && m.wait_routes(0, "two.test", 0).await);
+    // One comes back on its own.
+    let back = tokio::net::TcpListener::bind(e1).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(m.wait_routes(0, "one.test", 1).await, "a never routed one.test again after it recovered");
+    eprintln!("one.test routed again {:?} after its endpoint came back", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?} (health rounds are 200 ms)", started.elapsed());
+    // And a flow reaches it.
+    // (Health checks connect and close: each connection that says "ping" gets a "pong".)
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = back.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).await.is_ok() && &buf == b"ping" {
+                    let _ = s.write_all(b"pong").await;
+                }
+            });
+        }
+    });
+    let listen = m.gw(0).import_addr("one.test").unwrap();
+    let mut c = tokio::net::TcpStream::connect(listen).await.unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"pong");
+    // Both sides agree on the catalog version (the peer is not ahead of the sender).
+    let peers = m.gw(0).mesh.peers_json();
+    let held = peers["peers"].as_array().unwrap().iter().find_map(|p| p["catalog_version"].as_u64()).unwrap();
+    assert_eq!(held, m.gw(1).mesh.catalog_version(), "{peers}");
+    m.shutdown().await;
+}
+
+/// Every duration metric is a real histogram: a gateway's `/metrics` under traffic passes
+/// `promtool check metrics` with no findings, and a real Prometheus scraping it answers
+/// `histogram_quantile` over the flow set-up time with a number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_prometheus_computes_quantiles() {
+    let (m, listen) = echo_pair().await;
+    for i in 0..20 {
+        echo_flow(listen, &payload(100, i)).await.unwrap();
+    }
+    for i in 0..2 {
+        let admin = m.gw(i).admin_addr.unwrap();
+        let (_, text) = causeway::admin::get(admin, "/metrics").await.unwrap();
+        assert!(text.contains("causeway_flow_connect_seconds_bucket{") || i == 1, "no histogram buckets:\n{text}");
+        assert!(!text.contains("quantile=\""), "a summary is left:\n{text}");
+        let findings = prometheus::check_metrics(&text).unwrap();
+        assert!(findings.is_empty(), "promtool check metrics on gateway {i}:\n{findings}");
+    }
+    let admin = m.gw(0).admin_addr.unwrap();
+    let prom = prometheus::Prometheus::start(&[admin]).await.unwrap();
+    // Traffic while it scrapes, so the rate over the window has samples.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 100;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = echo_flow(listen, &payload(100, i)).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let q = "histogram_quantile(0.9, sum by (le) (rate(causeway_flow_connect_seconds_bucket[5s])))";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let p90 = loop {
+        if let Some(v) = prom.query(q).await.unwrap().filter(|v| v.is_finite()) {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "prometheus never answered {q} with a number");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.await.unwrap();
+    eprintln!("prometheus: p90 flow set-up {:.3} ms", p90 * 1000.0);
+    assert!(p90 > 0.0 && p90 < 10.0, "{p90}");
+    m.shutdown().await;
+}

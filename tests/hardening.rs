@@ -242,7 +242,7 @@ fn inbound_flows(t: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_resetting_most_streams_right_after_opening_them_is_closed() {
+async fn a_peer_resetting_most_streams_right_after_opening_them_is_throttled_then_closed() {
     let (m, listen) = echo_pair_with_c("").await;
     let creds =
         rogue::credentials(&m.pki, &m.ids[2], Validity::for_duration(Duration::from_secs(3600)), &m.pki).unwrap();
@@ -264,11 +264,15 @@ async fn a_peer_resetting_most_streams_right_after_opening_them_is_closed() {
     let closed = rogue::close_code(&conn, Duration::from_secs(5)).await;
     assert_eq!(closed.as_ref().map(|c| c.0), Some(0x107), "not closed with H3_EXCESSIVE_LOAD: {closed:?}");
     let t = m.gw(1).metrics_text();
+    // Throttled at the first batch of 500 and the second; closed at the third, as it kept on.
+    assert_eq!(metric(&t, "causeway_peer_throttles_total", &[("reason", "rapid_reset")]), Some(2.0), "{t}");
     assert_eq!(metric(&t, "causeway_peer_abuse_closes_total", &[("reason", "rapid_reset")]), Some(1.0));
-    // Closed at the end of the first batch of 500: the backend saw a bounded number of connects.
+    // While throttled its streams were refused before any backend connect: the backend saw about
+    // one batch of connects.
     let served = inbound_flows(&t);
-    eprintln!("rapid reset: closed after {opened} streams; {served} reached the target check");
-    assert!(served <= 1_500.0, "{served} streams were served before the connection closed");
+    let refused = metric(&t, "causeway_inbound_flows_total", &[("outcome", "peer_flow_rate")]).unwrap_or(0.0);
+    eprintln!("rapid reset: closed after {opened} streams; {served} reached the target check, {refused} refused");
+    assert!(served - refused <= 700.0, "{} streams were served before the throttle", served - refused);
     // The honest peer is unaffected.
     assert_eq!(echo_flow(listen, b"unaffected").await.unwrap().0, "b");
     m.shutdown().await;
@@ -504,5 +508,62 @@ async fn an_identity_forged_by_a_redirector_never_reaches_the_destination() {
     assert!(lines.iter().all(|l| l.get("source_identity") == FRONTEND), "{lines:?}");
     assert!(lines.iter().any(|l| l.get("direction") == "inbound" && l.get("zone") == "b"), "{lines:?}");
     assert!(!format!("{lines:?}").contains(FORGED));
+    m.shutdown().await;
+}
+
+/// Issue 17: 300 clients of zone a that connect, send a few bytes and abort (RST) — what health
+/// checkers and crashing pods do — are relayed as aborts (`FLOW_CLIENT_RESET`), which the
+/// destination does not hold against the peer: no throttle, no abuse close, and a long flow and
+/// 300 unrelated short flows on the same gateway pair are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_abort_do_not_cut_their_zones_link() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let (m, listen) = echo_pair().await;
+    let connects = || metric(&m.gw(1).metrics_text(), "causeway_peer_connects_total", &[("result", "ok")]);
+    let connected = connects();
+    let stop = Arc::new(AtomicBool::new(false));
+    let long = tokio::spawn(long_flow(listen, 7, stop.clone()));
+    let aborting: Vec<_> = (0..300u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+                s.write_all(&payload(16, i)).await.unwrap();
+                // Long enough for the gateway to have opened the flow, then RST.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                causeway_overlay::relay::abort(s);
+            })
+        })
+        .collect();
+    for a in aborting {
+        a.await.unwrap();
+    }
+    // Random bytes, then an abort, as a port scanner or a confused client sends.
+    for i in 0..50u64 {
+        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+        s.write_all(&payload(512, 1000 + i)).await.unwrap();
+        causeway_overlay::relay::abort(s);
+    }
+    let short: Vec<_> =
+        (0..300).map(|i| tokio::spawn(async move { echo_flow(listen, &payload(64, i)).await })).collect();
+    let mut failed = 0;
+    for f in short {
+        if f.await.unwrap().is_err() {
+            failed += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let long = long.await.unwrap();
+    let t = m.gw(1).metrics_text();
+    assert!(long.is_ok(), "the long flow was cut: {long:?}\n{t}");
+    assert_eq!(failed, 0, "{failed} of 300 short flows failed");
+    assert_eq!(metric(&t, "causeway_peer_abuse_closes_total", &[]), None, "{t}");
+    assert_eq!(metric(&t, "causeway_peer_throttles_total", &[]), None, "{t}");
+    // The aborts reached b as client resets; one connection carried everything.
+    let resets = metric(&t, "causeway_inbound_flows_total", &[("outcome", "client_reset")]).unwrap_or(0.0);
+    eprintln!("aborting clients: {resets} client resets relayed to b");
+    assert!(resets >= 100.0, "only {resets} aborts reached b as flows: the test did not exercise the rule");
+    assert_eq!(connects(), connected, "the peer connection was replaced: {t}");
     m.shutdown().await;
 }

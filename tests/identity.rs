@@ -256,3 +256,70 @@ async fn federated_trust_domains_vouch_only_for_their_own_identities() {
     assert_eq!(echo_flow(listen, b"still here").await.unwrap().0, "b");
     m.shutdown().await;
 }
+
+/// A federated partner's gateway may name callers of its own trust domain only: asserting one of
+/// ours (to match our `identities` rules) is refused with `identity_refused`, counted and logged,
+/// while its own callers are authorized as themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_peer_cannot_assert_identities_of_our_trust_domain() {
+    let mut m = echo_pair_plan().await;
+    let partner = Pki::new("partner.example").unwrap();
+    let p_id = partner.identity("p", "gw-1");
+    let ours = "spiffe://test.causeway/ns/shop/sa/orders";
+    let theirs = "spiffe://partner.example/ns/shop/sa/orders";
+    m.specs[1].extra = format!(
+        "federation:\n  - {{ trust_domain: partner.example, bundle: \"{}\" }}\n\
+         authorization:\n  default_deny: true\n  policies:\n    - {{ name: orders-only, service: echo.test, action: allow, \
+         rules: [{{ from: {{ identities: [\"{ours}\", \"{theirs}\"] }} }}] }}\n",
+        partner.dir.join("ca.crt").display()
+    );
+    m.specs[1].peers.push((p_id.clone(), None, "p".into()));
+    m.start_all().await.unwrap();
+    let hour = Validity::for_duration(Duration::from_secs(3600));
+    let creds = rogue::credentials(&partner, &p_id, hour, &partner).unwrap();
+    // The partner trusts its own CA for itself and ours for our gateways.
+    let bundle = causeway::certs::federate_pem(
+        creds.1,
+        causeway_protocol::TrustDomain::new(TRUST_DOMAIN).unwrap(),
+        m.pki.ca.cert_pem.as_bytes(),
+    )
+    .unwrap();
+    let (_ep, conn) = rogue::dial(creds.0, bundle, &m.ids[1], m.addrs[1]).await.unwrap();
+    let mut ctl = rogue::open_control(&conn).await.unwrap();
+    let target = format!("echo.test:{SERVICE_PORT}");
+    let call = |identity: &'static str| {
+        let mut requests = ctl.requests.clone();
+        let target = target.clone();
+        async move {
+            let req =
+                http::Request::connect(target.as_str()).header("causeway-source-identity", identity).body(()).unwrap();
+            let mut s = requests.send_request(req).await.unwrap();
+            let resp = s.recv_response().await.unwrap();
+            let reason = resp.headers().get("causeway-error").map(|v| v.to_str().unwrap().to_string());
+            (resp.status().as_u16(), reason.unwrap_or_default())
+        }
+    };
+    // One of our identities, asserted by the partner: refused, whatever our policies say.
+    assert_eq!(call(ours).await, (403, "identity_refused".into()));
+    // A caller of the partner's own domain: authorized as itself (the policy allows it).
+    assert_eq!(call(theirs).await.0, 200);
+    // Not a SPIFFE ID at all: refused too (it used to fall back to the peer's own identity).
+    assert_eq!(call("root").await, (403, "identity_refused".into()));
+    let _ = &mut ctl;
+    let t = m.gw(1).metrics_text();
+    let refused = |reason| metric(&t, "causeway_peer_assertions_refused_total", &[("reason", reason)]);
+    assert_eq!(refused("foreign_trust_domain"), Some(1.0), "{t}");
+    assert_eq!(refused("malformed"), Some(1.0));
+    assert!(
+        warnings().iter().any(|w| w.get("message") == "peer.assertion.refused" && w.get("asserted") == ours),
+        "no log line names the refused assertion"
+    );
+    // Our own gateway a still reaches the service as itself... and is refused by the policy, not
+    // by the assertion rule (a's clients are a's own identity, which the policy does not list).
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await);
+    assert!(echo_flow(listen, b"x").await.is_err(), "default deny let a's unlisted client through");
+    let t = m.gw(1).metrics_text();
+    assert_eq!(metric(&t, "causeway_peer_assertions_refused_total", &[]), Some(2.0));
+    m.shutdown().await;
+}

@@ -633,3 +633,104 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
     drop(gw_b);
     let _ = (&w.gwa, &w.gwb);
 }
+
+/// Answers each connection with the address it was accepted on, then closes (health checks too).
+const WHO_PY: &str = r#"
+import socket, sys
+ip, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ip, port)); s.listen(128)
+while True:
+    c, _ = s.accept()
+    try:
+        c.sendall((ip + "\n").encode())
+    except OSError:
+        pass
+    c.close()
+"#;
+
+/// `n` connections to `addr`, each reading one line: the answers, in order ("" for a failure).
+const ASK_PY: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    try:
+        c = socket.create_connection((host, port), timeout=2)
+        print(c.makefile().readline().strip())
+        c.close()
+    except OSError:
+        print("")
+"#;
+
+/// An export named by a host name: every address the name resolves to is an endpoint (here two,
+/// from the namespace's /etc/hosts, through the system resolver as for a Kubernetes Service name),
+/// both take flows, and one that stops answering is taken out by the health check.
+#[test]
+fn an_export_named_by_host_uses_every_address_and_drops_a_dead_one() {
+    if !available() {
+        assert!(std::env::var_os("CAUSEWAY_SKIP_NETNS").is_some(), "network-namespace tests need root");
+        return;
+    }
+    let id = std::process::id() % 10_000;
+    let ns = Netns::new(&format!("cw{id}-names")).unwrap();
+    let etc = std::path::PathBuf::from("/etc/netns").join(&ns.name);
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("hosts"),
+        "127.0.0.1 localhost\n127.0.0.2 who.backends.test\n127.0.0.3 who.backends.test\n",
+    )
+    .unwrap();
+    let m = causeway_tests::TestMesh::plan(
+        vec![
+            causeway_tests::ZoneSpec { zone: "a", exports: vec![], imports: vec![("who.test", vec![])] },
+            causeway_tests::ZoneSpec {
+                zone: "b",
+                exports: vec![("who.test", vec!["192.0.2.1:7000".parse().unwrap()])],
+                imports: vec![],
+            },
+        ],
+        "timing: { health_interval: 200ms }\n",
+    )
+    .unwrap();
+    let dir = m.pki.dir.clone();
+    let mut procs: Vec<Proc> = Vec::new();
+    for (i, admin) in [(0, "127.0.0.1:19901"), (1, "127.0.0.1:19902")] {
+        let path = m.write_config(i).unwrap();
+        let yaml = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"192.0.2.1:7000\"", "\"who.backends.test:7000\"")
+            .replace("listen: \"127.0.0.1:0\"", "listen: \"127.0.0.1:17000\"")
+            .replace("admin: \"127.0.0.1:0\"", &format!("admin: \"{admin}\""));
+        std::fs::write(&path, yaml).unwrap();
+        procs.push(
+            ns.spawn(&[&bin(), "gateway", "--config", path.to_str().unwrap()], &dir.join(format!("gw-{i}.log")))
+                .unwrap(),
+        );
+    }
+    let mut backends: Vec<Proc> = ["127.0.0.2", "127.0.0.3"]
+        .iter()
+        .map(|ip| ns.spawn(&["python3", "-c", WHO_PY, ip, "7000"], &dir.join(format!("who-{ip}.log"))).unwrap())
+        .collect();
+    let ask = |n: u32| -> Vec<String> {
+        let out = ns.output(&["python3", "-c", ASK_PY, "127.0.0.1", "17000", &n.to_string()]).unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    };
+    // Both addresses serve (round robin over the name's two records).
+    let both = wait(Duration::from_secs(20), || {
+        let got = ask(10);
+        got.iter().any(|a| a == "127.0.0.2") && got.iter().any(|a| a == "127.0.0.3")
+    });
+    assert!(both, "flows never reached both addresses: {:?}\n{}", ask(10), procs[1].log_text());
+    // One stops answering: the health check takes it out, and every flow goes to the other.
+    backends[1].signal("KILL");
+    let started = Instant::now();
+    let moved = wait(Duration::from_secs(10), || ask(10).iter().all(|a| a == "127.0.0.2"));
+    assert!(moved, "flows still fail or reach the dead address: {:?}", ask(10));
+    eprintln!("dead endpoint out of rotation after {:?}", started.elapsed());
+    let services = ns.exec(&["curl", "-s", "http://127.0.0.1:19902/services"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&services).unwrap();
+    let who = v["services"].as_array().unwrap().iter().find(|s| s["name"] == "who.test").unwrap().clone();
+    assert_eq!(who["offers"][0]["healthy_endpoints"], 1, "{who}");
+    assert!(procs[1].log_text().contains("endpoint.health"), "no health line:\n{}", procs[1].log_text());
+    drop(backends);
+}

@@ -19,6 +19,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
+# Debian's prometheus package, for promtool and a real Prometheus in the metrics tests: unpacked
+# (dpkg -x), not installed — installing it would start a service — into a per-machine cache outside
+# the clone (CAUSEWAY_PROMETHEUS_DIR overrides where the tests look).
+prom_cache=/var/cache/causeway-ci
+export CAUSEWAY_PROMETHEUS_DIR="${CAUSEWAY_PROMETHEUS_DIR:-$prom_cache/prometheus}"
+if [ ! -x "$CAUSEWAY_PROMETHEUS_DIR/usr/bin/promtool" ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo mkdir -p "$prom_cache"
+  fetch() { (cd "$prom_cache" && $sudo apt-get download -qq prometheus 2>/dev/null); }
+  fetch || { $sudo apt-get update -qq && fetch; }
+  $sudo rm -rf "$prom_cache/prometheus.tmp"
+  $sudo dpkg -x "$(ls -t "$prom_cache"/prometheus_*.deb | head -1)" "$prom_cache/prometheus.tmp"
+  $sudo mv "$prom_cache/prometheus.tmp" "$CAUSEWAY_PROMETHEUS_DIR"
+fi
+
 # PyPI tools: offline Kubernetes schema validation of deploy/kubernetes; real gRPC and WebSocket
 # programs (grpcio, websockets) at both ends of the HTTP tests; aioquic, an independent HTTP/3
 # client.
@@ -29,6 +45,7 @@ python3 -c "import grpc, websockets, aioquic" 2>/dev/null || python3 -m pip inst
 cargo build --bins
 echo "== unit and property tests"
 cargo test --workspace --lib --bins
+cargo test -p causeway-protocol --test vectors
 echo "== integration tests (loopback meshes, gateway processes)"
 cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http --test http_protocols --test policy
 echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"

@@ -12,7 +12,7 @@ use causeway_overlay::metrics::{Metrics, CONFIG_RELOADS};
 use causeway_overlay::{Credentials, Mesh, MeshConfig, TrustBundle};
 use causeway_protocol::control::Protocol;
 use causeway_protocol::{ServiceName, TrustDomain};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -254,8 +254,7 @@ impl Reloader {
         out.peers_removed = r.peers_removed;
         out.exports_changed = r.exports_changed;
         out.http_routes_changed = old.http_routes != new.http_routes;
-        let endpoints: Vec<SocketAddr> = new.exports.iter().flat_map(|e| e.endpoints.iter().copied()).collect();
-        self.http.reconfigure(new.http_routes.clone(), &endpoints);
+        self.http.reconfigure(new.http_routes.clone(), &self.mesh.endpoint_addrs());
         out.authorization_changed = old.authorization != new.authorization;
         self.http.policy().replace(new.authorization.clone());
         self.mesh.set_client_allowlists(new.client_allowlists.clone());
@@ -323,9 +322,10 @@ impl Reloader {
 impl Gateway {
     /// Binds every socket and starts every component. Returns once all are bound.
     pub async fn start(cfg: &Config, creds: Credentials, bundle: TrustBundle) -> anyhow::Result<Self> {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = crate::telemetry::recorder();
         let handle = recorder.handle();
         let metrics = Metrics::new(Arc::new(recorder));
+        crate::metrics::describe(&metrics);
         let mesh = Mesh::bind(MeshConfig {
             zone: cfg.zone.clone(),
             gateway: cfg.gateway.clone(),

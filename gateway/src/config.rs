@@ -148,6 +148,9 @@ pub struct RawPeer {
     pub address: Option<String>,
     #[serde(default)]
     pub zone: Option<String>,
+    /// Prefixes of the caller identities this peer may assert (`causeway-source-identity`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_identities: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -514,6 +517,17 @@ fn id_prefixes(key: &str, raw: &[RawRedirector], own: Option<&TrustDomain>, e: &
 }
 
 /// `IP:port`, `[IPv6]:port` or `host:port`.
+/// An exported endpoint: `IP:port`, or `host:port` (every address of the name is an endpoint).
+fn endpoint(s: &str) -> Result<causeway_overlay::Endpoint, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(causeway_overlay::Endpoint::Addr(a));
+    }
+    let checked = host_port(s)?;
+    let (host, port) = checked.rsplit_once(':').ok_or_else(|| format!("{s:?} is not IP:port or host:port"))?;
+    let port = port.parse().map_err(|_| format!("{s:?} is not IP:port or host:port"))?;
+    Ok(causeway_overlay::Endpoint::Name { host: host.to_string(), port })
+}
+
 pub(crate) fn host_port(s: &str) -> Result<String, String> {
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(s.to_string());
@@ -597,7 +611,26 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                     format!("trust domain {} is neither trust_domain {td} nor a federated one", id.trust_domain()),
                 );
             }
-            peers.push(PeerSpec { id, address, zone: pzone });
+            let mut source_identities = Vec::new();
+            for (j, prefix) in p.source_identities.iter().enumerate() {
+                let key = format!("peers[{i}].source_identities[{j}]");
+                match Identity::parse(prefix.trim_end_matches('/')) {
+                    Ok(pre) if !prefix.ends_with('/') => {
+                        e.push(key, format!("{pre} must end with '/' (a prefix of SPIFFE IDs)"));
+                    }
+                    Ok(pre) if pre.trust_domain() != id.trust_domain() => e.push(
+                        key,
+                        format!(
+                            "is in trust domain {}, but the peer may only assert identities of its own, {}",
+                            pre.trust_domain(),
+                            id.trust_domain()
+                        ),
+                    ),
+                    Ok(_) => source_identities.push(prefix.clone()),
+                    Err(err) => e.push(key, format!("{prefix:?} is not a SPIFFE ID prefix: {err}")),
+                }
+            }
+            peers.push(PeerSpec { id, address, zone: pzone, source_identities });
         }
     }
 
@@ -625,7 +658,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
             .endpoints
             .iter()
             .enumerate()
-            .filter_map(|(j, a)| e.parse(format!("exports[{i}].endpoints[{j}]"), addr(a)))
+            .filter_map(|(j, a)| e.parse(format!("exports[{i}].endpoints[{j}]"), endpoint(a)))
             .collect();
         if x.labels.len() > MAX_LABELS {
             e.push(path("labels"), format!("at most {MAX_LABELS} labels"));

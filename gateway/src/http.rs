@@ -20,6 +20,7 @@ use bytes::{Buf, Bytes};
 use causeway_overlay::abuse::StreamEnd;
 use causeway_overlay::flow::{ServerStream, Source};
 use causeway_overlay::http::{refuse, Candidate, HttpHandler, PeerInfo};
+use causeway_overlay::relay::Failed;
 use causeway_overlay::routes::Target;
 use causeway_overlay::Mesh;
 use causeway_protocol::flow::{FlowError, CLIENT_ADDRESS, SOURCE_IDENTITY, SOURCE_ZONE, TRACEPARENT, VIA};
@@ -38,7 +39,6 @@ use crate::balance::{Choice, Outcome};
 use crate::policy::{HttpSubject, Subject};
 use crate::routes::{Fault, HeaderChanges, HttpRoute, Mirror, Retries};
 use causeway_overlay::mesh::LbPolicy;
-use causeway_protocol::Identity;
 
 /// Requests served, by service, route, serving zone and status code.
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
@@ -1274,10 +1274,10 @@ fn grpc_error(resp: Response<ChanBody>) -> Response<ChanBody> {
         return resp;
     };
     let code = match e {
-        FlowError::BackendTimeout => 4,                         // DEADLINE_EXCEEDED
-        FlowError::Forbidden | FlowError::PolicyDenied => 7,    // PERMISSION_DENIED
+        FlowError::BackendTimeout => 4, // DEADLINE_EXCEEDED
+        FlowError::Forbidden | FlowError::PolicyDenied | FlowError::IdentityRefused => 7, // PERMISSION_DENIED
         FlowError::RateLimited | FlowError::LimitExceeded => 8, // RESOURCE_EXHAUSTED
-        FlowError::BadRequest | FlowError::Loop => 13,          // INTERNAL
+        FlowError::BadRequest | FlowError::Loop => 13, // INTERNAL
         FlowError::UnknownService
         | FlowError::NoHealthyEndpoint
         | FlowError::Draining
@@ -1445,8 +1445,11 @@ impl Http {
             return StreamEnd::Other;
         }
         // Authorization, on what the caller's gateway vouched for (it authenticated the workload;
-        // we authenticated it).
-        let caller = Identity::parse(&source_identity).ok();
+        // we authenticated it) — as far as it may vouch: its own trust domain, its prefixes.
+        let Ok((caller, pinned_zone)) = self.mesh.vouched_caller(&from.identity, &source_identity) else {
+            refuse(stream, FlowError::IdentityRefused).await;
+            return StreamEnd::Other;
+        };
         let addr = req
             .headers()
             .get(CLIENT_ADDRESS)
@@ -1455,8 +1458,8 @@ impl Http {
             .map(|a| a.ip());
         let subject = Subject {
             service: Some(&service),
-            identity: Some(caller.as_ref().unwrap_or(&from.identity)),
-            zone: from.zone.as_ref().map(|z| z.as_str()),
+            identity: Some(&caller),
+            zone: pinned_zone.as_ref().map(|z| z.as_str()),
             addr,
             port,
             http: Some(HttpSubject { method: req.method().as_str(), path: req.uri().path(), headers: req.headers() }),
@@ -1527,8 +1530,8 @@ async fn respond_h3(send: &mut causeway_overlay::relay::ServerSend, resp: Respon
     if let Some(h) = head.headers_mut() {
         *h = parts.headers;
     }
-    if send.send_response(head.body(()).unwrap_or_default()).await.is_err() {
-        return (StreamEnd::ResetByPeer, 0);
+    if let Err(e) = send.send_response(head.body(()).unwrap_or_default()).await {
+        return (Failed::from_h3(&e).stream_end(), 0);
     }
     let mut n = 0;
     while let Some(f) = body.frame().await {
@@ -1543,8 +1546,8 @@ async fn respond_h3(send: &mut causeway_overlay::relay::ServerSend, resp: Respon
                 Err(_) => Ok(()),
             },
         };
-        if r.is_err() {
-            return (StreamEnd::ResetByPeer, n);
+        if let Err(e) = r {
+            return (Failed::from_h3(&e).stream_end(), n);
         }
     }
     let _ = send.finish().await;

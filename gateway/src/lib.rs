@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod listeners;
+pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
 pub mod redirect;

@@ -1,7 +1,33 @@
-//! Logging set-up. `RUST_LOG` overrides the configured filter. Access logs are events with target
+//! Logging and the metrics recorder. `RUST_LOG` overrides the configured filter. Access logs are events with target
 //! `causeway::access`, one per flow.
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+
 use crate::config::LogFormat;
+
+/// Buckets (seconds) of the gateway's own histograms: an HTTP response head takes from a fraction
+/// of a millisecond (a LAN endpoint) to the route's timeout (tens of seconds).
+const GATEWAY_BUCKETS: &[(&str, &[f64])] = &[(
+    crate::http::HTTP_DURATION,
+    &[0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+)];
+
+/// The Prometheus recorder of one gateway or redirector: every histogram with buckets (a recorder
+/// built without them renders summaries, which neither aggregate across gateways nor feed
+/// `histogram_quantile`).
+pub fn recorder() -> PrometheusRecorder {
+    let mut b = PrometheusBuilder::new();
+    for (name, buckets) in causeway_overlay::metrics::BUCKETS.iter().chain(GATEWAY_BUCKETS) {
+        b = match b.set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets) {
+            Ok(b) => b,
+            Err(_) => unreachable!("bucket lists are non-empty constants"),
+        };
+    }
+    match b.set_buckets(causeway_overlay::metrics::DEFAULT_BUCKETS) {
+        Ok(b) => b.build_recorder(),
+        Err(_) => unreachable!("bucket lists are non-empty constants"),
+    }
+}
 
 pub fn init(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

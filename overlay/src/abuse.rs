@@ -9,11 +9,19 @@
 //! - **New flows are rate limited** (token bucket, `limits.peer_flow_rate` per second, a burst of one
 //!   second's worth). Over the rate a flow is answered 429 `peer_flow_rate` before anything else is
 //!   done for it; the peer's client tries another zone.
-//! - **Rapid reset closes the connection.** Streams are tallied as they end, in batches of
+//! - **Rapid reset throttles, then closes.** Streams are tallied as they end, in batches of
 //!   [`RAPID_RESET_BATCH`]; when more than half of a batch were reset by the peer within
-//!   [`RAPID_RESET_AGE`] of opening, the connection is closed with `H3_EXCESSIVE_LOAD`, logged and
-//!   counted. An honest peer resets streams only when its clients give up, never most of them
-//!   within a second.
+//!   [`RAPID_RESET_AGE`] of opening, the peer is *throttled*: for [`THROTTLE_FOR`] its new streams
+//!   are answered 429 `peer_flow_rate` at once (its clients try another zone), while its open flows
+//!   go on. Only a peer that trips the rule [`STRIKES`] times within [`STRIKE_WINDOW`] — that keeps
+//!   resetting while refused — has its connection closed with `H3_EXCESSIVE_LOAD`: the connection
+//!   carries every flow between two zones, so closing it is the last resort. Each step is logged and
+//!   counted.
+//!
+//! A reset with `FLOW_CLIENT_RESET` is the peer gateway relaying its own client's abort (a health
+//! checker, an impatient client, a crashing pod: `SPEC.md` §5), not the peer's doing, and is not
+//! judged. A hostile peer that lies with that code gains nothing the rate limit does not already
+//! bound: each of its streams still costs it a token of `peer_flow_rate`.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,6 +30,12 @@ use std::time::{Duration, Instant};
 pub const RAPID_RESET_BATCH: u32 = 500;
 /// A stream reset by the peer this soon after it was opened counts as a rapid reset.
 pub const RAPID_RESET_AGE: Duration = Duration::from_secs(1);
+/// How long a peer that tripped the rapid-reset rule has its new streams refused.
+pub const THROTTLE_FOR: Duration = Duration::from_secs(10);
+/// Trips within [`STRIKE_WINDOW`] that close the connection.
+pub const STRIKES: u32 = 3;
+/// The window in which trips add up to [`STRIKES`].
+pub const STRIKE_WINDOW: Duration = Duration::from_secs(60);
 /// Default new flows per second per peer connection (`limits.peer_flow_rate`).
 pub const DEFAULT_PEER_FLOW_RATE: u32 = 5_000;
 
@@ -38,8 +52,22 @@ struct State {
     refilled: Instant,
     ended: u32,
     early_resets: u32,
-    /// The rule fired: the connection is closing, later streams are not judged again.
-    fired: bool,
+    /// New streams are refused until then.
+    throttled_until: Option<Instant>,
+    /// Trips within the current strike window, and when the window began.
+    strikes: u32,
+    first_strike: Option<Instant>,
+    /// The rule closed the connection: later streams are not judged again.
+    closed: bool,
+}
+
+/// What the rapid-reset rule decided at the end of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Refuse the peer's new streams until `until` (`early` of the batch were rapid resets).
+    Throttle { early: u32, until: Instant },
+    /// Close the connection: the peer kept it up after [`STRIKES`] trips.
+    Close { early: u32 },
 }
 
 /// How a stream from the peer ended, for the rapid-reset tally.
@@ -47,6 +75,8 @@ struct State {
 pub enum StreamEnd {
     /// Reset (or abandoned before its headers completed) by the peer.
     ResetByPeer,
+    /// Reset by the peer with `FLOW_CLIENT_RESET`: it relayed its own client's abort.
+    RelayedAbort,
     /// Anything else: completed, refused by us, reset by the backend.
     Other,
 }
@@ -55,16 +85,34 @@ impl StreamRules {
     /// `rate` new flows per second (at least 1), with a burst of one second's worth.
     pub fn new(rate: u32, now: Instant) -> Self {
         let rate = f64::from(rate.max(1));
-        Self { rate, state: Mutex::new(State { tokens: rate, refilled: now, ended: 0, early_resets: 0, fired: false }) }
+        let state = State {
+            tokens: rate,
+            refilled: now,
+            ended: 0,
+            early_resets: 0,
+            throttled_until: None,
+            strikes: 0,
+            first_strike: None,
+            closed: false,
+        };
+        Self { rate, state: Mutex::new(state) }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new flow from the peer at `now`: whether it may go ahead.
+    /// Whether the peer's new streams are refused at `now` (it tripped the rapid-reset rule).
+    pub fn throttled(&self, now: Instant) -> bool {
+        self.state().throttled_until.is_some_and(|t| now < t)
+    }
+
+    /// A new flow from the peer at `now`: whether it may go ahead (within the rate, not throttled).
     pub fn admit(&self, now: Instant) -> bool {
         let mut s = self.state();
+        if s.throttled_until.is_some_and(|t| now < t) {
+            return false;
+        }
         let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
         s.tokens = (s.tokens + elapsed * self.rate).min(self.rate);
         s.refilled = now;
@@ -76,9 +124,10 @@ impl StreamRules {
         }
     }
 
-    /// A stream opened at `opened` ended at `now`. Returns the batch's rapid resets when they are
-    /// more than half of a full batch: the connection must be closed. Fires once per connection.
-    pub fn ended(&self, opened: Instant, now: Instant, how: StreamEnd) -> Option<u32> {
+    /// A stream opened at `opened` ended at `now`. At the end of a batch that was mostly rapid
+    /// resets: throttle the peer, or — at the [`STRIKES`]-th trip within [`STRIKE_WINDOW`] — close
+    /// its connection (once per connection).
+    pub fn ended(&self, opened: Instant, now: Instant, how: StreamEnd) -> Option<Verdict> {
         let mut s = self.state();
         s.ended += 1;
         if how == StreamEnd::ResetByPeer && now.saturating_duration_since(opened) < RAPID_RESET_AGE {
@@ -90,9 +139,21 @@ impl StreamRules {
         let early = s.early_resets;
         s.ended = 0;
         s.early_resets = 0;
-        let fire = early * 2 > RAPID_RESET_BATCH && !s.fired;
-        s.fired |= fire;
-        fire.then_some(early)
+        if early * 2 <= RAPID_RESET_BATCH || s.closed {
+            return None;
+        }
+        if s.first_strike.is_none_or(|t| now.saturating_duration_since(t) > STRIKE_WINDOW) {
+            s.first_strike = Some(now);
+            s.strikes = 0;
+        }
+        s.strikes += 1;
+        if s.strikes >= STRIKES {
+            s.closed = true;
+            return Some(Verdict::Close { early });
+        }
+        let until = now + THROTTLE_FOR;
+        s.throttled_until = Some(until);
+        Some(Verdict::Throttle { early, until })
     }
 }
 
@@ -128,14 +189,53 @@ mod tests {
         for _ in 0..RAPID_RESET_BATCH {
             assert_eq!(r.ended(t0, late, StreamEnd::ResetByPeer), None);
         }
-        // 251 of 500 reset within a second: closed at the end of the batch.
+        // 251 of 500 reset within a second: throttled at the end of the batch.
         let mut verdicts = (0..RAPID_RESET_BATCH).map(|i| {
             let how = if i < 251 { StreamEnd::ResetByPeer } else { StreamEnd::Other };
             r.ended(t0, soon, how)
         });
         assert!(verdicts.by_ref().take(RAPID_RESET_BATCH as usize - 1).all(|v| v.is_none()));
-        assert_eq!(verdicts.next(), Some(Some(251)));
+        assert_eq!(verdicts.next(), Some(Some(Verdict::Throttle { early: 251, until: soon + THROTTLE_FOR })));
+        assert!(r.throttled(soon) && !r.admit(soon), "new streams are refused while throttled");
+        assert!(!r.throttled(soon + THROTTLE_FOR) && r.admit(soon + THROTTLE_FOR), "and admitted after");
+    }
+
+    fn batch(r: &StreamRules, opened: Instant, how: StreamEnd) -> Vec<Verdict> {
+        (0..RAPID_RESET_BATCH).filter_map(|_| r.ended(opened, opened + Duration::from_millis(5), how)).collect()
+    }
+
+    #[test]
+    fn relayed_client_aborts_are_not_the_peers_doing() {
+        let t0 = Instant::now();
+        let r = StreamRules::new(DEFAULT_PEER_FLOW_RATE, t0);
+        for _ in 0..10 {
+            assert_eq!(batch(&r, t0, StreamEnd::RelayedAbort), vec![]);
+        }
+        assert!(r.admit(t0));
+    }
+
+    #[test]
+    fn a_peer_that_keeps_resetting_is_closed_at_the_third_strike_only() {
+        let t0 = Instant::now();
+        let r = StreamRules::new(DEFAULT_PEER_FLOW_RATE, t0);
+        let v1 = batch(&r, t0, StreamEnd::ResetByPeer);
+        assert!(matches!(v1[..], [Verdict::Throttle { early: 500, .. }]), "{v1:?}");
+        let v2 = batch(&r, t0 + Duration::from_secs(1), StreamEnd::ResetByPeer);
+        assert!(matches!(v2[..], [Verdict::Throttle { .. }]), "{v2:?}");
+        let v3 = batch(&r, t0 + Duration::from_secs(2), StreamEnd::ResetByPeer);
+        assert_eq!(v3, vec![Verdict::Close { early: 500 }]);
         // Once: the streams still ending while the connection closes do not fire it again.
-        assert!((0..2 * RAPID_RESET_BATCH).all(|_| r.ended(t0, soon, StreamEnd::ResetByPeer).is_none()));
+        assert!(batch(&r, t0 + Duration::from_secs(3), StreamEnd::ResetByPeer).is_empty());
+    }
+
+    #[test]
+    fn strikes_far_apart_only_throttle() {
+        let t0 = Instant::now();
+        let r = StreamRules::new(DEFAULT_PEER_FLOW_RATE, t0);
+        for i in 0..5u64 {
+            let at = t0 + (STRIKE_WINDOW / 2 + Duration::from_secs(1)) * i as u32 * 2;
+            let v = batch(&r, at, StreamEnd::ResetByPeer);
+            assert!(matches!(v[..], [Verdict::Throttle { .. }]), "trip {i}: {v:?}");
+        }
     }
 }

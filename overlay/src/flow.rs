@@ -25,7 +25,7 @@ use crate::abuse::StreamEnd;
 use crate::mesh::{BackendLeg, Mesh};
 use crate::metrics::{
     FAILOVERS, FLOWS_ACTIVE, FLOWS_CLOSED, FLOWS_FAILED, FLOWS_OPENED, FLOW_BYTES, FLOW_CONNECT, FLOW_DURATION,
-    FLOW_EARLY_BYTES, INBOUND_FLOWS,
+    FLOW_EARLY_BYTES, INBOUND_FLOWS, PEER_ASSERTIONS_REFUSED,
 };
 use crate::relay::{self, Counters, Outcome};
 use crate::routes::{PeerState, Target};
@@ -370,6 +370,26 @@ impl Mesh {
         self.admit_caller(&caller).await.map_err(|(e, _)| e)
     }
 
+    /// The caller a flow or request from `peer` is authorized as (`asserted`: its
+    /// `causeway-source-identity`), and the caller's zone: the peer's, when `peers[].zone` pins it
+    /// (an announced zone is the peer's word only). A refusal is counted and logged (rate-limited).
+    pub fn vouched_caller(&self, peer: &Identity, asserted: &str) -> Result<(Identity, Option<ZoneName>), FlowError> {
+        let spec = self.peers().get(peer).cloned();
+        let prefixes = spec.as_ref().map(|s| s.source_identities.as_slice()).unwrap_or(&[]);
+        match crate::core::caller::vouched(peer, prefixes, Some(asserted)) {
+            Ok(id) => Ok((id, spec.and_then(|s| s.zone))),
+            Err(why) => {
+                self.0
+                    .metrics
+                    .counter(PEER_ASSERTIONS_REFUSED, &[("peer", peer.as_str()), ("reason", why.as_str())])
+                    .increment(1);
+                let asserted: String = asserted.chars().take(256).collect();
+                crate::warn_limited!(%peer, asserted, reason = why.as_str(), "peer.assertion.refused");
+                Err(FlowError::IdentityRefused)
+            }
+        }
+    }
+
     /// Authorization, then rate limits (a limit the zone's gateways share asks their store): the
     /// limits' hold on success, else the refusal and the policy or limit that made it.
     async fn admit_caller(
@@ -493,15 +513,16 @@ impl Mesh {
     ) -> Result<(TcpStream, SocketAddr, BackendLeg), FlowError> {
         let exports = self.exports();
         let svc = exports.get(service).ok_or(FlowError::UnknownService)?;
-        let n = svc.export.endpoints.len();
+        let backends = svc.backends();
+        let n = backends.len();
         let first = svc.next.fetch_add(1, Ordering::Relaxed);
         let mut err = FlowError::NoHealthyEndpoint;
         for i in 0..n {
-            let idx = (first + i) % n;
-            if !svc.healthy[idx].load(Ordering::Relaxed) {
+            let b = &backends[(first + i) % n];
+            if !b.healthy.load(Ordering::Relaxed) {
                 continue;
             }
-            let addr = svc.export.endpoints[idx];
+            let addr = b.addr;
             match tokio::time::timeout(self.0.timing.backend_connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
@@ -516,7 +537,7 @@ impl Mesh {
                     tracing::debug!(service = %service, endpoint = %addr, error = %e, "endpoint.connect.failed");
                     err = FlowError::BackendRefused;
                     // Passive health: a refused endpoint is out until the next active check passes.
-                    if svc.healthy[idx].swap(false, Ordering::Relaxed) {
+                    if b.healthy.swap(false, Ordering::Relaxed) {
                         self.republish();
                     }
                 }
@@ -571,7 +592,9 @@ pub(crate) async fn serve_inbound(
 ) -> StreamEnd {
     let start = Instant::now();
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let source_zone = header(SOURCE_ZONE);
+    // Labels name the zone the peer announced in its hello (one per configured peer), never a
+    // header value: a peer cannot mint label values.
+    let source_zone = mesh.routes().peer(peer).and_then(|e| e.zone.as_ref().map(|z| z.to_string())).unwrap_or_default();
     // A flow whose client is one of our own backend connections, or whose hop marker names us (or
     // too many gateways), would loop: refused before any connect.
     let client_conn =
@@ -611,9 +634,12 @@ pub(crate) async fn serve_inbound(
         mesh.exports().get(*s).is_some_and(|e| authority.as_ref().and_then(|a| a.port_u16()) == Some(e.export.port))
     });
     let mut denied_by = String::new();
-    // The caller, as its gateway vouched for it (for authorization, now and on policy changes).
-    let caller_id = Identity::parse(&log.source_identity).unwrap_or_else(|_| peer.clone());
-    let caller_zone = mesh.routes().peer(peer).and_then(|e| e.zone.clone());
+    // The caller, as its gateway may vouch for it (for authorization, now and on policy changes).
+    let vouched = mesh.vouched_caller(peer, &log.source_identity);
+    let (caller_id, caller_zone) = match &vouched {
+        Ok((id, zone)) => (id.clone(), zone.clone()),
+        Err(_) => (peer.clone(), None),
+    };
     let port = authority.as_ref().and_then(|a| a.port_u16()).unwrap_or(0);
     // Authorization, then rate limits (whose hold on the open-flow counts lasts the flow).
     let mut hold: Option<Box<dyn Send + Sync>> = None;
@@ -627,6 +653,8 @@ pub(crate) async fn serve_inbound(
         Err(FlowError::RateLimited)
     } else if looped {
         Err(FlowError::Loop)
+    } else if let Err(e) = vouched {
+        Err(e)
     } else if let Some(s) = exported {
         let caller = crate::mesh::FlowCaller {
             service: s,
@@ -682,9 +710,9 @@ pub(crate) async fn serve_inbound(
     };
     log.peer = addr.to_string();
     let ok = http::Response::builder().status(200).body(()).unwrap_or_default();
-    if Box::pin(stream.send_response(ok)).await.is_err() {
+    if let Err(e) = Box::pin(stream.send_response(ok)).await {
         relay::abort(tcp);
-        return StreamEnd::ResetByPeer;
+        return relay::Failed::from_h3(&e).stream_end();
     }
     let (tx, rx) = (*stream).split();
     let zone = mesh.0.zone.to_string();
@@ -720,6 +748,7 @@ pub(crate) async fn serve_inbound(
     drop(guard);
     match outcome {
         Outcome::ClientReset => StreamEnd::ResetByPeer,
+        Outcome::RelayedAbort => StreamEnd::RelayedAbort,
         _ => StreamEnd::Other,
     }
 }

@@ -335,6 +335,17 @@ impl RecvStream {
     }
 }
 
+impl Drop for RecvStream {
+    /// A request stream dropped before its end asks the peer to stop with H3_NO_ERROR (RFC 9114
+    /// §4.1.1), not quinn's default code 0, which is no HTTP/3 code. A stream read to its end or
+    /// stopped with a code of ours already is left alone (quinn refuses a second stop).
+    fn drop(&mut self) {
+        if let Some(s) = self.stream.as_mut() {
+            let _ = s.stop(varint(Code::H3_NO_ERROR.value()));
+        }
+    }
+}
+
 fn stream_id(id: quinn::StreamId) -> StreamId {
     // quinn stream ids are at most 2^62 - 1, which h3's StreamId accepts.
     StreamId::try_from(u64::from(id)).unwrap_or_else(|_| unreachable!("QUIC stream ids are varints"))

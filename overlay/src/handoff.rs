@@ -13,9 +13,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use causeway_protocol::control::{self, Catalog, Message, Protocol, ServiceAd};
+use causeway_protocol::control::{self, Message, Protocol, ServiceAd};
 use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ORIGINAL_DST, SOURCE_ADDRESS, TRACEPARENT};
-use causeway_protocol::limits::MAX_SERVICES_PER_FRAME;
 use causeway_protocol::trace::TraceParent;
 use causeway_protocol::{Identity, ServiceName};
 use tracing::Instrument;
@@ -151,15 +150,7 @@ async fn catalog_stream(mesh: Mesh, mut stream: ServerStream) {
                 labels: vec![],
             })
             .collect();
-        let mut chunks = ads.chunks(MAX_SERVICES_PER_FRAME).peekable();
-        let mut frames = vec![];
-        if chunks.peek().is_none() {
-            frames.push(Catalog { version, services: vec![], more: false });
-        }
-        while let Some(c) = chunks.next() {
-            frames.push(Catalog { version, services: c.to_vec(), more: chunks.peek().is_some() });
-        }
-        for f in frames {
+        for f in crate::core::catalog::chunks(version, ads) {
             match control::encode(&Message::Catalog(f)) {
                 Ok(b) => out.put_slice(&b),
                 Err(_) => return,

@@ -157,17 +157,16 @@ impl Mesh {
         self.exports().get(service).map(|s| s.export.http.clone()).unwrap_or_default()
     }
 
+    /// Every address the exported services' endpoints have now (names as last resolved).
+    pub fn endpoint_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.exports().values().flat_map(|s| s.backends().iter().map(|b| b.addr).collect::<Vec<_>>()).collect()
+    }
+
     /// The endpoints of an exported service that pass their health checks now.
     pub fn healthy_endpoints(&self, service: &ServiceName) -> Vec<std::net::SocketAddr> {
         let exports = self.exports();
         let Some(svc) = exports.get(service) else { return Vec::new() };
-        svc.export
-            .endpoints
-            .iter()
-            .zip(&svc.healthy)
-            .filter(|(_, h)| h.load(std::sync::atomic::Ordering::Relaxed))
-            .map(|(a, _)| *a)
-            .collect()
+        svc.backends().iter().filter(|b| b.healthy.load(std::sync::atomic::Ordering::Relaxed)).map(|b| b.addr).collect()
     }
 }
 

@@ -11,11 +11,13 @@
 pub mod abuse;
 pub mod budget;
 pub mod congestion;
+pub mod core;
 pub mod flow;
 pub mod frame_guard;
 pub mod h3q;
 mod handoff;
 pub mod http;
+pub mod log_limit;
 pub mod mesh;
 pub mod metrics;
 pub mod redirector;
@@ -25,5 +27,5 @@ pub mod session;
 pub mod tls;
 pub mod transport;
 
-pub use mesh::{Export, Limits, Mesh, MeshConfig, PeerSpec, Timing};
+pub use mesh::{Endpoint, Export, Limits, Mesh, MeshConfig, PeerSpec, Timing};
 pub use tls::{Credentials, TrustBundle};

@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::core::catalog::LocalCatalog;
 use crate::h3q::Opener;
 use crate::metrics::Metrics;
 use crate::routes::{PeerState, RouteTable};
@@ -33,8 +34,11 @@ pub struct PeerSpec {
     /// Where to dial it, `IP:port` or `host:port` (resolved at every attempt); `None` for a peer
     /// that only dials us.
     pub address: Option<String>,
-    /// The zone it must announce in its hello; `None` accepts whatever it says.
+    /// The zone it must announce in its hello; `None` accepts whatever it says (and then the
+    /// announced zone is no policy input: see [`crate::core::caller`]).
     pub zone: Option<ZoneName>,
+    /// Prefixes of the caller identities it may assert; empty: any of its own trust domain.
+    pub source_identities: Vec<String>,
 }
 
 /// A service this gateway offers to the mesh.
@@ -43,10 +47,43 @@ pub struct Export {
     pub name: ServiceName,
     pub protocol: Protocol,
     pub port: u16,
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<Endpoint>,
     pub labels: Vec<(String, String)>,
     /// How an `http` service's endpoints are spoken to, and its circuit breakers.
     pub http: HttpOptions,
+}
+
+/// Where an exported service runs in this zone: an address, or a name whose every A/AAAA record is
+/// an endpoint (a Kubernetes Service, a headless Service's pods, a Consul DNS name), resolved at
+/// each health-check round.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Addr(a) => write!(f, "{a}"),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Self {
+        Self::Addr(a)
+    }
+}
+
+/// One address an endpoint resolved to, and whether its health checks pass.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    pub addr: SocketAddr,
+    /// The index of the endpoint (in `Export::endpoints`) it came from.
+    from: usize,
+    pub healthy: AtomicBool,
 }
 
 /// An `http` export's endpoint protocol and circuit breakers. Each breaker, when tripped, answers
@@ -358,29 +395,36 @@ impl Drop for BackendLeg {
     }
 }
 
-/// What this gateway offers, as advertised to peers.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LocalCatalog {
-    pub version: u64,
-    pub services: BTreeMap<ServiceName, ServiceAd>,
-}
-
 pub(crate) struct LocalService {
     pub export: Export,
-    pub healthy: Vec<AtomicBool>,
+    /// The endpoints' addresses as of the last health round (names resolved then), each with its
+    /// health. Replaced whole by the health loop; flows read a snapshot.
+    backends: RwLock<Arc<Vec<Backend>>>,
     pub next: AtomicUsize,
 }
 
 impl LocalService {
     fn new(export: Export) -> Self {
-        // Endpoints start healthy; the first health check runs at once.
-        let healthy = export.endpoints.iter().map(|_| AtomicBool::new(true)).collect();
-        Self { export, healthy, next: AtomicUsize::new(0) }
+        // Addresses start healthy; names have none until the first round, which runs at once.
+        let backends = export
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(from, e)| match e {
+                Endpoint::Addr(a) => Some(Backend { addr: *a, from, healthy: AtomicBool::new(true) }),
+                Endpoint::Name { .. } => None,
+            })
+            .collect();
+        Self { export, backends: RwLock::new(Arc::new(backends)), next: AtomicUsize::new(0) }
+    }
+
+    pub(crate) fn backends(&self) -> Arc<Vec<Backend>> {
+        self.backends.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn ad(&self) -> ServiceAd {
         let e = &self.export;
-        let healthy = self.healthy.iter().filter(|h| h.load(Ordering::Relaxed)).count() as u32;
+        let healthy = self.backends().iter().filter(|b| b.healthy.load(Ordering::Relaxed)).count() as u32;
         ServiceAd {
             name: e.name.clone(),
             protocol: e.protocol,
@@ -468,7 +512,7 @@ impl Mesh {
         let exports: BTreeMap<_, _> =
             cfg.exports.into_iter().map(|e| (e.name.clone(), Arc::new(LocalService::new(e)))).collect();
         let mut routes = RouteTable::new(cfg.zone.clone(), cfg.preferences);
-        let catalog = LocalCatalog { version: 1, services: exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect() };
+        let catalog = LocalCatalog::new(exports.iter().map(|(n, s)| (n.clone(), s.ad())).collect());
         routes.set_local(catalog.services.values().cloned());
         let inner = Inner {
             zone: cfg.zone,
@@ -810,6 +854,11 @@ impl Mesh {
     }
 
     /// `/peers` as JSON.
+    /// The version of the catalog this gateway advertises now.
+    pub fn catalog_version(&self) -> u64 {
+        self.0.catalog.borrow().version
+    }
+
     pub fn peers_json(&self) -> serde_json::Value {
         let routes = self.routes();
         let conns = self.conns();
@@ -881,17 +930,18 @@ impl Mesh {
         let services: BTreeMap<_, _> = self.exports().iter().map(|(n, s)| (n.clone(), s.ad())).collect();
         self.routes_mut().set_local(services.values().cloned());
         self.services_changed();
-        self.0.catalog.send_if_modified(|cur| {
-            if cur.services == services {
-                return false;
+        self.0.catalog.send_if_modified(|cur| match cur.next(services) {
+            Some(next) => {
+                *cur = Arc::new(next);
+                true
             }
-            *cur = Arc::new(LocalCatalog { version: cur.version + 1, services });
-            true
+            None => false,
         });
     }
 }
 
-/// Active health checks: a TCP connect to every local endpoint each interval.
+/// Active health checks: each interval, every endpoint name is resolved (each A/AAAA record an
+/// address) and every address gets a TCP connect.
 async fn health_loop(mesh: Mesh) {
     let timing = mesh.0.timing;
     let mut tick = tokio::time::interval(timing.health_interval);
@@ -902,29 +952,64 @@ async fn health_loop(mesh: Mesh) {
             _ = mesh.0.shutdown.cancelled() => return,
         }
         let exports = mesh.exports();
-        let mut checks = Vec::new();
-        for svc in exports.values() {
-            for (i, addr) in svc.export.endpoints.iter().enumerate() {
-                let addr = *addr;
-                let timeout = timing.backend_connect_timeout;
-                checks.push(async move {
-                    let ok =
-                        matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await, Ok(Ok(_)));
-                    (&svc.healthy[i], ok, addr, &svc.export.name)
-                });
-            }
-        }
-        let mut changed = false;
-        for (flag, ok, addr, name) in futures_join_all(checks).await {
-            if flag.swap(ok, Ordering::Relaxed) != ok {
-                changed = true;
-                tracing::info!(service = %name, endpoint = %addr, healthy = ok, "endpoint.health");
-            }
-        }
+        let rounds = exports.values().map(|svc| health_round(svc, timing));
+        let changed = futures_join_all(rounds.collect()).await.into_iter().any(|c| c);
         if changed {
             mesh.republish();
         }
     }
+}
+
+/// Longest wait for one name's resolution in a health round.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One service's round: resolve, check, publish the new backend list. Returns whether the set of
+/// healthy addresses changed.
+async fn health_round(svc: &LocalService, timing: Timing) -> bool {
+    let old = svc.backends();
+    let mut addrs: Vec<(SocketAddr, usize)> = Vec::new();
+    for (from, e) in svc.export.endpoints.iter().enumerate() {
+        match e {
+            Endpoint::Addr(a) => addrs.push((*a, from)),
+            Endpoint::Name { host, port } => {
+                match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), *port))).await {
+                    Ok(Ok(found)) => addrs.extend(found.map(|a| (a, from))),
+                    // A resolver outage must not take a service down: the name keeps the
+                    // addresses it had (they are still checked), and the failure is logged.
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".to_string(),
+                        };
+                        crate::warn_limited!(service = %svc.export.name, endpoint = %e, error, "endpoint.resolve.failed");
+                        addrs.extend(old.iter().filter(|b| b.from == from).map(|b| (b.addr, from)));
+                    }
+                }
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    addrs.retain(|(a, _)| seen.insert(*a));
+    let checks = addrs.iter().map(|(addr, _)| async move {
+        let connect = tokio::net::TcpStream::connect(*addr);
+        matches!(tokio::time::timeout(timing.backend_connect_timeout, connect).await, Ok(Ok(_)))
+    });
+    let results = futures_join_all(checks.collect()).await;
+    let was = |a: &SocketAddr| old.iter().find(|b| b.addr == *a).map(|b| b.healthy.load(Ordering::Relaxed));
+    let mut changed = old.len() != addrs.len() || old.iter().zip(&addrs).any(|(b, (a, _))| b.addr != *a);
+    for ((addr, _), ok) in addrs.iter().zip(&results) {
+        if was(addr) != Some(*ok) {
+            changed = true;
+            tracing::info!(service = %svc.export.name, endpoint = %addr, healthy = ok, "endpoint.health");
+        }
+    }
+    let next: Vec<Backend> = addrs
+        .into_iter()
+        .zip(results)
+        .map(|((addr, from), ok)| Backend { addr, from, healthy: AtomicBool::new(ok) })
+        .collect();
+    *svc.backends.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+    changed
 }
 
 /// What [`Mesh::reconfigure`] changed.

@@ -23,6 +23,8 @@ pub const PEER_WINDOW_STRETCHED: &str = "causeway_peer_window_stretched";
 pub const PEER_SILENCE_PROBES: &str = "causeway_peer_silence_probes_total";
 pub const PEER_CONTROL_ERRORS: &str = "causeway_peer_control_errors_total";
 pub const PEER_ABUSE_CLOSES: &str = "causeway_peer_abuse_closes_total";
+pub const PEER_THROTTLES: &str = "causeway_peer_throttles_total";
+pub const PEER_ASSERTIONS_REFUSED: &str = "causeway_peer_assertions_refused_total";
 pub const LISTENER_REFUSED: &str = "causeway_listener_refused_total";
 pub const MEMORY_RESIDENT: &str = "causeway_memory_resident_bytes";
 pub const MEMORY_OVER_BUDGET: &str = "causeway_memory_over_budget";
@@ -52,7 +54,35 @@ pub const VIPS: &str = "causeway_redirect_vips";
 pub const H3_FRAMES_REFUSED: &str = "causeway_h3_frames_refused_total";
 pub const INITIALS_REFUSED: &str = "causeway_quic_initials_refused_total";
 
+/// Bucket upper bounds (seconds) of the overlay's histograms, for the recorder the binary builds:
+/// every duration is exported as a Prometheus histogram, so `histogram_quantile` works and
+/// gateways aggregate. Chosen per metric: a flow set-up on a LAN takes tens of µs, across a WAN
+/// tens of ms, and at worst a failover's `flow_connect_timeout` (3 s); a flow lives from
+/// milliseconds to hours.
+pub const BUCKETS: &[(&str, &[f64])] = &[
+    (
+        FLOW_CONNECT,
+        &[
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            5.0, 10.0,
+        ],
+    ),
+    (FLOW_DURATION, &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0, 86_400.0]),
+];
+
+/// Buckets for a histogram not listed in [`BUCKETS`] (none today): 100 µs to a minute.
+pub const DEFAULT_BUCKETS: &[f64] =
+    &[0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
 const META: Metadata<'static> = Metadata::new("causeway", Level::INFO, Some(module_path!()));
+
+/// The type of a metric, as exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
 
 /// A handle on one gateway's recorder.
 #[derive(Clone)]
@@ -73,7 +103,7 @@ fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
 impl Metrics {
     pub fn new(rec: Arc<dyn Recorder + Send + Sync>) -> Self {
         let m = Self { rec };
-        m.describe();
+        m.describe_own();
         m
     }
 
@@ -94,7 +124,16 @@ impl Metrics {
         self.rec.register_histogram(&key(name, labels), &META)
     }
 
-    fn describe(&self) {
+    /// Describes a metric recorded outside this crate (the gateway's own).
+    pub fn describe(&self, kind: Kind, name: &'static str, unit: Option<Unit>, help: &'static str) {
+        match kind {
+            Kind::Counter => self.rec.describe_counter(name.into(), unit, help.into()),
+            Kind::Gauge => self.rec.describe_gauge(name.into(), unit, help.into()),
+            Kind::Histogram => self.rec.describe_histogram(name.into(), unit, help.into()),
+        }
+    }
+
+    fn describe_own(&self) {
         let c =
             |n: &'static str, unit: Option<Unit>, d: &'static str| self.rec.describe_counter(n.into(), unit, d.into());
         let g =
@@ -120,7 +159,21 @@ impl Metrics {
         );
         g(PEER_RTT, Some(Unit::Seconds), "Smoothed round-trip time to a peer.");
         c(PEER_CONTROL_ERRORS, None, "Peer connections closed for a control-protocol error, by code.");
-        c(PEER_ABUSE_CLOSES, None, "Peer connections closed for abusing streams (rapid reset), by reason.");
+        c(
+            PEER_ABUSE_CLOSES,
+            None,
+            "Peer connections closed for abusing streams (rapid reset, also while throttled), by peer and reason.",
+        );
+        c(
+            PEER_THROTTLES,
+            None,
+            "Times a peer's new streams were refused for abuse::THROTTLE_FOR (rapid reset), by peer and reason.",
+        );
+        c(
+            PEER_ASSERTIONS_REFUSED,
+            None,
+            "Flows and requests refused because the peer asserted a caller identity it may not vouch for, by peer and reason.",
+        );
         c(LISTENER_REFUSED, None, "Connections a local listener reset at once, by service and reason (per_source: the source address has limits.connections_per_source open).");
         g(MEMORY_RESIDENT, Some(Unit::Bytes), "Resident memory of the gateway, sampled every 100 ms.");
         g(
@@ -173,5 +226,63 @@ impl Metrics {
         g(VIPS, None, "Redirector: services with a virtual IP.");
         c(H3_FRAMES_REFUSED, None, "HTTP/3 frames refused for declaring more than their type's limit.");
         c(INITIALS_REFUSED, None, "QUIC connection attempts refused or sent a Retry before any crypto, by reason.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    use metrics::{KeyName, SharedString};
+
+    use super::*;
+
+    /// Collects the names described to it.
+    #[derive(Default)]
+    struct Described(Mutex<BTreeSet<String>>);
+
+    impl Recorder for Described {
+        fn describe_counter(&self, k: KeyName, _: Option<Unit>, _: SharedString) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(k.as_str().to_string());
+        }
+        fn describe_gauge(&self, k: KeyName, _: Option<Unit>, _: SharedString) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(k.as_str().to_string());
+        }
+        fn describe_histogram(&self, k: KeyName, _: Option<Unit>, _: SharedString) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(k.as_str().to_string());
+        }
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    /// Every `causeway_*` name constant of this file is described (HELP on `/metrics`), and every
+    /// histogram has buckets of its own.
+    #[test]
+    fn every_metric_is_described() {
+        let rec = Arc::new(Described::default());
+        let _m = Metrics::new(rec.clone());
+        let described = rec.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let names: Vec<&str> = include_str!("metrics.rs")
+            .lines()
+            .filter(|l| l.starts_with("pub const"))
+            .filter_map(|l| l.split('"').nth(1))
+            .filter(|n| n.starts_with("causeway_"))
+            .collect();
+        assert!(names.len() > 30, "{names:?}");
+        for n in names {
+            assert!(described.contains(n), "{n} is not described");
+        }
+        for n in [FLOW_CONNECT, FLOW_DURATION] {
+            let b = BUCKETS.iter().find(|b| b.0 == n).map(|b| b.1);
+            assert!(b.is_some_and(|b| b.windows(2).all(|w| w[0] < w[1])), "{n}: buckets missing or unsorted");
+        }
     }
 }

@@ -265,7 +265,7 @@ impl Redirector {
             };
             let data = match data {
                 Ok(Some(d)) => d,
-                Ok(None) | Err(()) => {
+                Ok(None) | Err(_) => {
                     return conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| "catalog stream ended".into())
                 }
             };

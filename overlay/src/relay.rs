@@ -19,9 +19,38 @@ use crate::h3q;
 const MIN_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 
-/// Where a flow's bytes come from. `Err` means the side failed (reset, connection lost).
+/// A source failed (reset, connection lost); `code` is the reset code its peer sent, when it sent
+/// one (QUIC RESET_STREAM; a TCP reset carries none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Failed {
+    pub code: Option<ErrorCode>,
+}
+
+impl Failed {
+    /// Failed without a code: a TCP error, a lost connection, a revoked flow.
+    pub const LOST: Failed = Failed { code: None };
+
+    /// The failure of an h3 stream operation: with the peer's code when it reset or stopped it.
+    pub fn from_h3(e: &h3::error::StreamError) -> Self {
+        match e {
+            h3::error::StreamError::RemoteTerminate { code, .. } => Failed { code: Some(ErrorCode(code.value())) },
+            _ => Self::LOST,
+        }
+    }
+
+    /// For the rapid-reset rule: a peer stream that failed so was reset by the peer — its own
+    /// doing, unless it relayed its client's abort (`FLOW_CLIENT_RESET`).
+    pub fn stream_end(self) -> crate::abuse::StreamEnd {
+        match self.code {
+            Some(ErrorCode::FLOW_CLIENT_RESET) => crate::abuse::StreamEnd::RelayedAbort,
+            _ => crate::abuse::StreamEnd::ResetByPeer,
+        }
+    }
+}
+
+/// Where a flow's bytes come from. `Err` means the side failed.
 pub trait ByteSource: Send {
-    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, ()>> + Send;
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, Failed>> + Send;
     /// Tells the sending peer to stop (STOP_SENDING, or a TCP reset).
     fn abort(&mut self, code: ErrorCode);
 }
@@ -70,10 +99,10 @@ macro_rules! impl_h3 {
         }
 
         impl ByteSource for $recv {
-            async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
+            async fn recv(&mut self) -> Result<Option<Bytes>, Failed> {
                 match self.recv_data().await {
                     Ok(b) => Ok(b.map(|mut b| b.copy_to_bytes(b.remaining()))),
-                    Err(_) => Err(()),
+                    Err(e) => Err(Failed::from_h3(&e)),
                 }
             }
             fn abort(&mut self, code: ErrorCode) {
@@ -128,11 +157,11 @@ fn reset_on_drop(s: &TcpStream) {
 }
 
 impl ByteSource for TcpSource {
-    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, Failed> {
         loop {
             if self.buf.capacity() == 0 {
                 // An idle flow holds no buffer: wait for data before allocating one.
-                self.half.readable().await.map_err(|_| ())?;
+                self.half.readable().await.map_err(|_| Failed::LOST)?;
                 self.buf.reserve(self.size);
             }
             match self.half.try_read_buf(&mut self.buf) {
@@ -149,10 +178,10 @@ impl ByteSource for TcpSource {
                         // otherwise hold 80 MiB); bulk flows keep theirs.
                         self.buf = BytesMut::new();
                     } else {
-                        self.half.readable().await.map_err(|_| ())?;
+                        self.half.readable().await.map_err(|_| Failed::LOST)?;
                     }
                 }
-                Err(_) => return Err(()),
+                Err(_) => return Err(Failed::LOST),
             }
         }
     }
@@ -231,13 +260,13 @@ pub fn pipe(p: tokio::io::DuplexStream) -> (PipeSource, PipeSink) {
 }
 
 impl ByteSource for PipeSource {
-    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, Failed> {
         use tokio::io::AsyncReadExt;
         let mut buf = BytesMut::with_capacity(MIN_READ);
         match self.0.read_buf(&mut buf).await {
             Ok(0) => Ok(None),
             Ok(_) => Ok(Some(buf.freeze())),
-            Err(_) => Err(()),
+            Err(_) => Err(Failed::LOST),
         }
     }
 
@@ -274,10 +303,10 @@ impl<S> Revocable<S> {
 }
 
 impl<S: ByteSource> ByteSource for Revocable<S> {
-    async fn recv(&mut self) -> Result<Option<Bytes>, ()> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, Failed> {
         tokio::select! {
             r = self.inner.recv() => r,
-            () = &mut self.revoked => Err(()),
+            () = &mut self.revoked => Err(Failed::LOST),
         }
     }
 
@@ -293,6 +322,10 @@ pub enum Outcome {
     Complete,
     /// The client's side failed or was reset; the upstream side was reset too.
     ClientReset,
+    /// The client's side is a peer gateway's stream, reset with `FLOW_CLIENT_RESET`: the peer
+    /// relayed its own client's abort (counted as `client_reset`; not the peer's own doing, so it
+    /// does not count toward the rapid-reset rule).
+    RelayedAbort,
     /// The upstream side (peer gateway or backend) failed or was reset; the client was reset too.
     UpstreamReset,
 }
@@ -301,7 +334,7 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Complete => "complete",
-            Outcome::ClientReset => "client_reset",
+            Outcome::ClientReset | Outcome::RelayedAbort => "client_reset",
             Outcome::UpstreamReset => "upstream_reset",
         }
     }
@@ -322,7 +355,7 @@ impl Counters {
 
 /// Which end of one direction failed.
 enum End {
-    Source,
+    Source(Failed),
     Sink,
 }
 
@@ -337,7 +370,7 @@ async fn pump<S: ByteSource, K: ByteSink>(
         let first = match src.recv().await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => return sink.finish().await.map_err(|_| End::Sink),
-            Err(()) => return Err(End::Source),
+            Err(f) => return Err(End::Source(f)),
         };
         // Gather what has already arrived, without waiting for more.
         let mut n = first.len();
@@ -353,7 +386,7 @@ async fn pump<S: ByteSource, K: ByteSink>(
                     ended = true;
                     break;
                 }
-                Some(Err(())) => return Err(End::Source),
+                Some(Err(f)) => return Err(End::Source(f)),
                 None => break,
             }
         }
@@ -394,16 +427,27 @@ where
     let (u_src, u_sink) = upstream;
     let (mut up, mut down) = (0u64, 0u64);
     let res = {
-        let up_dir = async { pump(c_src, u_sink, &counters.up, &mut up).await.map_err(|e| matches!(e, End::Source)) };
-        let down_dir =
-            async { pump(u_src, c_sink, &counters.down, &mut down).await.map_err(|e| matches!(e, End::Sink)) };
-        // Err(true): the client's side failed; Err(false): the upstream's.
+        // Err(Some(code)): the client's side failed (with the reset code it sent, if any);
+        // Err(None): the upstream's.
+        let up_dir = async {
+            pump(c_src, u_sink, &counters.up, &mut up).await.map_err(|e| match e {
+                End::Source(f) => Some(f.code),
+                End::Sink => None,
+            })
+        };
+        let down_dir = async {
+            pump(u_src, c_sink, &counters.down, &mut down).await.map_err(|e| match e {
+                End::Sink => Some(None),
+                End::Source(_) => None,
+            })
+        };
         tokio::try_join!(up_dir, down_dir)
     };
     let outcome = match res {
         Ok(_) => return (Outcome::Complete, up, down),
-        Err(true) => Outcome::ClientReset,
-        Err(false) => Outcome::UpstreamReset,
+        Err(Some(Some(ErrorCode::FLOW_CLIENT_RESET))) => Outcome::RelayedAbort,
+        Err(Some(_)) => Outcome::ClientReset,
+        Err(None) => Outcome::UpstreamReset,
     };
     // Tell each side why: the upstream learns the client went away and vice versa.
     u_sink.abort(ErrorCode::FLOW_CLIENT_RESET);

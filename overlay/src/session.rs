@@ -15,23 +15,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use causeway_protocol::control::{
-    self, features, Catalog, Decoder, Event, Goodbye, Hello, Load, Message, Ping, ServiceUpdate, ServiceWithdraw,
-};
+use causeway_protocol::control::{self, features, Decoder, Event, Goodbye, Hello, Load, Message, Ping};
 use causeway_protocol::flow::CONTROL_AUTHORITY;
-use causeway_protocol::limits::{CONTROL_FRAME_DEADLINE_SECS, MAX_SERVICES_PER_FRAME};
+use causeway_protocol::limits::CONTROL_FRAME_DEADLINE_SECS;
 use causeway_protocol::{ErrorCode, Identity};
 use rand::Rng;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::abuse::{self, StreamEnd, StreamRules};
+use crate::abuse::{self, StreamEnd, StreamRules, Verdict};
+use crate::core::catalog::LocalCatalog;
 use crate::h3q;
-use crate::mesh::{ConnFlow, LocalCatalog, Mesh, PeerConn, PeerSpec};
+use crate::mesh::{ConnFlow, Mesh, PeerConn, PeerSpec};
 use crate::metrics::{
     H3_FRAMES_REFUSED, INITIALS_REFUSED, PEER_ABUSE_CLOSES, PEER_CONNECTS, PEER_CONTROL_ERRORS, PEER_CWND,
-    PEER_PATH_MIN_RTT, PEER_REPLACED, PEER_RTT, PEER_SILENCES, PEER_SILENCE_PROBES, PEER_UP, PEER_WINDOW_STRETCHED,
+    PEER_PATH_MIN_RTT, PEER_REPLACED, PEER_RTT, PEER_SILENCES, PEER_SILENCE_PROBES, PEER_THROTTLES, PEER_UP,
+    PEER_WINDOW_STRETCHED,
 };
 use crate::relay::{ByteSink, ByteSource};
 use crate::tls::{self, SERVER_NAME};
@@ -601,17 +601,35 @@ async fn serve_requests(
         let (mesh, conn, peer, slot, rules) = (mesh.clone(), conn.clone(), peer.clone(), slot.clone(), rules.clone());
         let header_timeout = mesh.0.timing.header_timeout;
         let fut = async move {
-            // h3 hands out the resolver before any header byte arrived; bound the wait.
-            let (req, stream) = match tokio::time::timeout(header_timeout, Box::pin(resolver.resolve_request())).await {
+            // h3 hands out the resolver before any header byte arrived; bound the wait. The
+            // HEADERS frame is awaited here rather than inside `resolve_request`, which consumes
+            // the resolver: at the timeout the stream is still ours to reset with a code, so the
+            // client sees H3_REQUEST_INCOMPLETE instead of a clean, empty end.
+            let mut resolver = resolver;
+            let frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx));
+            let frame = match tokio::time::timeout(header_timeout, frame).await {
+                Ok(f) => f,
+                Err(_) => {
+                    tracing::debug!("request.header_timeout");
+                    h3::quic::SendStream::reset(&mut resolver.frame_stream, ErrorCode::H3_REQUEST_INCOMPLETE.0);
+                    return;
+                }
+            };
+            // The frame is whole; what is left (QPACK decoding) cannot wait on the peer for long.
+            let resolved = match resolver.accept_with_frame(frame) {
+                Ok(r) => tokio::time::timeout(header_timeout, Box::pin(r.resolve())).await,
+                Err(e) => Ok(Err(e)),
+            };
+            let (req, stream) = match resolved {
                 Ok(Ok(x)) => x,
+                Err(_) => {
+                    tracing::debug!("request.header_timeout");
+                    return;
+                }
                 Ok(Err(e)) => {
                     // Reset before its headers completed, or malformed: the peer's doing.
                     tracing::debug!(error = %e, "request.malformed");
                     tally_stream(&mesh, &conn, &peer, &rules, opened, StreamEnd::ResetByPeer);
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("request.header_timeout");
                     return;
                 }
             };
@@ -639,6 +657,21 @@ async fn serve_requests(
             // its own state for as long as it runs.
             // An HTTP request for an `http` export: the gateway's handler serves it.
             if req.method() != http::Method::CONNECT {
+                if rules.throttled(std::time::Instant::now()) {
+                    // A throttled peer's requests are refused like its flows (`abuse`).
+                    let mut stream = stream;
+                    let e = causeway_protocol::flow::FlowError::RateLimited;
+                    let resp = http::Response::builder()
+                        .status(e.status())
+                        .header(causeway_protocol::flow::ERROR, e.as_str())
+                        .body(())
+                        .unwrap_or_default();
+                    if stream.send_response(resp).await.is_ok() {
+                        let _ = stream.finish().await;
+                    }
+                    tally_stream(&mesh, &conn, &peer, &rules, opened, StreamEnd::Other);
+                    return;
+                }
                 if let Some(h) = mesh.0.http.get().and_then(std::sync::Weak::upgrade) {
                     let zone = mesh.routes().peer(&peer).and_then(|e| e.zone.clone());
                     let serving = h.serve(req, stream, crate::http::PeerInfo { identity: peer.clone(), zone });
@@ -661,8 +694,8 @@ async fn serve_requests(
     }
 }
 
-/// Tallies one ended stream of the peer's; closes the connection when its batch was mostly rapid
-/// resets (`abuse`).
+/// Tallies one ended stream of the peer's; throttles the peer, or closes the connection, when its
+/// batch was mostly rapid resets (`abuse`).
 fn tally_stream(
     mesh: &Mesh,
     conn: &quinn::Connection,
@@ -671,10 +704,22 @@ fn tally_stream(
     opened: std::time::Instant,
     how: StreamEnd,
 ) {
-    if let Some(early) = rules.ended(opened, std::time::Instant::now(), how) {
-        tracing::warn!(%peer, early_resets = early, batch = abuse::RAPID_RESET_BATCH, "peer.rapid_reset");
-        mesh.0.metrics.counter(PEER_ABUSE_CLOSES, &[("peer", peer.as_str()), ("reason", "rapid_reset")]).increment(1);
-        conn.close(h3q::varint(ErrorCode::H3_EXCESSIVE_LOAD.0), b"rapid reset: most streams reset right after opening");
+    let labels = [("peer", peer.as_str()), ("reason", "rapid_reset")];
+    match rules.ended(opened, std::time::Instant::now(), how) {
+        None => {}
+        Some(Verdict::Throttle { early, .. }) => {
+            let secs = abuse::THROTTLE_FOR.as_secs();
+            tracing::warn!(%peer, early_resets = early, batch = abuse::RAPID_RESET_BATCH, throttle_secs = secs, "peer.throttled");
+            mesh.0.metrics.counter(PEER_THROTTLES, &labels).increment(1);
+        }
+        Some(Verdict::Close { early }) => {
+            tracing::warn!(%peer, early_resets = early, batch = abuse::RAPID_RESET_BATCH, strikes = abuse::STRIKES, "peer.rapid_reset");
+            mesh.0.metrics.counter(PEER_ABUSE_CLOSES, &labels).increment(1);
+            conn.close(
+                h3q::varint(ErrorCode::H3_EXCESSIVE_LOAD.0),
+                b"rapid reset: most streams reset right after opening, also while throttled",
+            );
+        }
     }
 }
 
@@ -684,39 +729,8 @@ fn encode_into(out: &mut BytesMut, msg: &Message) -> Result<(), SessionEnd> {
     Ok(())
 }
 
-fn snapshot_frames(out: &mut BytesMut, cat: &LocalCatalog) -> Result<(), SessionEnd> {
-    let ads: Vec<_> = cat.services.values().cloned().collect();
-    let mut chunks = ads.chunks(MAX_SERVICES_PER_FRAME).peekable();
-    if chunks.peek().is_none() {
-        return encode_into(out, &Message::Catalog(Catalog { version: cat.version, services: vec![], more: false }));
-    }
-    while let Some(c) = chunks.next() {
-        let more = chunks.peek().is_some();
-        encode_into(out, &Message::Catalog(Catalog { version: cat.version, services: c.to_vec(), more }))?;
-    }
-    Ok(())
-}
-
-/// Update and withdraw messages that turn `old` into `new`, all at `new.version`.
-fn diff_frames(out: &mut BytesMut, old: &LocalCatalog, new: &LocalCatalog) -> Result<(), SessionEnd> {
-    let mut v = old.version;
-    for (name, ad) in &new.services {
-        if old.services.get(name) != Some(ad) {
-            v += 1;
-            encode_into(
-                out,
-                &Message::ServiceUpdate(ServiceUpdate { version: v.max(new.version), service: ad.clone() }),
-            )?;
-        }
-    }
-    for name in old.services.keys().filter(|n| !new.services.contains_key(*n)) {
-        v += 1;
-        encode_into(
-            out,
-            &Message::ServiceWithdraw(ServiceWithdraw { version: v.max(new.version), name: name.clone() }),
-        )?;
-    }
-    Ok(())
+fn encode_all(out: &mut BytesMut, msgs: &[Message]) -> Result<(), SessionEnd> {
+    msgs.iter().try_for_each(|m| encode_into(out, m))
 }
 
 async fn send<S: ByteSink>(tx: &mut S, out: &mut BytesMut) -> Result<(), SessionEnd> {
@@ -761,7 +775,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     out.put_slice(&control::preface(control::VERSION));
     let hello =
         Hello { zone: mesh.0.zone.clone(), gateway: mesh.0.gateway.clone(), features: features::REVERSE_REQUESTS };
-    if let Err(e) = encode_into(&mut out, &Message::Hello(hello)).and_then(|_| snapshot_frames(&mut out, &sent)) {
+    if let Err(e) = encode_into(&mut out, &Message::Hello(hello)).and_then(|_| encode_all(&mut out, &sent.snapshot())) {
         return e;
     }
     if let Err(e) = send(tx, &mut out).await {
@@ -794,7 +808,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             Err(e) => SessionEnd::quiet(e.code(), e.to_string()),
                         };
                     }
-                    Err(()) => return SessionEnd::quiet(ErrorCode::H3_NO_ERROR, "control stream reset"),
+                    Err(_) => return SessionEnd::quiet(ErrorCode::H3_NO_ERROR, "control stream reset"),
                 };
                 last_heard = Instant::now();
                 last_frame = last_heard;
@@ -949,7 +963,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                     return SessionEnd::quiet(ErrorCode::SHUTDOWN, "gateway stopped");
                 }
                 let new = catalog.borrow_and_update().clone();
-                let r = diff_frames(&mut out, &sent, &new);
+                let r = encode_all(&mut out, &new.diff(&sent));
                 sent = new;
                 if let Err(e) = r.and(send(tx, &mut out).await) {
                     return e;

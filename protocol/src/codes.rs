@@ -28,20 +28,29 @@ macro_rules! codes {
 }
 
 codes! {
-    /// Graceful close: drained, or the losing duplicate of a simultaneous dial.
+    /// Graceful close: a replaced connection retired, or the peer ended its control stream cleanly.
+    /// (The loser of a duplicate connection gets `DUPLICATE_CONNECTION`.)
     (0x100, H3_NO_ERROR);
+    /// An HTTP/3 session could not be set up on a new peer connection.
+    (0x102, H3_INTERNAL_ERROR);
+    /// Stop sending: a unidirectional stream's type did not arrive in time (`SPEC.md` §3).
+    (0x103, H3_STREAM_CREATION_ERROR);
     /// The peer's behaviour exceeds what we serve: an HTTP/3 frame over its limit, or most of a
     /// batch of streams reset right after opening (rapid reset).
     (0x107, H3_EXCESSIVE_LOAD);
+    /// Stream reset: the request's headers did not complete within `timing.header_timeout`
+    /// (RFC 9114 §8.1).
+    (0x10d, H3_REQUEST_INCOMPLETE);
     /// A control frame could not be decoded (bad postcard body, trailing bytes, bad name).
     (0x4357_0001, CONTROL_MALFORMED);
     /// A control frame declared a length above the limit.
     (0x4357_0002, CONTROL_OVERSIZED);
-    /// The control stream ended inside a frame or before the hello.
+    /// The control stream ended inside the preface or a frame, or a frame was not completed in time.
     (0x4357_0003, CONTROL_TRUNCATED);
     /// The peer speaks another protocol version.
     (0x4357_0004, VERSION_MISMATCH);
-    /// The peer's hello named a zone or gateway other than the one configured for its identity.
+    /// The peer's hello named a zone other than the one configured for its identity, or its
+    /// certificate holds no SPIFFE ID.
     (0x4357_0005, PEER_MISMATCH);
     /// A message arrived out of order (e.g. anything before hello, a second hello).
     (0x4357_0006, PROTOCOL_VIOLATION);

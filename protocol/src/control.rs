@@ -4,7 +4,9 @@
 //! zero bytes — then frames: a u32 big-endian body length followed by a postcard-encoded [`Message`].
 //! [`Decoder`] is sans-IO: feed it bytes as they arrive, pull events out. It refuses an oversized frame
 //! as soon as the length prefix is seen, before buffering the body, and refuses trailing bytes after a
-//! message. Wire types are append-only and non-recursive (postcard has no depth limit).
+//! message. Wire types are non-recursive (postcard has no depth limit) and frozen for version 1:
+//! postcard has no field tags, so an appended field is trailing bytes to a v1 peer, which refuses it.
+//! Extensions are new messages sent only to a peer whose hello set their feature bit (`SPEC.md` §4.7).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -14,12 +16,13 @@ use crate::limits::{MAX_CONTROL_FRAME_LEN, MAX_LABELS, MAX_LABEL_LEN, MAX_REASON
 use crate::names::{GatewayId, ServiceName, ZoneName};
 
 pub const MAGIC: [u8; 4] = *b"CWAY";
-/// The protocol version this build speaks. Peers must match exactly; see `SPEC.md` §Versioning.
+/// The protocol version this build speaks. Peers must match exactly; see `SPEC.md` §4.7 (versioning).
 pub const VERSION: u16 = 1;
 pub const PREFACE_LEN: usize = 8;
 const LEN_PREFIX: usize = 4;
 
-/// Feature bits a gateway advertises in its hello. Unknown bits are ignored.
+/// Feature bits a gateway advertises in its hello. Unknown bits are ignored. A bit is the extension
+/// point of version 1: it gates an extension's messages (`SPEC.md` §4.7).
 pub mod features {
     /// The sender can open flows toward the dialing side on server-initiated streams (`SPEC.md` §Roles).
     pub const REVERSE_REQUESTS: u64 = 1 << 0;

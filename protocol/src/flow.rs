@@ -23,7 +23,10 @@ pub const CONTROL_AUTHORITY: &str = "control.causeway.invalid:1";
 /// Why the destination gateway refused or failed a flow. Each maps to one HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FlowError {
-    /// The service is not exported here (503).
+    /// No zone is known to export the service (503): the answer of a gateway asked by its own
+    /// client (a redirector, an HTTP/3 client), or of a destination whose export went away while
+    /// the flow was being set up. A peer asking for a name this gateway does not export gets
+    /// [`Self::Forbidden`] (`SPEC.md` §5.4).
     UnknownService,
     /// No healthy endpoint (503).
     NoHealthyEndpoint,
@@ -54,10 +57,13 @@ pub enum FlowError {
     /// A rate limit of the destination refuses this call for now (429; [`POLICY`] names the limit,
     /// `retry-after` says when to try again).
     LimitExceeded,
+    /// The peer gateway asserted a caller identity it may not vouch for: outside its own trust
+    /// domain, outside the prefixes configured for it, or not a SPIFFE ID (403).
+    IdentityRefused,
 }
 
 impl FlowError {
-    pub const ALL: [FlowError; 13] = [
+    pub const ALL: [FlowError; 14] = [
         Self::UnknownService,
         Self::NoHealthyEndpoint,
         Self::Draining,
@@ -71,6 +77,7 @@ impl FlowError {
         Self::CircuitOpen,
         Self::PolicyDenied,
         Self::LimitExceeded,
+        Self::IdentityRefused,
     ];
 
     pub fn status(self) -> u16 {
@@ -81,7 +88,7 @@ impl FlowError {
             Self::BackendRefused => 502,
             Self::BackendTimeout => 504,
             Self::BadRequest => 400,
-            Self::Forbidden | Self::PolicyDenied => 403,
+            Self::Forbidden | Self::PolicyDenied | Self::IdentityRefused => 403,
             Self::RateLimited | Self::LimitExceeded => 429,
             Self::Loop => 508,
         }
@@ -102,6 +109,7 @@ impl FlowError {
             Self::CircuitOpen => "circuit_open",
             Self::PolicyDenied => "policy_denied",
             Self::LimitExceeded => "rate_limited",
+            Self::IdentityRefused => "identity_refused",
         }
     }
 
@@ -111,7 +119,10 @@ impl FlowError {
 
     /// Whether another zone might serve the flow instead.
     pub fn retryable_elsewhere(self) -> bool {
-        !matches!(self, Self::BadRequest | Self::Loop | Self::PolicyDenied | Self::LimitExceeded)
+        !matches!(
+            self,
+            Self::BadRequest | Self::Loop | Self::PolicyDenied | Self::LimitExceeded | Self::IdentityRefused
+        )
     }
 }
 

@@ -18,6 +18,7 @@ pub use causeway::demo::{echo_flow, echo_server};
 
 pub mod impair;
 pub mod netns;
+pub mod prometheus;
 pub mod rogue;
 pub mod web;
 

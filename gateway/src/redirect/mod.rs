@@ -17,7 +17,7 @@ use causeway_overlay::metrics::{Metrics, CAPTURED};
 use causeway_overlay::redirector::{RedirectTiming, Redirector, RedirectorConfig};
 use causeway_protocol::vip::VipRange;
 use causeway_protocol::{Identity, ServiceName, TrustDomain};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -220,7 +220,7 @@ impl Redirect {
         if rules {
             iptables::check_privilege()?;
         }
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = crate::telemetry::recorder();
         let handle = recorder.handle();
         let metrics = Metrics::new(Arc::new(recorder));
         let redirector = Redirector::new(RedirectorConfig {

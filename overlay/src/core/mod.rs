@@ -1,0 +1,8 @@
+//! The overlay's pure core: decisions without sockets, tasks or clocks of their own.
+//!
+//! Everything here takes its inputs (messages, `now`) as arguments and returns what to do, so it is
+//! unit-tested to the message without a running mesh. The async shells (`session`, `mesh`) do the
+//! I/O and act on the results.
+
+pub mod caller;
+pub mod catalog;
