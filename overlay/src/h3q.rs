@@ -18,6 +18,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use causeway_protocol::ErrorCode;
 use h3::error::Code;
 use h3::quic::{self, ConnectionErrorIncoming, StreamErrorIncoming, StreamId, WriteBuf};
 use quinn::VarInt;
@@ -195,7 +196,7 @@ impl quic::Connection<Bytes> for Session {
         fut.set(async move { conn.accept_bi().await });
         let (send, recv) = res.map_err(conn_err)?;
         Poll::Ready(Ok(BidiStream {
-            send: SendStream::new(send),
+            send: SendStream::new(send, Some(ErrorCode::FLOW_BACKEND_RESET)),
             recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone()),
         }))
     }
@@ -260,7 +261,7 @@ impl quic::OpenStreams<Bytes> for Opener {
         fut.set(async move { conn.open_bi().await });
         let (send, recv) = res.map_err(stream_conn_err)?;
         Poll::Ready(Ok(BidiStream {
-            send: SendStream::new(send),
+            send: SendStream::new(send, Some(ErrorCode::FLOW_CLIENT_RESET)),
             recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone()),
         }))
     }
@@ -270,7 +271,7 @@ impl quic::OpenStreams<Bytes> for Opener {
         let fut = self.opening_uni.get_or_insert_with(|| ReusableBoxFuture::new(Self::open_uni(conn, half)));
         let res = ready!(fut.poll(cx));
         fut.set(Self::open_uni(self.conn.clone(), half));
-        Poll::Ready(res.map(SendStream::new))
+        Poll::Ready(res.map(|s| SendStream::new(s, None)))
     }
 
     fn close(&mut self, code: Code, reason: &[u8]) {
@@ -452,11 +453,29 @@ pub struct SendStream {
     payload: Option<Bytes>,
     /// After `finish`: resolves once the peer acknowledged everything, FIN included.
     acked: Option<AckedFut>,
+    /// The reset code when dropped unfinished (request streams; `None` for HTTP/3's own
+    /// unidirectional streams, which end with their connection).
+    dropped: Option<ErrorCode>,
 }
 
 impl SendStream {
-    fn new(stream: quinn::SendStream) -> Self {
-        Self { stream, writing: None, payload: None, acked: None }
+    /// `dropped`: the code a request stream is reset with when it is dropped unfinished.
+    fn new(stream: quinn::SendStream, dropped: Option<ErrorCode>) -> Self {
+        Self { stream, writing: None, payload: None, acked: None, dropped }
+    }
+}
+
+impl Drop for SendStream {
+    /// A request stream dropped before `finish` — an attempt given up (no answer in time, a silent
+    /// peer), a request body cut off, a response abandoned — is reset, not ended: quinn would send
+    /// a FIN, and the peer could take what it got (early data, part of a body) for all of it.
+    /// Requests we opened reset with `FLOW_CLIENT_RESET` (our side went away: a peer does not
+    /// count it as rapid reset), answers with `FLOW_BACKEND_RESET` (`SPEC.md` §5.3, §5.7). A
+    /// stream reset already keeps its first code (quinn refuses a second).
+    fn drop(&mut self) {
+        if let (None, Some(code)) = (&self.acked, self.dropped) {
+            let _ = self.stream.reset(varint(code.0));
+        }
     }
 }
 

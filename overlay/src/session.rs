@@ -128,14 +128,25 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec, stop: tokio_util::sync
         // A connection the peer dialed may complete while our own dial is still retransmitting its
         // Initial; then our dial is abandoned rather than completed as a duplicate.
         let changed = mesh.0.conn_changed.notified();
+        let mut attempt = {
+            let (mesh, spec, addr) = (mesh.clone(), spec.clone(), addr.clone());
+            tokio::spawn(async move { dial(&mesh, &spec, &addr).await })
+        };
         let dialing = async {
-            let attempt = dial(&mesh, &spec, &addr);
-            tokio::pin!(changed, attempt);
+            tokio::pin!(changed);
             loop {
                 tokio::select! {
-                    r = &mut attempt => return r,
+                    r = &mut attempt => return r.unwrap_or_else(|e| Err(e.to_string())),
                     _ = &mut changed => {
                         if !replace && mesh.conns().contains_key(&spec.id) {
+                            // Abandoned, not dropped: a dropped handshake closes with code 0,
+                            // which the peer — whose side of it may be complete — cannot tell
+                            // from a failure. It is finished and closed as the duplicate it is.
+                            tokio::spawn(async move {
+                                if let Ok(Ok(c)) = attempt.await {
+                                    close(&c, ErrorCode::DUPLICATE_CONNECTION, "the peer connected first");
+                                }
+                            });
                             return Err("the peer connected first".to_string());
                         }
                         changed.set(mesh.0.conn_changed.notified());
@@ -524,7 +535,7 @@ async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Ide
             .max_field_section_size(MAX_FIELD_SECTION)
             .build::<_, _, Bytes>(client_sess)
             .await
-            .map_err(|e| SessionEnd::quiet(ErrorCode(0x102), format!("HTTP/3 client: {e}")))?;
+            .map_err(|e| SessionEnd::quiet(ErrorCode::H3_INTERNAL_ERROR, format!("HTTP/3 client: {e}")))?;
         tokio::spawn(async move {
             let _ = poll_fn(|cx| driver.poll_close(cx)).await;
         });
@@ -532,7 +543,7 @@ async fn session(mesh: &Mesh, conn: &quinn::Connection, dialed: bool, peer: &Ide
             .max_field_section_size(MAX_FIELD_SECTION)
             .build::<_, Bytes>(server_sess)
             .await
-            .map_err(|e| SessionEnd::quiet(ErrorCode(0x102), format!("HTTP/3 server: {e}")))?;
+            .map_err(|e| SessionEnd::quiet(ErrorCode::H3_INTERNAL_ERROR, format!("HTTP/3 server: {e}")))?;
         Ok::<_, SessionEnd>((requests, server))
     };
     let (mut requests, server) = match setup.await {
@@ -808,7 +819,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             Err(e) => SessionEnd::quiet(e.code(), e.to_string()),
                         };
                     }
-                    Err(_) => return SessionEnd::quiet(ErrorCode::H3_NO_ERROR, "control stream reset"),
+                    Err(_) => return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "control stream reset"),
                 };
                 last_heard = Instant::now();
                 last_frame = last_heard;
