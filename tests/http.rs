@@ -459,6 +459,12 @@ async fn flipping_blue_to_green_by_reload_under_wrk_loses_nothing() {
     assert!(blue - blue_at_flip <= 8.0, "blue served {} after the flip", blue - blue_at_flip);
     let after = curl_many(&format!("http://{listen}/"), 5, &[]);
     assert_eq!(after, vec!["v2"; 5]);
+    // Both ends' metrics after HTTP load (request histograms, policy, breakers) pass promtool.
+    for i in 0..3 {
+        let findings = causeway_tests::prometheus::check_metrics(&m.gw(i).metrics_text()).unwrap();
+        assert!(findings.is_empty(), "promtool check metrics on gateway {i}:\n{findings}");
+    }
+    assert!(m.gw(0).metrics_text().contains("causeway_http_request_duration_seconds_bucket{"));
     m.shutdown().await;
 }
 

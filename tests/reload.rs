@@ -118,3 +118,18 @@ async fn a_gateway_process_reloads_its_file_refuses_a_broken_one_and_keeps_servi
     drop(b);
     m.shutdown().await;
 }
+
+/// `imports[].prefer_zones` applies live: a prefers b, then c after a reload, and new flows follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_zone_preference_applies_to_the_next_flows() {
+    let mut m = echo_three_zones().await;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    assert_eq!(echo_flow(listen, b"before").await.unwrap().0, "b");
+    m.specs[0].imports[0].2 = vec!["c".into()];
+    let r = m.gw(0).reload(&config(&m, 0)).await.unwrap();
+    assert_eq!((r.imports_added, r.imports_removed), (0, 0));
+    assert_eq!(echo_flow(listen, b"after").await.unwrap().0, "c");
+    m.shutdown().await;
+}

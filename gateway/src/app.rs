@@ -182,7 +182,6 @@ impl Reloader {
             }),
             fixed("listen.overlay", old.overlay != new.overlay),
             fixed("listen.admin", old.admin != new.admin),
-            fixed("imports[].prefer_zones", old.preferences != new.preferences),
             fixed("redirectors", old.redirectors != new.redirectors),
             fixed("http3_clients", old.http3_clients != new.http3_clients),
             fixed("workloads", old.workloads != new.workloads),
@@ -249,6 +248,7 @@ impl Reloader {
             }
         }
         self.mesh.set_memory_budget(new.limits.memory_budget);
+        self.mesh.set_preferences(new.preferences.clone());
         let r = self.mesh.reconfigure(new.peers.clone(), new.exports.clone());
         out.peers_added = r.peers_added;
         out.peers_removed = r.peers_removed;

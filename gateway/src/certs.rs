@@ -93,12 +93,23 @@ pub fn issue(ca: &Ca, id: &Identity, validity: Validity) -> anyhow::Result<Leaf>
     Ok(Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
+/// Writes `contents` to `path`. A private key is created with mode 0600, so it is never readable
+/// by others, not even between its creation and a later chmod; an existing file is narrowed to
+/// 0600 before it is overwritten.
 fn write(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
-    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let ctx = || format!("writing {}", path.display());
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
     if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        opts.mode(0o600);
+        if path.exists() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(ctx)?;
+        }
     }
+    let mut f = opts.open(path).with_context(ctx)?;
+    f.write_all(contents.as_bytes()).with_context(ctx)?;
     Ok(())
 }
 
@@ -153,4 +164,26 @@ pub fn bundle_from_pem(pem: &[u8]) -> anyhow::Result<TrustBundle> {
 pub fn federate_pem(bundle: TrustBundle, td: TrustDomain, pem: &[u8]) -> anyhow::Result<TrustBundle> {
     let cas = CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>().context("bundle PEM")?;
     Ok(bundle.federate(td, &cas)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_created_private_and_stay_private_when_rewritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("causeway-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::new("t.example").expect("td");
+        init_dir(&td, &dir, Duration::from_secs(3600)).expect("init");
+        let mode = |f: &str| std::fs::metadata(dir.join(f)).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode(CA_KEY), 0o600);
+        assert_ne!(mode(CA_CERT) & 0o044, 0, "the certificate stays readable");
+        // An existing key file with a wide mode is narrowed before the new key is written into it.
+        std::fs::set_permissions(dir.join(CA_KEY), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        init_dir(&td, &dir, Duration::from_secs(3600)).expect("init again");
+        assert_eq!(mode(CA_KEY), 0o600);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

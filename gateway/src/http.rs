@@ -1436,17 +1436,29 @@ impl Http {
         let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let (source_identity, trace) = (header(SOURCE_IDENTITY), header(TRACEPARENT));
         let port = authority.as_ref().and_then(|a| a.port_u16());
+        // A refusal before the request reaches policy: answered, counted (the service label only
+        // once it is one of ours: a peer cannot mint label values) and logged, rate-limited.
+        let refused = |e: FlowError, service: &str| {
+            let code = e.status().to_string();
+            let zone = from.zone.as_ref().map(|z| z.as_str()).unwrap_or("");
+            let labels = [("service", service), ("route", "inbound"), ("zone", zone), ("code", code.as_str())];
+            self.mesh.metrics().counter(HTTP_REQUESTS, &labels).increment(1);
+            causeway_overlay::warn_limited!(peer = %from.identity, service, error = e.as_str(), "http.inbound.refused");
+        };
         let Some(service) = service.filter(|s| self.mesh.exports_http(s, port)) else {
+            refused(FlowError::Forbidden, "");
             refuse(stream, FlowError::Forbidden).await;
             return StreamEnd::Other;
         };
         if self.mesh.is_over_budget() {
+            refused(FlowError::OverBudget, service.as_str());
             refuse(stream, FlowError::OverBudget).await;
             return StreamEnd::Other;
         }
         // Authorization, on what the caller's gateway vouched for (it authenticated the workload;
         // we authenticated it) — as far as it may vouch: its own trust domain, its prefixes.
         let Ok((caller, pinned_zone)) = self.mesh.vouched_caller(&from.identity, &source_identity) else {
+            refused(FlowError::IdentityRefused, service.as_str());
             refuse(stream, FlowError::IdentityRefused).await;
             return StreamEnd::Other;
         };

@@ -197,7 +197,7 @@ impl Mesh {
         // One of our own backend connections came back as a client: an endpoint leads back into
         // the mesh (say, an export pointing at an import listener). Refused on the first repeat.
         if self.0.backend_legs.contains(source.addr, source.dst) {
-            tracing::warn!(service = %service, client = %source.addr, "flow.loop");
+            crate::warn_limited!(service = %service, client = %source.addr, "flow.loop");
             log.error = "loop_detected";
             self.flow_failed(&service, "loop_detected");
             return Box::pin(down.refuse(FlowError::Loop)).await;
@@ -689,7 +689,7 @@ pub(crate) async fn serve_inbound(
         Ok(t) => t,
         Err(e) => {
             if e == FlowError::Loop {
-                tracing::warn!(service = %log.service, source = %peer, "flow.loop");
+                crate::warn_limited!(service = %log.service, source = %peer, "flow.loop");
             }
             log.error = e.as_str();
             m.counter(

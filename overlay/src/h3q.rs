@@ -320,7 +320,7 @@ impl RecvStream {
     fn check(&mut self, data: &Bytes) -> Result<(), StreamErrorIncoming> {
         let Err(o) = self.guard.inspect(data) else { return Ok(()) };
         self.ctx.refused.increment(1);
-        tracing::warn!(
+        crate::warn_limited!(
             frame_type = o.frame_type, length = o.length, limit = o.limit, control = o.control,
             remote = %self.ctx.conn.remote_address(), "h3.frame.refused"
         );

@@ -571,6 +571,12 @@ impl Mesh {
         self.0.budget.set_limit(limit);
     }
 
+    /// Replaces the preferred zones per service; the next flows are routed by them.
+    pub fn set_preferences(&self, prefs: HashMap<ServiceName, Vec<ZoneName>>) {
+        self.routes_mut().set_preferences(prefs);
+        self.services_changed();
+    }
+
     /// The metrics handle of this gateway.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics

@@ -95,6 +95,11 @@ impl RouteTable {
         Self { local_zone: Some(local_zone), prefs, ..Default::default() }
     }
 
+    /// Replaces the preferred zones per service (`imports[].prefer_zones`, reloaded live).
+    pub fn set_preferences(&mut self, prefs: HashMap<ServiceName, Vec<ZoneName>>) {
+        self.prefs = prefs;
+    }
+
     /// Replaces what this gateway itself offers.
     pub fn set_local(&mut self, ads: impl IntoIterator<Item = ServiceAd>) {
         self.local = ads.into_iter().map(|a| (a.name.clone(), a)).collect();

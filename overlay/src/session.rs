@@ -254,7 +254,7 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
                     // every other refusal): TLS answered `certificate_required` itself.
                     if let quinn::ConnectionError::TransportError(t) = &e {
                         if t.code == quinn::TransportErrorCode::crypto(CERTIFICATE_REQUIRED) {
-                            tracing::warn!(%remote, reason = "no_certificate", "peer.handshake.refused");
+                            crate::warn_limited!(%remote, reason = "no_certificate", "peer.handshake.refused");
                             mesh.0
                                 .metrics
                                 .counter(crate::metrics::PEER_HANDSHAKE_FAILURES, &[("reason", "no_certificate")])
@@ -807,7 +807,9 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut said_goodbye = false;
     let mut silent = false;
     let mut silence_probes = 0u64;
-    let peer_zone = spec.as_ref().and_then(|s| s.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
+    // The label of this peer's path metrics: its configured zone until its hello, then the zone it
+    // announced (the same when pinned), as for `peer_up`.
+    let mut peer_zone = spec.as_ref().and_then(|s| s.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
     loop {
         tokio::select! {
             data = rx.recv() => {
@@ -854,6 +856,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             mesh.routes_mut().peer_up(peer, h.zone.clone(), h.gateway.clone());
                             mesh.routes_mut().set_rtt(peer, conn.rtt());
                             mesh.services_changed();
+                            peer_zone = h.zone.to_string();
                             mesh.0.metrics.gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", h.zone.as_str())]).set(1.0);
                             tracing::info!(zone = %h.zone, gateway = %h.gateway, "peer.up");
                         }

@@ -233,7 +233,7 @@ impl Checker {
         self.check(end_entity, intermediates, now, client, expected).map_err(|r| {
             self.metrics.counter(PEER_HANDSHAKE_FAILURES, &[("reason", r.as_str())]).increment(1);
             let id = spiffe_id(end_entity).map(|i| i.to_string()).unwrap_or_default();
-            tracing::warn!(reason = r.as_str(), peer_id = %id, side = if client { "accept" } else { "dial" }, "peer.handshake.refused");
+            crate::warn_limited!(reason = r.as_str(), peer_id = %id, side = if client { "accept" } else { "dial" }, "peer.handshake.refused");
             r.to_rustls()
         })
     }
