@@ -731,10 +731,7 @@ impl Mesh {
     pub fn client_allowed(&self, service: &ServiceName, ip: std::net::IpAddr, via: &'static str) -> bool {
         let lists = self.0.client_allowlists.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(nets) = lists.get(service) else { return true };
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        let ip = unmapped(ip);
         if nets.iter().any(|n| n.contains(&ip)) {
             return true;
         }
@@ -753,16 +750,13 @@ impl Mesh {
 
     /// The workload identity of a source address, from the configured ranges.
     pub fn workload_identity(&self, ip: std::net::IpAddr) -> Option<&Identity> {
+        let ip = unmapped(ip);
         self.0.workloads.iter().find(|(net, _)| net.contains(&ip)).map(|(_, id)| id)
     }
 
     /// Whether `ip` may start a QUIC handshake with this gateway.
     pub(crate) fn source_allowed(&self, ip: std::net::IpAddr) -> bool {
-        // A v4-mapped address on a dual-stack socket is the IPv4 address it maps.
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        let ip = unmapped(ip);
         let nets = self.0.allowed_sources.read().unwrap_or_else(|e| e.into_inner());
         nets.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
     }
@@ -946,6 +940,15 @@ impl Mesh {
     }
 }
 
+/// A v4-mapped address (a dual-stack socket's view of an IPv4 peer) as the IPv4 address it maps,
+/// so that IPv4 CIDRs in `workloads`, `allowed_sources` and `client_allowlists` match it.
+fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
 /// Active health checks: each interval, every endpoint name is resolved (each A/AAAA record an
 /// address) and every address gets a TCP connect.
 async fn health_loop(mesh: Mesh) {
@@ -1064,4 +1067,15 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
     })
     .await;
     outs.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn v4_mapped_addresses_match_ipv4_cidrs() {
+        let mapped: std::net::IpAddr = "::ffff:10.1.2.3".parse().expect("addr");
+        assert_eq!(super::unmapped(mapped), "10.1.2.3".parse::<std::net::IpAddr>().expect("addr"));
+        let v6: std::net::IpAddr = "2001:db8::1".parse().expect("addr");
+        assert_eq!(super::unmapped(v6), v6);
+    }
 }
