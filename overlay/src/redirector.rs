@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::liveness::{self, Liveness};
 use crate::h3q::{self, Opener};
 use crate::metrics::{Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, H3_FRAMES_REFUSED, VIPS};
 use crate::relay::{self, ByteSource, Counters};
@@ -229,40 +230,43 @@ impl Redirector {
         let mut pending: BTreeMap<ServiceName, u16> = BTreeMap::new();
         let mut watchdog = tokio::time::interval(WATCHDOG);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_rx = (conn.stats().udp_rx.datagrams, Instant::now());
-        let mut last_tick = Instant::now();
-        let mut suspect = false;
+        // The gateway's liveness, by the rules of a gateway's own peers (`core::liveness`); its
+        // gateway sends no periodic frames on this stream, so only datagram silence counts.
+        let thresholds = liveness::Thresholds {
+            interval: WATCHDOG,
+            silent_after: self.0.cfg.timing.silence,
+            close_after: self.0.cfg.timing.silence_close,
+            frames: false,
+            frame_deadline: None,
+            hello_within: None,
+        };
+        let mut live = Liveness::new(thresholds, std::time::Instant::now(), crate::transport::liveness_counters(conn));
         loop {
             let data = tokio::select! {
                 d = rx.recv() => d,
                 _ = watchdog.tick() => {
-                    let rx = conn.stats().udp_rx.datagrams;
-                    // A late tick means this process was not running (a starved node): what the
-                    // gateway sent meanwhile may still wait in the socket. Silence counts only
-                    // over time the redirector was awake to hear it.
-                    let late = last_tick.elapsed() > WATCHDOG * 3;
-                    last_tick = Instant::now();
-                    let silent = last_rx.1.elapsed();
-                    if rx != last_rx.0 || late {
-                        last_rx = (rx, Instant::now());
-                        if std::mem::take(&mut suspect) {
-                            tracing::info!(silent_ms = silent.as_millis() as u64, "redirect.gateway.heard");
+                    match live.tick(std::time::Instant::now(), crate::transport::liveness_counters(conn), true) {
+                        None => {}
+                        Some(liveness::Event::Heard { for_ }) => {
+                            tracing::info!(silent_ms = for_.as_millis() as u64, "redirect.gateway.heard");
                             self.0.session.send_replace(Some(requests.clone()));
                         }
-                    } else if silent > self.0.cfg.timing.silence_close {
-                        let why = format!("gateway silent for {silent:?}");
-                        conn.close(quinn::VarInt::from_u32(causeway_protocol::ErrorCode::PEER_UNRESPONSIVE.0 as u32), why.as_bytes());
-                        return why;
-                    } else if silent > self.0.cfg.timing.silence && !suspect {
-                        // New captured connections are reset at once; open flows wait a while.
-                        suspect = true;
-                        tracing::warn!(silent_ms = silent.as_millis() as u64, "redirect.gateway.silent");
-                        self.0.session.send_replace(None);
+                        Some(liveness::Event::Silent { for_ }) => {
+                            // New captured connections are reset at once; open flows wait a while.
+                            tracing::warn!(silent_ms = for_.as_millis() as u64, "redirect.gateway.silent");
+                            self.0.session.send_replace(None);
+                        }
+                        Some(liveness::Event::Close { code, reason, .. }) => {
+                            let why = format!("gateway {reason}");
+                            conn.close(quinn::VarInt::from_u64(code.0).unwrap_or(quinn::VarInt::MAX), why.as_bytes());
+                            return why;
+                        }
                     }
                     continue;
                 }
                 _ = self.0.shutdown.cancelled() => return "shutdown".into(),
             };
+            live.on_control_data(std::time::Instant::now());
             let data = match data {
                 Ok(Some(d)) => d,
                 Ok(None) | Err(_) => {

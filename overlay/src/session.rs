@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use crate::abuse::{self, StreamEnd, StreamRules, Verdict};
 use crate::core::catalog::LocalCatalog;
+use crate::core::liveness::{self, Liveness};
 use crate::h3q;
 use crate::mesh::{ConnFlow, Mesh, PeerConn, PeerSpec};
 use crate::metrics::{
@@ -473,13 +474,6 @@ fn peer_zone_label(mesh: &Mesh, peer: &Identity) -> String {
 
 type ControlSlot = Arc<Mutex<Option<oneshot::Sender<(crate::relay::ServerSend, crate::relay::ServerRecv)>>>>;
 
-/// Frames from the peer that only its gateway's work causes: stream data it wrote, and flow
-/// credit it granted by reading ours.
-fn app_frames(conn: &quinn::Connection) -> u64 {
-    let rx = conn.stats().frame_rx;
-    rx.stream + rx.max_data + rx.max_stream_data
-}
-
 /// Why a closed connection closed, as the session's end.
 fn closed_by(conn: &quinn::Connection) -> Option<SessionEnd> {
     Some(match conn.close_reason()? {
@@ -794,18 +788,20 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     }
     let mut dec = Decoder::new();
     let mut hello_seen = false;
-    let hello_deadline = Instant::now() + t.handshake_timeout;
-    let mut last_heard = Instant::now();
-    let mut last_frame = Instant::now();
-    let mut frame_started: Option<Instant> = None;
-    let mut last_rx = conn.stats().udp_rx.datagrams;
-    let mut last_stream_frames = app_frames(conn);
+    let thresholds = liveness::Thresholds {
+        interval: t.ping_interval,
+        silent_after: t.peer_timeout,
+        close_after: t.peer_close_timeout,
+        frames: true,
+        frame_deadline: Some(Duration::from_secs(CONTROL_FRAME_DEADLINE_SECS)),
+        hello_within: Some(t.handshake_timeout),
+    };
+    let mut live = Liveness::new(thresholds, std::time::Instant::now(), crate::transport::liveness_counters(conn));
     let mut ping = tokio::time::interval(t.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
     let mut nonce = 0u64;
     let mut said_goodbye = false;
-    let mut silent = false;
     let mut silence_probes = 0u64;
     // The label of this peer's path metrics: its configured zone until its hello, then the zone it
     // announced (the same when pinned), as for `peer_up`.
@@ -823,8 +819,8 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                     }
                     Err(_) => return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "control stream reset"),
                 };
-                last_heard = Instant::now();
-                last_frame = last_heard;
+                let arrived = std::time::Instant::now();
+                live.on_control_data(arrived);
                 if let Err(e) = dec.feed(data) {
                     return SessionEnd::new(e.code(), e.to_string());
                 }
@@ -853,6 +849,7 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                                 }
                             }
                             hello_seen = true;
+                            live.on_hello();
                             mesh.routes_mut().peer_up(peer, h.zone.clone(), h.gateway.clone());
                             mesh.routes_mut().set_rtt(peer, conn.rtt());
                             mesh.services_changed();
@@ -903,61 +900,23 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                         }
                     }
                 }
-                // Time a frame that is still incomplete from its first byte.
-                frame_started = match (dec.pending(), decoded) {
-                    (false, _) => None,
-                    (true, true) => Some(last_heard),
-                    (true, false) => frame_started.or(Some(last_heard)),
-                };
+                live.on_decoded(arrived, dec.pending(), decoded);
                 if let Err(e) = send(tx, &mut out).await {
                     return e;
                 }
             }
             _ = ping.tick() => {
-                if frame_started.is_some_and(|s| s.elapsed() > Duration::from_secs(CONTROL_FRAME_DEADLINE_SECS)) {
-                    return SessionEnd::new(ErrorCode::CONTROL_TRUNCATED, format!("control frame not completed within {CONTROL_FRAME_DEADLINE_SECS} s"));
-                }
-                // Flow data arriving proves the peer's gateway is working, not just its QUIC stack:
-                // its control frames may be queued behind that data (quinn admits stream writes
-                // against one connection-wide flow-control and send window, and wakes blocked
-                // writers last-blocked-first, so under sustained bulk load the control stream can
-                // wait seconds for room). Found by the benchmarks: 128 parallel bulk flows through
-                // a single-threaded gateway pair. So does flow credit arriving while we send bulk
-                // data one way: the peer grants it only as its gateway reads what we sent, and our
-                // own pings may be the ones queued behind that data.
-                let stream_frames = app_frames(conn);
-                if stream_frames != last_stream_frames {
-                    last_stream_frames = stream_frames;
-                    last_frame = last_frame.max(Instant::now() - t.ping_interval);
-                }
-                // Datagrams keep a busy peer alive, but a healthy one also answers pings.
-                if last_frame.elapsed() > t.peer_close_timeout.max(t.peer_timeout) {
-                    return SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, format!("no control frame for {:?}", last_frame.elapsed()));
-                }
-                if !hello_seen && Instant::now() > hello_deadline {
-                    return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "no hello in time");
-                }
-                // Any datagram from the peer also proves it alive: a peer whose control task is
-                // starved of CPU (while its QUIC stack still answers) is busy, not dead. A stopped
-                // or killed process, or a cut link, sends nothing at all.
-                let rx = conn.stats().udp_rx.datagrams;
-                if rx != last_rx {
-                    last_rx = rx;
-                    last_heard = last_heard.max(Instant::now() - t.ping_interval);
-                }
-                // Silent past peer_timeout: routed around at once, closed only after
-                // peer_close_timeout (a WAN blackhole may end); heard again: routed to again.
-                if last_heard.elapsed() > t.peer_close_timeout.max(t.peer_timeout) {
-                    return SessionEnd::quiet(ErrorCode::PEER_UNRESPONSIVE, format!("silent for {:?}", last_heard.elapsed()));
-                }
-                if last_heard.elapsed() > t.peer_timeout {
-                    if !silent && hello_seen && is_current(mesh, peer, conn) {
-                        silent = true;
-                        mark_silent(mesh, peer, true, last_heard.elapsed());
+                // Liveness (`core::liveness`): silent past peer_timeout — routed around at once —
+                // closed only after peer_close_timeout (a WAN blackhole may end); heard again —
+                // routed to again.
+                let routable = hello_seen && is_current(mesh, peer, conn);
+                match live.tick(std::time::Instant::now(), crate::transport::liveness_counters(conn), routable) {
+                    None => {}
+                    Some(liveness::Event::Silent { for_ }) => mark_silent(mesh, peer, true, for_),
+                    Some(liveness::Event::Heard { for_ }) => mark_silent(mesh, peer, false, for_),
+                    Some(liveness::Event::Close { code, reason, tell }) => {
+                        return SessionEnd { code, reason, tell };
                     }
-                } else if silent {
-                    silent = false;
-                    mark_silent(mesh, peer, false, last_heard.elapsed());
                 }
                 nonce += 1;
                 let r = encode_into(&mut out, &Message::Ping(Ping { nonce }));

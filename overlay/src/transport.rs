@@ -173,3 +173,14 @@ pub async fn resolve(target: &str, local: SocketAddr, timeout: std::time::Durati
         _ => Err(format!("{target} has no address reachable from {local}")),
     }
 }
+
+/// What proves a peer alive, from its connection's statistics (`core::liveness`): datagrams
+/// received, and STREAM, MAX_DATA and MAX_STREAM_DATA frames (flow data and flow credit).
+pub(crate) fn liveness_counters(conn: &quinn::Connection) -> crate::core::liveness::Counters {
+    let stats = conn.stats();
+    let rx = stats.frame_rx;
+    crate::core::liveness::Counters {
+        datagrams: stats.udp_rx.datagrams,
+        app_frames: rx.stream + rx.max_data + rx.max_stream_data,
+    }
+}

@@ -6,3 +6,4 @@
 
 pub mod caller;
 pub mod catalog;
+pub mod liveness;
