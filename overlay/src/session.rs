@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::abuse::{self, StreamEnd, StreamRules, Verdict};
 use crate::core::catalog::LocalCatalog;
 use crate::core::liveness::{self, Liveness};
+use crate::core::tiebreak;
 use crate::h3q;
 use crate::mesh::{ConnFlow, Mesh, PeerConn, PeerSpec};
 use crate::metrics::{
@@ -332,18 +333,24 @@ fn register(mesh: &Mesh, peer: &Identity, conn: &quinn::Connection, dialed: bool
     let ours = mesh.0.tls.leaf();
     let flows = Arc::new(AtomicUsize::new(0));
     let mut conns = mesh.conns();
-    if let Some(old) = conns.get(peer) {
-        if old.conn.close_reason().is_none() {
-            let rotated = old.local_leaf != ours || tls::peer_leaf(&old.conn) != tls::peer_leaf(conn);
-            if rotated && old_up {
-                return Some(Registered { flows, local_leaf: ours, replacing: true });
-            }
-            let keep_new = !old_up && (old.dialed == dialed || dialed == (mesh.0.identity < *peer));
-            let loser = if keep_new { &old.conn } else { conn };
-            tracing::info!(kept = if keep_new { "new" } else { "existing" }, "peer.duplicate.closed");
-            close(loser, ErrorCode::DUPLICATE_CONNECTION, "duplicate connection");
-            if !keep_new {
-                return None;
+    let live = conns.get(peer).filter(|old| old.conn.close_reason().is_none());
+    let existing = live.map(|old| tiebreak::Existing {
+        up: old_up,
+        dialed: old.dialed,
+        rotated: old.local_leaf != ours || tls::peer_leaf(&old.conn) != tls::peer_leaf(conn),
+    });
+    match tiebreak::decide(existing, dialed, mesh.0.identity < *peer) {
+        tiebreak::Decision::Register => {}
+        tiebreak::Decision::MakeBeforeBreak => return Some(Registered { flows, local_leaf: ours, replacing: true }),
+        tiebreak::Decision::KeepExisting => {
+            tracing::info!(kept = "existing", "peer.duplicate.closed");
+            close(conn, ErrorCode::DUPLICATE_CONNECTION, "duplicate connection");
+            return None;
+        }
+        tiebreak::Decision::ReplaceNow => {
+            tracing::info!(kept = "new", "peer.duplicate.closed");
+            if let Some(old) = live {
+                close(&old.conn, ErrorCode::DUPLICATE_CONNECTION, "duplicate connection");
             }
         }
     }

@@ -7,3 +7,4 @@
 pub mod caller;
 pub mod catalog;
 pub mod liveness;
+pub mod tiebreak;
