@@ -20,6 +20,7 @@ pub mod impair;
 pub mod netns;
 pub mod prometheus;
 pub mod rogue;
+pub mod sim;
 pub mod web;
 
 pub const TRUST_DOMAIN: &str = "test.causeway";
