@@ -1276,7 +1276,7 @@ fn grpc_error(resp: Response<ChanBody>) -> Response<ChanBody> {
     let code = match e {
         FlowError::BackendTimeout => 4, // DEADLINE_EXCEEDED
         FlowError::Forbidden | FlowError::PolicyDenied | FlowError::IdentityRefused => 7, // PERMISSION_DENIED
-        FlowError::RateLimited | FlowError::LimitExceeded => 8, // RESOURCE_EXHAUSTED
+        FlowError::PeerFlowRate | FlowError::RateLimited => 8, // RESOURCE_EXHAUSTED
         FlowError::BadRequest | FlowError::Loop => 13, // INTERNAL
         FlowError::UnknownService
         | FlowError::NoHealthyEndpoint
@@ -1333,7 +1333,7 @@ fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
 
 fn new_trace() -> TraceParent {
     let mut rng = rand::rng();
-    TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
+    TraceParent::root(rng.random(), rng.random())
 }
 
 /// A request the destination's policy refuses: 403 naming the policy.

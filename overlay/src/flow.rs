@@ -87,7 +87,7 @@ impl Drop for FlowLog {
 
 fn new_trace() -> TraceParent {
     let mut rng = rand::rng();
-    TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
+    TraceParent::root(rng.random(), rng.random())
 }
 
 /// Decrements the active-flow count when the flow ends, however it ends.
@@ -398,7 +398,7 @@ impl Mesh {
     ) -> Result<Option<Box<dyn Send + Sync>>, (FlowError, String)> {
         let Some(a) = self.0.authorizer.get() else { return Ok(None) };
         a.authorize_flow(caller).map_err(|policy| (FlowError::PolicyDenied, policy))?;
-        a.admit_flow(caller).await.map(Some).map_err(|limit| (FlowError::LimitExceeded, limit))
+        a.admit_flow(caller).await.map(Some).map_err(|limit| (FlowError::RateLimited, limit))
     }
 
     fn flow_failed(&self, service: &ServiceName, reason: &str) {
@@ -650,7 +650,7 @@ pub(crate) async fn serve_inbound(
     } else if mesh.0.budget.over() {
         Err(FlowError::OverBudget)
     } else if !admitted {
-        Err(FlowError::RateLimited)
+        Err(FlowError::PeerFlowRate)
     } else if looped {
         Err(FlowError::Loop)
     } else if let Err(e) = vouched {

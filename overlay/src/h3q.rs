@@ -120,7 +120,7 @@ async fn demux_uni(
                 Some(len)
             };
             let Ok(Some(len)) = tokio::time::timeout(UNI_TYPE_TIMEOUT, read).await else {
-                let _ = recv.stop(VarInt::from_u32(Code::H3_STREAM_CREATION_ERROR.value() as u32));
+                let _ = recv.stop(varint(Code::H3_STREAM_CREATION_ERROR.value()));
                 return;
             };
             if first[..len] == REVERSE_UNI_PREFIX {

@@ -656,7 +656,7 @@ impl Mesh {
         }
         let conn = self.conns().remove(id);
         if let Some(pc) = conn {
-            let code = quinn::VarInt::from_u32(causeway_protocol::ErrorCode::PEER_REMOVED.0 as u32);
+            let code = crate::h3q::varint(causeway_protocol::ErrorCode::PEER_REMOVED.0);
             pc.conn.close(code, b"peer removed from configuration");
         }
         let zone = self.routes().peer(id).and_then(|e| e.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
@@ -718,7 +718,7 @@ impl Mesh {
     pub fn shutdown(&self) {
         self.0.draining.cancel();
         self.0.shutdown.cancel();
-        self.0.endpoint.close(quinn::VarInt::from_u32(causeway_protocol::ErrorCode::SHUTDOWN.0 as u32), b"shutdown");
+        self.0.endpoint.close(crate::h3q::varint(causeway_protocol::ErrorCode::SHUTDOWN.0), b"shutdown");
     }
 
     /// Waits until every QUIC connection is closed and its close has been sent.

@@ -27,7 +27,7 @@ use crate::h3q::{self, Opener};
 use crate::metrics::{Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, H3_FRAMES_REFUSED, VIPS};
 use crate::relay::{self, ByteSource, Counters};
 use crate::session::{Backoff, MAX_FIELD_SECTION};
-use crate::tls::{Credentials, TlsFactory, TrustBundle, SERVER_NAME};
+use crate::tls::{Credentials, TlsFactory, TrustBundle};
 use crate::transport::{self, Timers};
 
 /// Timers of the redirector. The gateway is on the same network, so a silent gateway is noticed
@@ -152,7 +152,7 @@ impl Redirector {
 
     pub fn shutdown(&self) {
         self.0.shutdown.cancel();
-        self.0.endpoint.close(quinn::VarInt::from_u32(causeway_protocol::ErrorCode::SHUTDOWN.0 as u32), b"shutdown");
+        self.0.endpoint.close(h3q::varint(causeway_protocol::ErrorCode::SHUTDOWN.0), b"shutdown");
     }
 
     /// Keeps one connection to the gateway, reconnecting with backoff, until shutdown.
@@ -184,15 +184,7 @@ impl Redirector {
         let tls = self.0.tls.client(self.0.cfg.gateway_id.clone()).map_err(|e| e.to_string())?;
         let cfg = transport::client_config(tls, self.0.cfg.timing.transport, transport::QuicLimits::default())
             .map_err(|e| e.to_string())?;
-        let t = self.0.cfg.timing.handshake_timeout;
-        let local = self.0.endpoint.local_addr().map_err(|e| e.to_string())?;
-        let addr = transport::resolve(&self.0.cfg.gateway, local, t).await?;
-        let connecting = self.0.endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| e.to_string())?;
-        match tokio::time::timeout(t, connecting).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("handshake timed out".into()),
-        }
+        transport::dial(&self.0.endpoint, cfg, &self.0.cfg.gateway, self.0.cfg.timing.handshake_timeout).await
     }
 
     /// Runs one connection: publishes it for flows and applies catalog snapshots until it ends.
@@ -258,7 +250,7 @@ impl Redirector {
                         }
                         Some(liveness::Event::Close { code, reason, .. }) => {
                             let why = format!("gateway {reason}");
-                            conn.close(quinn::VarInt::from_u64(code.0).unwrap_or(quinn::VarInt::MAX), why.as_bytes());
+                            conn.close(h3q::varint(code.0), why.as_bytes());
                             return why;
                         }
                     }
@@ -317,7 +309,7 @@ impl Redirector {
         let _ = tcp.set_nodelay(true);
         let trace = {
             let mut rng = rand::rng();
-            TraceParent { trace_id: rng.random::<u128>() | 1, span_id: rng.random::<u64>() | 1, sampled: true }
+            TraceParent::root(rng.random(), rng.random())
         };
         let req = http::Request::connect(format!("{service}:{}", dst.port()))
             .header(ORIGINAL_DST, dst.to_string())

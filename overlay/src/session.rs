@@ -36,7 +36,7 @@ use crate::metrics::{
     PEER_WINDOW_STRETCHED,
 };
 use crate::relay::{ByteSink, ByteSource};
-use crate::tls::{self, SERVER_NAME};
+use crate::tls;
 
 /// Largest HTTP/3 field section we accept (RFC 9114 §4.2.2 SETTINGS_MAX_FIELD_SECTION_SIZE).
 pub const MAX_FIELD_SECTION: u64 = 64 * 1024;
@@ -192,17 +192,10 @@ async fn sleep_or_stop(stop: &tokio_util::sync::CancellationToken, d: Duration) 
 }
 
 async fn dial(mesh: &Mesh, spec: &PeerSpec, target: &str) -> Result<quinn::Connection, String> {
-    let local = mesh.0.endpoint.local_addr().map_err(|e| e.to_string())?;
-    let addr = crate::transport::resolve(target, local, mesh.0.timing.handshake_timeout).await?;
     let tls = mesh.0.tls.client(spec.id.clone()).map_err(|e| e.to_string())?;
     let cfg =
         crate::transport::client_config(tls, mesh.0.timing.transport, mesh.0.limits.quic).map_err(|e| e.to_string())?;
-    let connecting = mesh.0.endpoint.connect_with(cfg, addr, SERVER_NAME).map_err(|e| e.to_string())?;
-    match tokio::time::timeout(mesh.0.timing.handshake_timeout, connecting).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("handshake timed out".into()),
-    }
+    crate::transport::dial(&mesh.0.endpoint, cfg, target, mesh.0.timing.handshake_timeout).await
 }
 
 /// Handshakes in progress above which new ones must first prove their address with a Retry
@@ -273,7 +266,7 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
             };
             drop(done);
             let Some(id) = tls::peer_identity(&conn) else {
-                conn.close(quinn::VarInt::from_u32(ErrorCode::PEER_MISMATCH.0 as u32), b"no identity");
+                conn.close(h3q::varint(ErrorCode::PEER_MISMATCH.0), b"no identity");
                 return;
             };
             let peers = mesh.peers();
@@ -296,7 +289,7 @@ pub(crate) async fn accept_loop(mesh: Mesh) {
 }
 
 fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
-    conn.close(quinn::VarInt::from_u64(code.0).unwrap_or(quinn::VarInt::MAX), reason.as_bytes());
+    conn.close(h3q::varint(code.0), reason.as_bytes());
 }
 
 /// A connection that won its registration.
@@ -672,7 +665,7 @@ async fn serve_requests(
                 if rules.throttled(std::time::Instant::now()) {
                     // A throttled peer's requests are refused like its flows (`abuse`).
                     let mut stream = stream;
-                    let e = causeway_protocol::flow::FlowError::RateLimited;
+                    let e = causeway_protocol::flow::FlowError::PeerFlowRate;
                     let resp = http::Response::builder()
                         .status(e.status())
                         .header(causeway_protocol::flow::ERROR, e.as_str())

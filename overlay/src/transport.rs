@@ -184,3 +184,21 @@ pub(crate) fn liveness_counters(conn: &quinn::Connection) -> crate::core::livene
         app_frames: rx.stream + rx.max_data + rx.max_stream_data,
     }
 }
+
+/// Dials `target` (`IP:port`, or `host:port` resolved now) from `endpoint`: resolution and the
+/// QUIC/TLS handshake both within `timeout`.
+pub(crate) async fn dial(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    target: &str,
+    timeout: std::time::Duration,
+) -> Result<quinn::Connection, String> {
+    let local = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let addr = resolve(target, local, timeout).await?;
+    let connecting = endpoint.connect_with(cfg, addr, crate::tls::SERVER_NAME).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}

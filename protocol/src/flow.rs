@@ -41,8 +41,9 @@ pub enum FlowError {
     /// The target is not a service this gateway exports (an address, its own ports, an unexported
     /// name): refused before any connection is attempted (403).
     Forbidden,
-    /// The peer opened new flows faster than `limits.peer_flow_rate` (429).
-    RateLimited,
+    /// The peer opened new flows faster than `limits.peer_flow_rate`, or is throttled after rapid
+    /// resets (429).
+    PeerFlowRate,
     /// The gateway is above its memory budget: no new flows until it is back below (503).
     OverBudget,
     /// A circuit breaker is open: the service has its `max_requests` in progress, or its
@@ -56,7 +57,7 @@ pub enum FlowError {
     PolicyDenied,
     /// A rate limit of the destination refuses this call for now (429; [`POLICY`] names the limit,
     /// `retry-after` says when to try again).
-    LimitExceeded,
+    RateLimited,
     /// The peer gateway asserted a caller identity it may not vouch for: outside its own trust
     /// domain, outside the prefixes configured for it, or not a SPIFFE ID (403).
     IdentityRefused,
@@ -71,12 +72,12 @@ impl FlowError {
         Self::BackendTimeout,
         Self::BadRequest,
         Self::Forbidden,
-        Self::RateLimited,
+        Self::PeerFlowRate,
         Self::Loop,
         Self::OverBudget,
         Self::CircuitOpen,
         Self::PolicyDenied,
-        Self::LimitExceeded,
+        Self::RateLimited,
         Self::IdentityRefused,
     ];
 
@@ -89,7 +90,7 @@ impl FlowError {
             Self::BackendTimeout => 504,
             Self::BadRequest => 400,
             Self::Forbidden | Self::PolicyDenied | Self::IdentityRefused => 403,
-            Self::RateLimited | Self::LimitExceeded => 429,
+            Self::PeerFlowRate | Self::RateLimited => 429,
             Self::Loop => 508,
         }
     }
@@ -103,12 +104,12 @@ impl FlowError {
             Self::BackendTimeout => "backend_timeout",
             Self::BadRequest => "bad_request",
             Self::Forbidden => "forbidden_target",
-            Self::RateLimited => "peer_flow_rate",
+            Self::PeerFlowRate => "peer_flow_rate",
             Self::Loop => "loop_detected",
             Self::OverBudget => "over_budget",
             Self::CircuitOpen => "circuit_open",
             Self::PolicyDenied => "policy_denied",
-            Self::LimitExceeded => "rate_limited",
+            Self::RateLimited => "rate_limited",
             Self::IdentityRefused => "identity_refused",
         }
     }
@@ -119,10 +120,7 @@ impl FlowError {
 
     /// Whether another zone might serve the flow instead.
     pub fn retryable_elsewhere(self) -> bool {
-        !matches!(
-            self,
-            Self::BadRequest | Self::Loop | Self::PolicyDenied | Self::LimitExceeded | Self::IdentityRefused
-        )
+        !matches!(self, Self::BadRequest | Self::Loop | Self::PolicyDenied | Self::RateLimited | Self::IdentityRefused)
     }
 }
 

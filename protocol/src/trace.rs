@@ -10,6 +10,12 @@ pub struct TraceParent {
 }
 
 impl TraceParent {
+    /// A new, sampled trace: ids from the caller's randomness (this crate has none), forced
+    /// non-zero as W3C Trace Context requires (an all-zero id is invalid).
+    pub fn root(trace_id: u128, span_id: u64) -> Self {
+        Self { trace_id: trace_id | 1, span_id: span_id | 1, sampled: true }
+    }
+
     /// A child of this context: same trace, a new span id chosen by the caller.
     pub fn child(self, span_id: u64) -> Self {
         Self { span_id, ..self }
