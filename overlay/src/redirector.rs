@@ -272,6 +272,12 @@ impl Redirector {
                 match dec.next_event() {
                     Ok(Some(Event::Message(Message::Catalog(c)))) => {
                         pending.extend(c.services.into_iter().map(|a| (a.name, a.port)));
+                        // A snapshot is buffered until its last chunk: bounded by what the VIP range
+                        // can number (65,534 in the default /16; ~100 bytes a service).
+                        let most = self.0.cfg.vip_range.capacity() as usize;
+                        if pending.len() > most {
+                            return format!("catalog of more than {most} services: the VIP range cannot hold them");
+                        }
                         if !c.more {
                             let ports = std::mem::take(&mut pending);
                             let vips = VipTable::assign(self.0.cfg.vip_range, ports.keys());
