@@ -770,3 +770,42 @@ async fn round_robin_takes_turns_and_a_hashed_header_keeps_its_endpoint() {
     assert!(used.len() >= 2, "12 users all on {used:?}");
     m.shutdown().await;
 }
+
+/// Attempts a source gives up (`per_try_timeout` shorter than the service) are its clients' aborts,
+/// not its own: the destination, whose answers then hit a stopped stream within a second of each
+/// opening, must not throttle or close the peer for them (issue 17 item 4, the HTTP path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_abandoned_at_the_per_try_timeout_do_not_throttle_the_peer() {
+    let routes = "http_routes:
+  - name: impatient
+    service: reviews.shop
+    rules:
+      - backends: [{ subset: { version: v1 } }]
+        per_try_timeout: 20ms
+";
+    let (m, listen, _b) = reviews_mesh_with(routes, backend_mode("v1", "delay50"), backend("v2")).await;
+    let abandoned =
+        || metric(&m.gw(0).metrics_text(), "causeway_http_requests_total", &[("code", "504")]).unwrap_or(0.0);
+    // At least two batches of the rule (2 × 500 streams), however slow the machine is today.
+    let mut report = String::new();
+    for _ in 0..10 {
+        if abandoned() >= 1000.0 {
+            break;
+        }
+        let url = format!("http://{listen}/");
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("wrk").args(["-t", "1", "-c", "16", "-d", "2s", "--timeout", "2s", &url]).output().unwrap()
+        })
+        .await
+        .unwrap();
+        report = String::from_utf8_lossy(&out.stdout).to_string();
+    }
+    let t = m.gw(1).metrics_text();
+    eprintln!("per_try_timeout 20 ms on a 50 ms service: {} attempts abandoned\n{report}", abandoned());
+    assert_eq!(metric(&t, "causeway_peer_throttles_total", &[]), None, "the honest peer was throttled:\n{t}");
+    assert!(abandoned() >= 1000.0, "only {} attempts were abandoned: the test did not exercise the rule", abandoned());
+    assert_eq!(metric(&t, "causeway_peer_abuse_closes_total", &[]), None);
+    // The link is intact: a route without the impatient rule's deadline still answers.
+    assert!(m.wait_routes(0, "reviews.shop", 2).await);
+    m.shutdown().await;
+}

@@ -3,7 +3,7 @@
 //! checked against a reference model of where each service may be served.
 //!
 //! CI runs a 12-zone fleet. The 200-zone, 5,000-service figures of BENCHMARKS.md come from
-//! `CAUSEWAY_SIM_FULL=1 cargo test --release -p causeway-tests --test sim -- --nocapture`.
+//! `CAUSEWAY_SIM_FULL=1 cargo test --release -p causeway-tests --test sim fleet_report -- --nocapture`.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -77,6 +77,7 @@ fn a_blackhole_shorter_than_the_close_timeout_costs_no_connection() {
     let mut f = converged(11);
     let n = f.cfg.zones;
     let (left, right): (Vec<usize>, Vec<usize>) = (0..n).partition(|z| *z < n / 2);
+    let lost = f.report.disconnects;
     f.partition(&left, &right, true);
     f.run_until(f.now() + Duration::from_secs(2));
     f.partition(&left, &right, false);
@@ -84,6 +85,7 @@ fn a_blackhole_shorter_than_the_close_timeout_costs_no_connection() {
     // least the backoff).
     let t = f.settle(Duration::from_secs(2)).unwrap_or_else(|v| panic!("{v:#?}"));
     eprintln!("2 s blackhole: routes back {:.0} ms after it ended", ms(t));
+    assert_eq!(f.report.disconnects, lost, "a connection was given up during a 2 s blackhole");
 }
 
 #[test]

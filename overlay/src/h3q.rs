@@ -124,10 +124,13 @@ async fn demux_uni(
                 return;
             };
             if first[..len] == REVERSE_UNI_PREFIX {
-                let _ = rev.send(RecvStream::new(recv, None, StreamKind::Unidirectional, ctx)).await;
+                let stream = RecvStream::new(recv, None, StreamKind::Unidirectional, ctx, ErrorCode::H3_NO_ERROR);
+                let _ = rev.send(stream).await;
             } else {
                 let prefix = Bytes::copy_from_slice(&first[..len]);
-                let _ = fwd.send(RecvStream::new(recv, Some(prefix), StreamKind::Unidirectional, ctx)).await;
+                let stream =
+                    RecvStream::new(recv, Some(prefix), StreamKind::Unidirectional, ctx, ErrorCode::H3_NO_ERROR);
+                let _ = fwd.send(stream).await;
             }
         });
     }
@@ -197,7 +200,7 @@ impl quic::Connection<Bytes> for Session {
         let (send, recv) = res.map_err(conn_err)?;
         Poll::Ready(Ok(BidiStream {
             send: SendStream::new(send, Some(ErrorCode::FLOW_BACKEND_RESET)),
-            recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone()),
+            recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone(), ErrorCode::H3_NO_ERROR),
         }))
     }
 
@@ -262,7 +265,7 @@ impl quic::OpenStreams<Bytes> for Opener {
         let (send, recv) = res.map_err(stream_conn_err)?;
         Poll::Ready(Ok(BidiStream {
             send: SendStream::new(send, Some(ErrorCode::FLOW_CLIENT_RESET)),
-            recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone()),
+            recv: RecvStream::new(recv, None, StreamKind::Request, self.ctx.clone(), ErrorCode::FLOW_CLIENT_RESET),
         }))
     }
 
@@ -285,12 +288,28 @@ impl Clone for Opener {
     }
 }
 
-type ReadFut = ReusableBoxFuture<'static, (quinn::RecvStream, Result<Option<quinn::Chunk>, quinn::ReadError>)>;
+type ReadFut = ReusableBoxFuture<'static, (Guarded, Result<Option<quinn::Chunk>, quinn::ReadError>)>;
+
+/// The quinn stream with the code it is stopped with when dropped — also while a read holds it
+/// (then it lives in the read's future; quinn alone would stop it with 0, which is no HTTP/3 code).
+struct Guarded {
+    stream: quinn::RecvStream,
+    code: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Refused (and harmless) when the stream was read to its end or stopped already.
+        let _ = self.stream.stop(varint(self.code.load(std::sync::atomic::Ordering::Relaxed)));
+    }
+}
 
 pub struct RecvStream {
     /// Bytes the demultiplexer already read (the stream type), handed out first.
     prefix: Option<Bytes>,
-    stream: Option<quinn::RecvStream>,
+    stream: Option<Guarded>,
+    /// The stop code of `stream` (shared with it while a read holds it).
+    stop_code: Arc<std::sync::atomic::AtomicU64>,
     id: StreamId,
     reading: Option<ReadFut>,
     guard: FrameGuard,
@@ -310,9 +329,31 @@ impl GuardCtx {
 }
 
 impl RecvStream {
-    fn new(stream: quinn::RecvStream, prefix: Option<Bytes>, kind: StreamKind, ctx: Arc<GuardCtx>) -> Self {
+    /// `dropped`: the code the stream is stopped with when dropped before its end — H3_NO_ERROR
+    /// for an answer's request side (RFC 9114 §4.1.1: the response is complete), `FLOW_CLIENT_RESET`
+    /// for the response side of a request we opened (we went away: the peer must not count it as
+    /// its own rapid reset, `SPEC.md` §5.6).
+    fn new(
+        stream: quinn::RecvStream,
+        prefix: Option<Bytes>,
+        kind: StreamKind,
+        ctx: Arc<GuardCtx>,
+        dropped: ErrorCode,
+    ) -> Self {
         let id = stream_id(stream.id());
-        Self { prefix, stream: Some(stream), id, reading: None, guard: FrameGuard::new(kind), ctx }
+        let stop_code = Arc::new(std::sync::atomic::AtomicU64::new(dropped.0));
+        let stream = Some(Guarded { stream, code: stop_code.clone() });
+        Self { prefix, stream, stop_code, id, reading: None, guard: FrameGuard::new(kind), ctx }
+    }
+
+    /// Stops the stream with `code` now: directly, or by dropping a pending read that holds it.
+    fn stop_with(&mut self, code: u64) {
+        self.stop_code.store(code, std::sync::atomic::Ordering::Relaxed);
+        if let Some(g) = self.stream.as_mut() {
+            let _ = g.stream.stop(varint(code));
+        }
+        self.stream = None;
+        self.reading = None;
     }
 
     /// Passes `data` through the frame guard; refuses the stream (or, for the control stream, the
@@ -327,23 +368,8 @@ impl RecvStream {
         if o.control {
             self.ctx.conn.close(varint(Code::H3_EXCESSIVE_LOAD.value()), b"HTTP/3 frame over the limit");
         }
-        if let Some(s) = self.stream.as_mut() {
-            let _ = s.stop(varint(Code::H3_EXCESSIVE_LOAD.value()));
-        }
-        self.stream = None;
-        self.reading = None;
+        self.stop_with(Code::H3_EXCESSIVE_LOAD.value());
         Err(StreamErrorIncoming::StreamTerminated { error_code: Code::H3_EXCESSIVE_LOAD.value() })
-    }
-}
-
-impl Drop for RecvStream {
-    /// A request stream dropped before its end asks the peer to stop with H3_NO_ERROR (RFC 9114
-    /// §4.1.1), not quinn's default code 0, which is no HTTP/3 code. A stream read to its end or
-    /// stopped with a code of ours already is left alone (quinn refuses a second stop).
-    fn drop(&mut self) {
-        if let Some(s) = self.stream.as_mut() {
-            let _ = s.stop(varint(Code::H3_NO_ERROR.value()));
-        }
     }
 }
 
@@ -360,10 +386,10 @@ impl quic::RecvStream for RecvStream {
             self.check(&p)?;
             return Poll::Ready(Ok(Some(p)));
         }
-        if let Some(mut stream) = self.stream.take() {
+        if let Some(mut g) = self.stream.take() {
             let fut = async move {
-                let r = stream.read_chunk(usize::MAX, true).await;
-                (stream, r)
+                let r = g.stream.read_chunk(usize::MAX, true).await;
+                (g, r)
             };
             match &mut self.reading {
                 Some(f) => f.set(fut),
@@ -383,9 +409,7 @@ impl quic::RecvStream for RecvStream {
     }
 
     fn stop_sending(&mut self, error_code: u64) {
-        if let Some(s) = self.stream.as_mut() {
-            let _ = s.stop(varint(error_code));
-        }
+        self.stop_with(error_code);
     }
 
     fn recv_id(&self) -> StreamId {

@@ -642,9 +642,26 @@ impl Mesh {
             .collect();
         out.exports_changed = exports.len() != current.len()
             || exports.iter().any(|(n, s)| current.get(n).is_none_or(|c| !Arc::ptr_eq(c, s)));
+        // Exports named by host have no addresses until a round resolves them: one at once for
+        // those that are new (or changed), rather than at the next tick.
+        let unresolved: Vec<Arc<LocalService>> = exports
+            .values()
+            .filter(|s| current.get(&s.export.name).is_none_or(|c| !Arc::ptr_eq(c, s)))
+            .filter(|s| s.export.endpoints.iter().any(|e| matches!(e, Endpoint::Name { .. })))
+            .cloned()
+            .collect();
         *self.0.exports.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(exports);
         if out.exports_changed {
             self.republish();
+        }
+        if !unresolved.is_empty() {
+            let (mesh, timing) = (self.clone(), self.0.timing);
+            tokio::spawn(async move {
+                for svc in &unresolved {
+                    health_round(svc, timing).await;
+                }
+                mesh.republish();
+            });
         }
         out
     }
@@ -997,6 +1014,8 @@ async fn health_round(svc: &LocalService, timing: Timing) -> bool {
             }
         }
     }
+    // In a stable order: a resolver that rotates its records (CoreDNS `loadbalance`) is no change.
+    addrs.sort();
     let mut seen = HashSet::new();
     addrs.retain(|(a, _)| seen.insert(*a));
     let checks = addrs.iter().map(|(addr, _)| async move {

@@ -63,9 +63,9 @@ const BATCH_BYTES: usize = 256 * 1024;
 
 /// Where a flow's bytes go.
 pub trait ByteSink: Send {
-    fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), ()>> + Send;
+    fn send(&mut self, data: Bytes) -> impl Future<Output = Result<(), Failed>> + Send;
     /// Sends every chunk of `batch` in order, leaving it empty.
-    fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> impl Future<Output = Result<(), ()>> + Send {
+    fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> impl Future<Output = Result<(), Failed>> + Send {
         async move {
             for chunk in batch.drain(..) {
                 self.send(chunk).await?;
@@ -74,7 +74,7 @@ pub trait ByteSink: Send {
         }
     }
     /// End of stream: QUIC FIN or TCP FIN (half-close).
-    fn finish(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
+    fn finish(&mut self) -> impl Future<Output = Result<(), Failed>> + Send;
     /// Ends the stream with an error (RESET_STREAM, or a TCP reset).
     fn abort(&mut self, code: ErrorCode);
 }
@@ -87,11 +87,11 @@ pub type ServerRecv = h3::server::RequestStream<h3q::RecvStream, Bytes>;
 macro_rules! impl_h3 {
     ($send:ty, $recv:ty) => {
         impl ByteSink for $send {
-            async fn send(&mut self, data: Bytes) -> Result<(), ()> {
-                h3q::send_data_zero_copy(&data.clone(), self.send_data(data)).await.map_err(|_| ())
+            async fn send(&mut self, data: Bytes) -> Result<(), Failed> {
+                h3q::send_data_zero_copy(&data.clone(), self.send_data(data)).await.map_err(|e| Failed::from_h3(&e))
             }
-            async fn finish(&mut self) -> Result<(), ()> {
-                <$send>::finish(self).await.map_err(|_| ())
+            async fn finish(&mut self) -> Result<(), Failed> {
+                <$send>::finish(self).await.map_err(|e| Failed::from_h3(&e))
             }
             fn abort(&mut self, code: ErrorCode) {
                 self.stop_stream(Code::from(code.0));
@@ -192,14 +192,14 @@ impl ByteSource for TcpSource {
 }
 
 impl ByteSink for TcpSink {
-    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
-        let half = self.half.as_mut().ok_or(())?;
-        half.write_all(&data).await.map_err(|_| ())
+    async fn send(&mut self, data: Bytes) -> Result<(), Failed> {
+        let half = self.half.as_mut().ok_or(Failed::LOST)?;
+        half.write_all(&data).await.map_err(|_| Failed::LOST)
     }
 
     /// One `writev` for as many chunks as the socket takes.
-    async fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> Result<(), ()> {
-        let half = self.half.as_mut().ok_or(())?;
+    async fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> Result<(), Failed> {
+        let half = self.half.as_mut().ok_or(Failed::LOST)?;
         let mut first = 0;
         while first < batch.len() {
             // The slices live only inside the poll, not in the flow's future.
@@ -212,9 +212,9 @@ impl ByteSink for TcpSink {
                 tokio::io::AsyncWrite::poll_write_vectored(std::pin::Pin::new(&mut *half), cx, &slices[..n])
             })
             .await
-            .map_err(|_| ())?;
+            .map_err(|_| Failed::LOST)?;
             if written == 0 {
-                return Err(());
+                return Err(Failed::LOST);
             }
             while written > 0 {
                 let len = batch[first].len();
@@ -231,9 +231,9 @@ impl ByteSink for TcpSink {
         Ok(())
     }
 
-    async fn finish(&mut self) -> Result<(), ()> {
-        let half = self.half.as_mut().ok_or(())?;
-        half.shutdown().await.map_err(|_| ())
+    async fn finish(&mut self) -> Result<(), Failed> {
+        let half = self.half.as_mut().ok_or(Failed::LOST)?;
+        half.shutdown().await.map_err(|_| Failed::LOST)
     }
 
     fn abort(&mut self, _code: ErrorCode) {
@@ -274,12 +274,12 @@ impl ByteSource for PipeSource {
 }
 
 impl ByteSink for PipeSink {
-    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
-        self.0.as_mut().ok_or(())?.write_all(&data).await.map_err(|_| ())
+    async fn send(&mut self, data: Bytes) -> Result<(), Failed> {
+        self.0.as_mut().ok_or(Failed::LOST)?.write_all(&data).await.map_err(|_| Failed::LOST)
     }
 
-    async fn finish(&mut self) -> Result<(), ()> {
-        self.0.as_mut().ok_or(())?.shutdown().await.map_err(|_| ())
+    async fn finish(&mut self) -> Result<(), Failed> {
+        self.0.as_mut().ok_or(Failed::LOST)?.shutdown().await.map_err(|_| Failed::LOST)
     }
 
     /// A pipe has no reset: this end is let go, and the other end sees the pipe close once the
@@ -353,10 +353,10 @@ impl Counters {
     }
 }
 
-/// Which end of one direction failed.
+/// Which end of one direction failed, and how (the peer's code, when it sent one).
 enum End {
     Source(Failed),
-    Sink,
+    Sink(Failed),
 }
 
 async fn pump<S: ByteSource, K: ByteSink>(
@@ -369,7 +369,7 @@ async fn pump<S: ByteSource, K: ByteSink>(
     loop {
         let first = match src.recv().await {
             Ok(Some(chunk)) => chunk,
-            Ok(None) => return sink.finish().await.map_err(|_| End::Sink),
+            Ok(None) => return sink.finish().await.map_err(End::Sink),
             Err(f) => return Err(End::Source(f)),
         };
         // Gather what has already arrived, without waiting for more.
@@ -390,11 +390,11 @@ async fn pump<S: ByteSource, K: ByteSink>(
                 None => break,
             }
         }
-        sink.send_batch(&mut batch).await.map_err(|_| End::Sink)?;
+        sink.send_batch(&mut batch).await.map_err(End::Sink)?;
         *total += n as u64;
         counter.increment(n as u64);
         if ended {
-            return sink.finish().await.map_err(|_| End::Sink);
+            return sink.finish().await.map_err(End::Sink);
         }
     }
 }
@@ -429,15 +429,16 @@ where
     let res = {
         // Err(Some(code)): the client's side failed (with the reset code it sent, if any);
         // Err(None): the upstream's.
+        // (The client's side fails as a source — a reset — or as a sink — a STOP_SENDING.)
         let up_dir = async {
             pump(c_src, u_sink, &counters.up, &mut up).await.map_err(|e| match e {
                 End::Source(f) => Some(f.code),
-                End::Sink => None,
+                End::Sink(_) => None,
             })
         };
         let down_dir = async {
             pump(u_src, c_sink, &counters.down, &mut down).await.map_err(|e| match e {
-                End::Sink => Some(None),
+                End::Sink(f) => Some(f.code),
                 End::Source(_) => None,
             })
         };

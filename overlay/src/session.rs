@@ -140,7 +140,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec, stop: tokio_util::sync
                 tokio::select! {
                     r = &mut attempt => return r.unwrap_or_else(|e| Err(e.to_string())),
                     _ = &mut changed => {
-                        if !replace && mesh.conns().contains_key(&spec.id) {
+                        if !replace && dial_loses(&mesh, &spec.id) {
                             // Abandoned, not dropped: a dropped handshake closes with code 0,
                             // which the peer — whose side of it may be complete — cannot tell
                             // from a failure. It is finished and closed as the duplicate it is.
@@ -181,6 +181,16 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec, stop: tokio_util::sync
             return;
         }
     }
+}
+
+/// Whether a dial still in progress would lose the tie-break against the connection now
+/// registered for `peer` (then it is abandoned; otherwise it completes and replaces that one).
+fn dial_loses(mesh: &Mesh, peer: &Identity) -> bool {
+    let up = mesh.routes().peer(peer).is_some_and(|e| e.state == crate::routes::PeerState::Up);
+    let conns = mesh.conns();
+    let Some(old) = conns.get(peer).filter(|c| c.conn.close_reason().is_none()) else { return false };
+    let existing = tiebreak::Existing { up, dialed: old.dialed, rotated: false };
+    tiebreak::decide(Some(existing), true, mesh.0.identity < *peer) == tiebreak::Decision::KeepExisting
 }
 
 /// Sleeps, or returns false at once when stopped.
@@ -632,9 +642,11 @@ async fn serve_requests(
                     return;
                 }
                 Ok(Err(e)) => {
-                    // Reset before its headers completed, or malformed: the peer's doing.
+                    // Reset before its headers completed, or malformed: the peer's doing — unless
+                    // it relayed its own client's abort.
                     tracing::debug!(error = %e, "request.malformed");
-                    tally_stream(&mesh, &conn, &peer, &rules, opened, StreamEnd::ResetByPeer);
+                    let how = crate::relay::Failed::from_h3(&e).stream_end();
+                    tally_stream(&mesh, &conn, &peer, &rules, opened, how);
                     return;
                 }
             };
@@ -744,7 +756,7 @@ async fn send<S: ByteSink>(tx: &mut S, out: &mut BytesMut) -> Result<(), Session
     }
     tx.send(out.split().freeze())
         .await
-        .map_err(|()| SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, "control stream write failed"))
+        .map_err(|_| SessionEnd::quiet(ErrorCode::PROTOCOL_VIOLATION, "control stream write failed"))
 }
 
 async fn control_loop<S: ByteSink, R: ByteSource>(
@@ -762,6 +774,9 @@ async fn control_loop<S: ByteSink, R: ByteSource>(
             let _ = tokio::time::timeout(Duration::from_millis(200), send(tx, &mut out)).await;
         }
     }
+    // The control stream ends cleanly (a FIN, bounded): dropped unfinished it would be reset, and
+    // the peer would throw away the Error just sent and see a protocol violation.
+    let _ = tokio::time::timeout(Duration::from_millis(200), tx.finish()).await;
     end
 }
 

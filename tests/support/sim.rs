@@ -166,6 +166,8 @@ pub struct Report {
     /// Route changes per (gateway, service), the largest.
     pub max_route_changes: u64,
     pub route_entries: u64,
+    /// Connections given up (by liveness or a decode failure), counted once per pair.
+    pub disconnects: u64,
 }
 
 pub struct Fleet {
@@ -375,6 +377,9 @@ impl Fleet {
 
     /// Ends the connection of a pair at both sides (a close, or a side that died).
     fn disconnect(&mut self, a: usize, b: usize) {
+        if self.conns.contains_key(&(a, b)) || self.conns.contains_key(&(b, a)) {
+            self.report.disconnects += 1;
+        }
         for (x, y) in [(a, b), (b, a)] {
             self.conns.remove(&(x, y));
             if self.gws[x].sessions.remove(&y).is_some() {
