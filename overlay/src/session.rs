@@ -140,7 +140,7 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec, stop: tokio_util::sync
                 tokio::select! {
                     r = &mut attempt => return r.unwrap_or_else(|e| Err(e.to_string())),
                     _ = &mut changed => {
-                        if !replace && dial_loses(&mesh, &spec.id) {
+                        if !replace && mesh.conns().contains_key(&spec.id) {
                             // Abandoned, not dropped: a dropped handshake closes with code 0,
                             // which the peer — whose side of it may be complete — cannot tell
                             // from a failure. It is finished and closed as the duplicate it is.
@@ -181,16 +181,6 @@ pub(crate) async fn dial_loop(mesh: Mesh, spec: PeerSpec, stop: tokio_util::sync
             return;
         }
     }
-}
-
-/// Whether a dial still in progress would lose the tie-break against the connection now
-/// registered for `peer` (then it is abandoned; otherwise it completes and replaces that one).
-fn dial_loses(mesh: &Mesh, peer: &Identity) -> bool {
-    let up = mesh.routes().peer(peer).is_some_and(|e| e.state == crate::routes::PeerState::Up);
-    let conns = mesh.conns();
-    let Some(old) = conns.get(peer).filter(|c| c.conn.close_reason().is_none()) else { return false };
-    let existing = tiebreak::Existing { up, dialed: old.dialed, rotated: false };
-    tiebreak::decide(Some(existing), true, mesh.0.identity < *peer) == tiebreak::Decision::KeepExisting
 }
 
 /// Sleeps, or returns false at once when stopped.
