@@ -186,8 +186,9 @@ async fn status_shows_a_running_gateways_peers_and_routes() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("in zone \"a\""), "{stdout}");
     let peer_line = stdout.lines().find(|l| l.contains(m.ids[1].as_str())).expect("peer b listed");
-    assert!(peer_line.contains(" b ") && peer_line.contains("up"), "{peer_line}");
+    assert!(peer_line.starts_with("b ") && peer_line.contains(" up "), "{peer_line}");
+    // Served in b (one healthy endpoint); new traffic goes to b.
     let route = stdout.lines().find(|l| l.starts_with("echo.test")).expect("echo.test listed");
-    assert!(route.contains(m.ids[1].as_str()), "{route}");
+    assert!(route.contains("b(1)") && route.trim_end().ends_with(" b"), "{route}");
     m.shutdown().await;
 }

@@ -109,6 +109,14 @@ async fn a_peer_announcing_another_zone_is_refused() {
     assert_eq!(ErrorCode(code), ErrorCode::PEER_MISMATCH, "{reason}");
     assert_still_serving(&m, listen, ErrorCode::PEER_MISMATCH).await;
     // b's routes are as they were: echo.test is still local to b only and a is still up.
-    assert_eq!(m.gw(0).mesh.peers_json()["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "up").count(), 1);
+    assert_eq!(
+        causeway::admin::peers_json(&m.gw(0).mesh)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["state"] == "up")
+            .count(),
+        1
+    );
     m.shutdown().await;
 }

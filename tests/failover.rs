@@ -84,7 +84,7 @@ async fn a_draining_gateway_finishes_open_flows_while_new_ones_go_elsewhere() {
     let drained = tokio::spawn(async move { b.drain(Duration::from_secs(5)).await });
     // The goodbye reaches a at once: the next new flow goes to c.
     assert!(
-        eventually(Duration::from_secs(2), || m.gw(0).mesh.peers_json()["peers"]
+        eventually(Duration::from_secs(2), || causeway::admin::peers_json(&m.gw(0).mesh)["peers"]
             .as_array()
             .unwrap()
             .iter()

@@ -71,7 +71,7 @@ async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly(
     // The event: a declares b down.
     assert!(
         eventually(Duration::from_secs(2), || m.gw(0).mesh.peer_state(&m.ids[1])
-            != causeway_overlay::routes::PeerState::Up)
+            != causeway_overlay::core::route_table::PeerState::Up)
         .await
     );
     let detected = stopped.elapsed();
@@ -88,9 +88,9 @@ async fn a_stopped_gateway_is_routed_around_within_a_second_and_rejoins_cleanly(
     b.signal("CONT");
     // b re-peers: one connection per pair, and a's catalog has echo.test once per zone.
     assert!(m.wait_routes(0, "echo.test", 2).await, "b never came back");
-    let peers = m.gw(0).mesh.peers_json();
+    let peers = causeway::admin::peers_json(&m.gw(0).mesh);
     assert_eq!(peers["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "up").count(), 2);
-    let services = m.gw(0).mesh.services_json();
+    let services = causeway::admin::services_json(&m.gw(0).mesh);
     let offers = services["services"][0]["offers"].as_array().unwrap();
     assert_eq!(offers.len(), 2, "duplicate catalog entries: {offers:?}");
     assert_eq!(echo_flow(listen, b"z").await.unwrap().0, "b");
@@ -173,7 +173,7 @@ async fn sigterm_drains_open_flows_and_exits_0_before_the_deadline() {
     // New flows go elsewhere at once (b said goodbye).
     assert!(
         eventually(Duration::from_secs(1), || m.gw(0).mesh.peer_state(&m.ids[1])
-            != causeway_overlay::routes::PeerState::Up)
+            != causeway_overlay::core::route_table::PeerState::Up)
         .await
     );
     assert_eq!(echo_flow(listen, b"new").await.unwrap().0, "c");

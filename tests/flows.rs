@@ -94,7 +94,7 @@ async fn a_thousand_concurrent_flows_over_one_gateway_pair() {
         tokio::time::timeout(Duration::from_secs(30), t).await.unwrap().unwrap().unwrap();
     }
     // One QUIC connection carried all of them.
-    let peers = m.gw(0).mesh.peers_json();
+    let peers = causeway::admin::peers_json(&m.gw(0).mesh);
     assert_eq!(peers["peers"].as_array().unwrap().len(), 1);
     assert!(
         eventually(Duration::from_secs(5), || {
@@ -138,7 +138,9 @@ async fn simultaneous_dials_converge_to_one_connection_per_pair() {
         tokio::join!(m.specs[0].start(&m.pki.dir), m.specs[1].start(&m.pki.dir), m.specs[2].start(&m.pki.dir));
     m.gateways = vec![Some(a.unwrap()), Some(b.unwrap()), Some(c.unwrap())];
     let all_up = |m: &TestMesh| {
-        (0..3).all(|i| m.gw(i).mesh.peers_json()["peers"].as_array().unwrap().iter().all(|p| p["state"] == "up"))
+        (0..3).all(|i| {
+            causeway::admin::peers_json(&m.gw(i).mesh)["peers"].as_array().unwrap().iter().all(|p| p["state"] == "up")
+        })
     };
     assert!(eventually(Duration::from_secs(10), || all_up(&m)).await, "mesh never came up");
     // Each pair agrees on one connection: what a sees as b's address is b's overlay port and the
@@ -148,8 +150,8 @@ async fn simultaneous_dials_converge_to_one_connection_per_pair() {
             if i == j {
                 continue;
             }
-            let pi = m.gw(i).mesh.peers_json();
-            let pj = m.gw(j).mesh.peers_json();
+            let pi = causeway::admin::peers_json(&m.gw(i).mesh);
+            let pj = causeway::admin::peers_json(&m.gw(j).mesh);
             let find = |p: &serde_json::Value, id: &str| {
                 p["peers"].as_array().unwrap().iter().find(|x| x["id"] == id).cloned().unwrap()
             };
@@ -168,7 +170,7 @@ async fn simultaneous_dials_converge_to_one_connection_per_pair() {
     let roles = |m: &TestMesh| -> Vec<serde_json::Value> {
         (0..3)
             .flat_map(|i| {
-                m.gw(i).mesh.peers_json()["peers"]
+                causeway::admin::peers_json(&m.gw(i).mesh)["peers"]
                     .as_array()
                     .unwrap()
                     .iter()
@@ -278,7 +280,10 @@ async fn a_peer_named_by_host_is_resolved_at_each_dial() {
     assert!(m.wait_routes(0, "echo.test", 1).await, "a never reached b by name");
     let listen = m.gw(0).import_addr("echo.test").unwrap();
     assert_eq!(echo_flow(listen, b"by name").await.unwrap().0, "b");
-    assert_eq!(m.gw(0).mesh.peers_json()["peers"][0]["address"], format!("localhost:{}", m.addrs[1].port()));
+    assert_eq!(
+        causeway::admin::peers_json(&m.gw(0).mesh)["peers"][0]["address"],
+        format!("localhost:{}", m.addrs[1].port())
+    );
     m.shutdown().await;
 }
 
@@ -330,7 +335,7 @@ async fn a_service_that_recovers_alone_after_a_two_service_round_is_routed_again
     c.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"pong");
     // Both sides agree on the catalog version (the peer is not ahead of the sender).
-    let peers = m.gw(0).mesh.peers_json();
+    let peers = causeway::admin::peers_json(&m.gw(0).mesh);
     let held = peers["peers"].as_array().unwrap().iter().find_map(|p| p["catalog_version"].as_u64()).unwrap();
     assert_eq!(held, m.gw(1).mesh.catalog_version(), "{peers}");
     m.shutdown().await;

@@ -351,7 +351,7 @@ async fn flows_that_would_loop_back_into_a_gateway_are_refused_on_the_first_repe
     assert!(
         m.wait_routes(0, "loop.test", 1).await,
         "a never learned loop.test: {}\n{}",
-        m.gw(0).mesh.services_json(),
+        causeway::admin::services_json(&m.gw(0).mesh),
         m.gw(1).metrics_text()
     );
     for listen in [loop_listen, self_listen] {
@@ -537,7 +537,7 @@ async fn clients_that_abort_do_not_cut_their_zones_link() {
                 s.write_all(&payload(16, i)).await.unwrap();
                 // Long enough for the gateway to have opened the flow, then RST.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                causeway_overlay::relay::abort(s);
+                causeway_overlay::flow::relay::abort(s);
             })
         })
         .collect();
@@ -548,7 +548,7 @@ async fn clients_that_abort_do_not_cut_their_zones_link() {
     for i in 0..50u64 {
         let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
         s.write_all(&payload(512, 1000 + i)).await.unwrap();
-        causeway_overlay::relay::abort(s);
+        causeway_overlay::flow::relay::abort(s);
     }
     let short: Vec<_> =
         (0..300).map(|i| tokio::spawn(async move { echo_flow(listen, &payload(64, i)).await })).collect();

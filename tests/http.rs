@@ -154,7 +154,7 @@ async fn requests_from_jason_reach_v2_in_another_zone_and_all_others_v1() {
     // (Lines of the other test in this binary are told apart by route and path.)
     let out = access_lines(200, |l| l.get("direction") == "outbound" && l.get("route") == "reviews-by-user").await;
     assert_eq!(out.len(), 200);
-    assert!(out.iter().all(|l| l.get("complete") == "true" && l.get("bytes_out") == "3"), "{:?}", out[0]);
+    assert!(out.iter().all(|l| l.get("outcome") == "complete" && l.get("bytes_down") == "3"), "{:?}", out[0]);
     let lines: Vec<_> = access_log().into_iter().filter(|l| l.get("kind") == "http").collect();
     let inbound_west: Vec<_> = lines
         .iter()

@@ -40,7 +40,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     // The real peer is still served.
     let (banner, _) = echo_flow(listen, b"still here").await.unwrap();
     assert_eq!(banner, "b");
-    assert_eq!(m.gw(1).mesh.peers_json()["peers"][0]["state"], "up");
+    assert_eq!(causeway::admin::peers_json(&m.gw(1).mesh)["peers"][0]["state"], "up");
     m.shutdown().await;
 }
 
@@ -83,7 +83,7 @@ async fn a_dialing_gateway_refuses_a_peer_presenting_another_identity() {
     m.specs[1].tls = m.pki.issue("b-wrong", &wrong, Validity::for_duration(Duration::from_secs(3600))).unwrap();
     m.start_all().await.unwrap();
     assert!(eventually(Duration::from_secs(5), || refusals(&m, 0, "unexpected_identity") >= 1.0).await);
-    assert_eq!(m.gw(0).mesh.peers_json()["peers"][0]["state"], "down");
+    assert_eq!(causeway::admin::peers_json(&m.gw(0).mesh)["peers"][0]["state"], "down");
     m.shutdown().await;
 }
 

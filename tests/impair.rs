@@ -183,7 +183,7 @@ async fn fifty_handshakes_complete_through_thirty_percent_loss() {
 /// A peer connection outlives its path: when the path's RTT grows (0 → 50 ms here), the congestion
 /// window must grow with it. quinn 0.11's BBR alone keeps the window sized for the shortest RTT the
 /// connection ever saw and throughput collapses (cwnd ~113 KiB here, ~0.02 Gbit/s in the
-/// benchmarks); `PathBbr` (overlay/src/congestion.rs) re-sizes it from the path's minimum RTT.
+/// benchmarks); `PathBbr` (overlay/src/transport/congestion.rs) re-sizes it from the path's minimum RTT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_congestion_window_follows_a_path_that_gets_longer() {
     let (m, relay, listen) = via_relay(Impairment::default(), 11).await;
@@ -214,4 +214,49 @@ async fn the_congestion_window_follows_a_path_that_gets_longer() {
     let path_min = metric(&t, "causeway_peer_path_min_rtt_seconds", &labels).unwrap_or(0.0);
     assert!((0.045..0.2).contains(&path_min), "path min RTT {path_min}");
     no_reconnects(&m);
+}
+
+/// Per-peer path telemetry from the transport: through 5 % random loss each way, the loss metric
+/// of the connection carrying a transfer reads 3–7 %, its counters move, and `/peers` shows the
+/// same path. The ratio is read while the transfer runs (an idle connection's pings make a
+/// noisier window: 200 packets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_peer_loss_metric_reads_the_paths_loss() {
+    let imp = Impairment { loss: 0.05, burst: 1, delay: Duration::from_millis(1), ..Default::default() };
+    let (m, relay, listen) = via_relay(imp, 7).await;
+    // 24 MiB, paced to take a few seconds: several windows of thousands of packets.
+    let transfer = tokio::spawn(paced_transfer(listen, 24 << 20, 7, Duration::from_millis(150)));
+    let labels = [("peer", m.ids[1].as_str())];
+    let ratio = || metric(&m.gw(0).metrics_text(), "causeway_peer_loss_ratio", &labels);
+    // The first window of the transfer closes, then a few more.
+    assert!(eventually(Duration::from_secs(10), || ratio().is_some()).await, "no loss window closed");
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        if let Some(r) = ratio() {
+            seen.push(r);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    transfer.await.unwrap();
+    let (fwd, dropped, _, _) = relay.up.get();
+    let offered = dropped as f64 / (fwd + dropped) as f64;
+    assert!(!seen.is_empty(), "no loss ratio while the transfer ran");
+    let mid = seen[seen.len() / 2];
+    eprintln!("loss ratio while transferring: {seen:?}; the relay dropped {offered:.4} of datagrams upward");
+    assert!((0.03..=0.07).contains(&mid), "loss ratio {seen:?} (the relay dropped {offered:.3} upward)");
+    let t = m.gw(0).metrics_text();
+    let count = |name: &str| metric(&t, name, &labels).unwrap_or(0.0);
+    let (sent, lost) = (count("causeway_peer_sent_packets_total"), count("causeway_peer_lost_packets_total"));
+    assert!(sent > 10_000.0 && lost > 0.0, "sent {sent}, lost {lost}");
+    assert!(count("causeway_peer_congestion_events_total") >= 1.0, "{t}");
+    assert!(count("causeway_peer_sent_bytes_total") > (24 << 20) as f64, "{t}");
+    assert!(count("causeway_peer_received_bytes_total") > (24 << 20) as f64, "{t}");
+    let peers = causeway::admin::peers_json(&m.gw(0).mesh);
+    let path = &peers["peers"][0]["path"];
+    assert!(path["lost_packets"].as_u64().unwrap_or(0) > 0, "{peers}");
+    assert!(path["loss_ratio"].as_f64().is_some_and(|r| (0.0..0.2).contains(&r)), "{peers}");
+    assert!(path["cwnd_bytes"].as_u64().unwrap_or(0) > 0 && path["rtt_ms"].as_f64().is_some(), "{peers}");
+    assert_eq!(path["migrations"], 0);
+    no_reconnects(&m);
+    m.shutdown().await;
 }

@@ -15,7 +15,7 @@ fn config(m: &TestMesh, i: usize) -> causeway::config::Config {
 }
 
 fn route_count(m: &TestMesh, i: usize, service: &str) -> usize {
-    let s = m.gw(i).mesh.services_json();
+    let s = causeway::admin::services_json(&m.gw(i).mesh);
     s["services"]
         .as_array()
         .into_iter()
@@ -70,7 +70,7 @@ async fn exports_imports_and_peers_change_under_traffic_without_touching_other_f
     let removed = tokio::time::Instant::now();
     let r = m.gw(0).reload(&config(&m, 0)).await.unwrap();
     assert_eq!(r.peers_removed, 1);
-    let a_down_at_c = || m.gw(2).mesh.peer_state(&m.ids[0]) != causeway_overlay::routes::PeerState::Up;
+    let a_down_at_c = || m.gw(2).mesh.peer_state(&m.ids[0]) != causeway_overlay::core::route_table::PeerState::Up;
     assert!(eventually(Duration::from_secs(10), a_down_at_c).await, "c still up with a");
     let closed = removed.elapsed();
     assert_eq!(route_count(&m, 0, "echo.test"), 1);

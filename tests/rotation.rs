@@ -79,7 +79,7 @@ async fn leaf_rotation_under_long_flows_loses_no_byte_and_resets_no_flow() {
     let t = m.gw(0).metrics_text();
     assert_eq!(metric(&t, "causeway_flows_closed_total", &[("outcome", "reset")]), None, "a flow was reset");
     // Exactly one connection per pair remains in use, and the replaced ones have closed.
-    let peers = m.gw(0).mesh.peers_json();
+    let peers = causeway::admin::peers_json(&m.gw(0).mesh);
     assert_eq!(peers["peers"][0]["state"], "up");
     assert!(
         eventually(Duration::from_secs(5), || m.gw(0).mesh.open_connections() == 1).await,

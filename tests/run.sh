@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the suites use (network namespaces, iptables capture, real clients and servers).
-# Installed only when missing.
-debs=(iproute2 procps iptables curl redis-server redis-tools python3 haproxy wrk)
+# Installed only when missing. Chromium (headless) loads the admin topology page.
+debs=(iproute2 procps iptables curl redis-server redis-tools python3 haproxy wrk chromium)
 missing=()
 for p in "${debs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -40,6 +40,9 @@ fi
 # client.
 command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 python3 -c "import grpc, websockets, aioquic" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check grpcio websockets aioquic
+# A real OTLP receiver for the trace-export test: oteltest's sink decodes the protobuf requests
+# with the OpenTelemetry project's generated types.
+python3 -c "import oteltest.sink" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check oteltest
 
 # The process-level tests (kill -9, CLI) run the real binary.
 cargo build --bins
@@ -47,7 +50,7 @@ echo "== unit and property tests"
 cargo test --workspace --lib --bins
 cargo test -p causeway-protocol --test vectors
 echo "== integration tests (loopback meshes, gateway processes)"
-cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http --test http_protocols --test policy --test readme --test sim
+cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http --test http_protocols --test policy --test observability --test readme --test sim
 echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"
 cargo test -p causeway-tests --test netns
 echo "== fault suite (loss, bursts, reordering, duplication, corruption through the impairment relay)"

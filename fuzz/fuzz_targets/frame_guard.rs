@@ -1,6 +1,6 @@
 //! HTTP/3 stream bytes from a peer, as the frame guard sees them between quinn and h3.
 #![no_main]
-use causeway_overlay::frame_guard::{FrameGuard, StreamKind};
+use causeway_overlay::transport::frame_guard::{FrameGuard, StreamKind};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

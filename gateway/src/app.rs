@@ -186,7 +186,12 @@ impl Reloader {
             fixed("http3_clients", old.http3_clients != new.http3_clients),
             fixed("workloads", old.workloads != new.workloads),
             fixed("allowed_sources", old.allowed_sources != new.allowed_sources),
-            fixed("timing", d(&old.timing) != d(&new.timing) || ot.watch_interval != nt.watch_interval),
+            fixed(
+                "timing",
+                d(&old.timing) != d(&new.timing)
+                    || old.outlier_ejection != new.outlier_ejection
+                    || ot.watch_interval != nt.watch_interval,
+            ),
             // The memory budget applies live; every other limit is fixed at start.
             fixed(
                 "limits",
@@ -194,6 +199,7 @@ impl Reloader {
                     != causeway_overlay::Limits { memory_budget: None, ..new.limits },
             ),
             fixed("log", (old.log_format, &old.log_level) != (new.log_format, &new.log_level)),
+            fixed("tracing", old.tracing != new.tracing),
         ]
         .into_iter()
         .flatten()
@@ -254,7 +260,7 @@ impl Reloader {
         out.peers_removed = r.peers_removed;
         out.exports_changed = r.exports_changed;
         out.http_routes_changed = old.http_routes != new.http_routes;
-        self.http.reconfigure(new.http_routes.clone(), &self.mesh.endpoint_addrs());
+        self.http.reconfigure(new.http_settings(), &self.mesh.endpoint_addrs());
         out.authorization_changed = old.authorization != new.authorization;
         self.http.policy().replace(new.authorization.clone());
         self.mesh.set_client_allowlists(new.client_allowlists.clone());
@@ -326,6 +332,16 @@ impl Gateway {
         let handle = recorder.handle();
         let metrics = Metrics::new(Arc::new(recorder));
         crate::metrics::describe(&metrics);
+        // The policy exists before the mesh: a mesh cannot be built without its authorizer.
+        let identity = creds.identity().context("tls.cert")?;
+        let policy = crate::policy::Enforcer::new(
+            cfg.authorization.clone(),
+            &cfg.rate_limits,
+            cfg.rate_limit_store.as_ref(),
+            cfg.zone.as_str(),
+            identity.as_str(),
+            metrics.clone(),
+        );
         let mesh = Mesh::bind(MeshConfig {
             zone: cfg.zone.clone(),
             gateway: cfg.gateway.clone(),
@@ -343,23 +359,17 @@ impl Gateway {
             timing: cfg.timing,
             limits: cfg.limits,
             metrics,
+            authorizer: policy.clone(),
         })
         .context("listen.overlay")?;
+        let resource = [("causeway.zone", cfg.zone.to_string()), ("causeway.gateway", cfg.gateway.to_string())];
+        crate::telemetry::otlp::start(&cfg.tracing, mesh.metrics(), &resource).context("tracing.otlp")?;
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
 
-        let policy = crate::policy::Enforcer::new(
-            cfg.authorization.clone(),
-            &cfg.rate_limits,
-            cfg.rate_limit_store.as_ref(),
-            cfg.zone.as_str(),
-            mesh.identity().as_str(),
-            mesh.metrics().clone(),
-        );
-        mesh.set_authorizer(policy.clone());
-        let http = crate::http::Http::new(mesh.clone(), cfg.http_routes.clone(), policy);
-        let handler: Arc<dyn causeway_overlay::http::HttpHandler> = http.clone();
+        let http = crate::http::Http::new(mesh.clone(), cfg.http_settings(), policy);
+        let handler: Arc<dyn causeway_overlay::ports::HttpHandler> = http.clone();
         mesh.set_http_handler(&handler);
         let mut imports = Vec::new();
         for (i, imp) in cfg.imports.iter().enumerate() {

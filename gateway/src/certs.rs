@@ -128,7 +128,7 @@ pub fn load_ca_dir(dir: &Path) -> anyhow::Result<Ca> {
     let key_pem =
         std::fs::read_to_string(dir.join(CA_KEY)).with_context(|| format!("reading {}", dir.join(CA_KEY).display()))?;
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("CA certificate PEM")?;
-    let id = causeway_overlay::tls::spiffe_id_any(&der)
+    let id = causeway_overlay::transport::tls::spiffe_id_any(&der)
         .map_err(|r| anyhow::anyhow!("the CA certificate names no spiffe:// trust domain ({})", r.as_str()))?;
     Ok(Ca { cert_pem, key_pem, trust_domain: id.trust_domain() })
 }

@@ -294,7 +294,7 @@ pub async fn run(flows: usize, bytes: usize) -> anyhow::Result<bool> {
     let catalog_svc = causeway_protocol::ServiceName::new("catalog.shop")?;
     let t0 = Instant::now();
     let meshed = wait_until(Duration::from_secs(10), || {
-        let s = eu.mesh.services_json();
+        let s = crate::admin::services_json(&eu.mesh);
         let routes = |name: &str| {
             s["services"]
                 .as_array()
@@ -308,7 +308,7 @@ pub async fn run(flows: usize, bytes: usize) -> anyhow::Result<bool> {
     })
     .await;
     if !meshed {
-        bail!("the zones did not peer within 10 s: {}", eu.mesh.peers_json());
+        bail!("the zones did not peer within 10 s: {}", crate::admin::peers_json(&eu.mesh));
     }
     println!(
         "mesh up in {:.0} ms: eu peers with us and ap; orders.shop is in us (preferred) and ap, catalog.shop in ap\n",

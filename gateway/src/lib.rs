@@ -7,17 +7,16 @@
 
 pub mod admin;
 pub mod app;
-pub mod balance;
 pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod http;
 pub mod listeners;
 pub mod metrics;
+pub mod parse;
 pub mod policy;
 pub mod ratelimit;
 pub mod redirect;
-pub mod routes;
 pub mod telemetry;
 
 pub use app::Gateway;

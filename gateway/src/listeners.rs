@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use causeway_overlay::flow::Source;
 use causeway_overlay::metrics::LISTENER_REFUSED;
+use causeway_overlay::ports::Source;
 use causeway_overlay::Mesh;
 use causeway_protocol::ServiceName;
 use tokio::net::TcpListener;
@@ -123,12 +123,12 @@ impl ImportListener {
                 mesh.metrics()
                     .counter(LISTENER_REFUSED, &[("service", self.service.as_str()), ("reason", "per_source")])
                     .increment(1);
-                causeway_overlay::relay::abort(tcp);
+                causeway_overlay::flow::relay::abort(tcp);
                 continue;
             };
             // A service with an allowlist: refused before any overlay traffic.
             if !mesh.client_allowed(&self.service, addr.ip(), "listener") {
-                causeway_overlay::relay::abort(tcp);
+                causeway_overlay::flow::relay::abort(tcp);
                 drop(slot);
                 continue;
             }
@@ -143,8 +143,8 @@ impl ImportListener {
             tokio::spawn(
                 async move {
                     match http {
-                        Some(h) => h.serve_client(tcp, service, source).await,
-                        None => mesh.serve_client(tcp, service, source).await,
+                        Some(h) => h.serve_listener_conn(tcp, service, source).await,
+                        None => mesh.serve_tcp(tcp, service, source).await,
                     }
                     drop((permit, slot));
                 }

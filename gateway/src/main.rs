@@ -435,30 +435,9 @@ fn certs_cmd(cmd: CertsCmd) -> ExitCode {
 }
 
 async fn status(admin: std::net::SocketAddr) -> anyhow::Result<()> {
-    let (_, peers) = causeway::admin::get(admin, "/peers").await?;
-    let (_, services) = causeway::admin::get(admin, "/services").await?;
-    let peers: serde_json::Value = serde_json::from_str(&peers)?;
-    let services: serde_json::Value = serde_json::from_str(&services)?;
-    println!("gateway {} in zone {} ({})", peers["gateway"], peers["zone"], peers["identity"]);
-    println!("\n{:<48} {:<12} {:<10} {:>9}", "PEER", "ZONE", "STATE", "RTT ms");
-    for p in peers["peers"].as_array().into_iter().flatten() {
-        let rtt = p["rtt_ms"].as_f64().map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<48} {:<12} {:<10} {:>9}",
-            p["id"].as_str().unwrap_or(""),
-            p["zone"].as_str().unwrap_or("-"),
-            p["state"].as_str().unwrap_or(""),
-            rtt
-        );
-    }
-    println!("\n{:<32} ROUTE ORDER", "SERVICE");
-    for s in services["services"].as_array().into_iter().flatten() {
-        let order: Vec<&str> = s["route_order"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
-        println!(
-            "{:<32} {}",
-            s["name"].as_str().unwrap_or(""),
-            if order.is_empty() { "(unavailable)".into() } else { order.join(" > ") }
-        );
-    }
+    let (code, body) = causeway::admin::get(admin, "/topology.json").await?;
+    anyhow::ensure!(code == 200, "{admin} answered {code} for /topology.json: {}", body.trim());
+    let t: serde_json::Value = serde_json::from_str(&body)?;
+    print!("{}", causeway::admin::topology::render_text(&t));
     Ok(())
 }

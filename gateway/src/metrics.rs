@@ -82,6 +82,13 @@ pub const DESCRIBED: &[(Kind, &str, Option<Unit>, &str)] = &[
     ),
     (Kind::Gauge, STORE_GATEWAYS, None, "Gateways of this zone seen sharing the rate-limit store in the last 3 s."),
     (Kind::Counter, STORE_ERRORS, None, "Failed rate-limit store calls, by op (check, check_timeout, heartbeat)."),
+    (Kind::Counter, crate::telemetry::otlp::SPANS_EXPORTED, None, "Spans sent to the OTLP endpoint."),
+    (
+        Kind::Counter,
+        crate::telemetry::otlp::SPANS_DROPPED,
+        None,
+        "Spans dropped, by reason (queue_full: the export queue was full; export_failed: the endpoint refused or did not answer).",
+    ),
 ];
 
 /// Describes every gateway metric on `m`'s recorder.

@@ -20,7 +20,7 @@ use causeway_protocol::ServiceName;
 use governor::clock::Clock;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Errors;
+use crate::parse::Errors;
 use store::{OnFailure, Store, StoreSpec, Verdict};
 
 /// Distinct callers a limit's local buckets track. Past it, callers whose buckets are full again

@@ -21,6 +21,13 @@ pub const PEER_CWND: &str = "causeway_peer_cwnd_bytes";
 pub const PEER_PATH_MIN_RTT: &str = "causeway_peer_path_min_rtt_seconds";
 pub const PEER_WINDOW_STRETCHED: &str = "causeway_peer_window_stretched";
 pub const PEER_SILENCE_PROBES: &str = "causeway_peer_silence_probes_total";
+pub const PEER_SENT_PACKETS: &str = "causeway_peer_sent_packets_total";
+pub const PEER_LOST_PACKETS: &str = "causeway_peer_lost_packets_total";
+pub const PEER_LOSS_RATIO: &str = "causeway_peer_loss_ratio";
+pub const PEER_CONGESTION_EVENTS: &str = "causeway_peer_congestion_events_total";
+pub const PEER_SENT_BYTES: &str = "causeway_peer_sent_bytes_total";
+pub const PEER_RECEIVED_BYTES: &str = "causeway_peer_received_bytes_total";
+pub const PEER_MIGRATIONS: &str = "causeway_peer_path_migrations_total";
 pub const PEER_CONTROL_ERRORS: &str = "causeway_peer_control_errors_total";
 pub const PEER_ABUSE_CLOSES: &str = "causeway_peer_abuse_closes_total";
 pub const PEER_THROTTLES: &str = "causeway_peer_throttles_total";
@@ -207,6 +214,17 @@ impl Metrics {
             None,
             "Packets sent beyond the congestion window to probe a path silent for two intervals (200 ms or an RTT).",
         );
+        c(PEER_SENT_PACKETS, None, "QUIC packets sent to a peer.");
+        c(PEER_LOST_PACKETS, None, "QUIC packets to a peer declared lost (retransmitted).");
+        g(
+            PEER_LOSS_RATIO,
+            None,
+            "Packets lost over packets sent to a peer in the last window of at least 1 s and 200 packets.",
+        );
+        c(PEER_CONGESTION_EVENTS, None, "Congestion events (window reductions) on the connection to a peer.");
+        c(PEER_SENT_BYTES, Some(Unit::Bytes), "UDP bytes sent to a peer (QUIC overhead included).");
+        c(PEER_RECEIVED_BYTES, Some(Unit::Bytes), "UDP bytes received from a peer (QUIC overhead included).");
+        c(PEER_MIGRATIONS, None, "Times a peer's address changed on its connection (NAT rebinding, migration).");
         c(FLOW_BYTES, Some(Unit::Bytes), "Bytes relayed, by service, serving zone and direction.");
         c(
             FLOW_EARLY_BYTES,

@@ -13,22 +13,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use causeway_protocol::control::{Decoder, Event, Message};
 use causeway_protocol::flow::{FlowError, CATALOG_AUTHORITY, ERROR, ORIGINAL_DST, SOURCE_ADDRESS, TRACEPARENT};
-use causeway_protocol::trace::TraceParent;
 use causeway_protocol::vip::{VipRange, VipTable};
 use causeway_protocol::{Identity, ServiceName};
-use rand::Rng;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{Access, Direction, Kind};
 use crate::core::liveness::{self, Liveness};
-use crate::h3q::{self, Opener};
+use crate::flow::relay::{self, ByteSource, Counters};
 use crate::metrics::{Metrics, CAPTURED, FLOW_BYTES, GATEWAY_UP, H3_FRAMES_REFUSED, VIPS};
-use crate::relay::{self, ByteSource, Counters};
-use crate::session::{Backoff, MAX_FIELD_SECTION};
-use crate::tls::{Credentials, TlsFactory, TrustBundle};
+use crate::transport::h3q::{self, Opener};
+use crate::transport::tls::{Credentials, TlsFactory, TrustBundle};
 use crate::transport::{self, Timers};
+use crate::transport::{Backoff, MAX_FIELD_SECTION};
 
 /// Timers of the redirector. The gateway is on the same network, so a silent gateway is noticed
 /// fast: new captured connections are reset at once after `silence`, and the connection (with its
@@ -104,7 +103,7 @@ pub struct Redirector(Arc<Inner>);
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectorError {
     #[error("TLS: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::transport::tls::TlsError),
     #[error("UDP socket: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -174,7 +173,7 @@ impl Redirector {
                 Err(e) => tracing::debug!(gateway = %self.0.cfg.gateway, error = %e, "redirect.gateway.dial_failed"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff.next()) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = self.0.shutdown.cancelled() => return,
             }
         }
@@ -302,9 +301,20 @@ impl Redirector {
             IpAddr::V4(ip) => table.vips.service(ip).cloned(),
             IpAddr::V6(_) => None,
         };
+        let trace = crate::flow::root_trace();
+        let event = |service: &str| {
+            let mut a = Access::new(Kind::Capture, Direction::Outbound, service, trace);
+            a.start = start.into_std();
+            a.source_address = src.to_string();
+            a.endpoint = dst.to_string();
+            a
+        };
+        let name = service.as_ref().map(|s| s.to_string()).unwrap_or_default();
         let fail = |outcome: &'static str, tcp: TcpStream| {
             m.counter(CAPTURED, &[("outcome", outcome)]).increment(1);
-            tracing::info!(target: "causeway::access", %src, %dst, outcome, "captured");
+            let mut a = event(&name);
+            a.refused_for(outcome, false);
+            a.emit();
             relay::abort(tcp);
         };
         let Some(service) = service else { return fail("unknown_vip", tcp) };
@@ -313,10 +323,6 @@ impl Redirector {
         }
         let Some(mut requests) = self.0.session.borrow().clone() else { return fail("gateway_down", tcp) };
         let _ = tcp.set_nodelay(true);
-        let trace = {
-            let mut rng = rand::rng();
-            TraceParent::root(rng.random(), rng.random())
-        };
         let req = http::Request::connect(format!("{service}:{}", dst.port()))
             .header(ORIGINAL_DST, dst.to_string())
             .header(SOURCE_ADDRESS, src.to_string())
@@ -327,7 +333,7 @@ impl Redirector {
         let attempt = async {
             let mut s = requests.send_request(req).await.map_err(|_| "gateway_error")?;
             if !early.is_empty() {
-                crate::h3q::send_data_zero_copy(&early, s.send_data(early.clone()))
+                crate::transport::h3q::send_data_zero_copy(&early, s.send_data(early.clone()))
                     .await
                     .map_err(|_| "gateway_error")?;
             }
@@ -361,10 +367,9 @@ impl Redirector {
         let (outcome, up, down) = Box::pin(relay::relay_owned(cs, ck, rx, tx, counters)).await;
         let up = up + early.len() as u64;
         m.counter(CAPTURED, &[("outcome", outcome.as_str())]).increment(1);
-        tracing::info!(
-            target: "causeway::access", %src, %dst, service = %service, traceparent = %trace,
-            outcome = outcome.as_str(), bytes_up = up, bytes_down = down,
-            duration_ms = start.elapsed().as_secs_f64() * 1000.0, "captured"
-        );
+        let mut a = event(service.as_str());
+        (a.bytes_up, a.bytes_down, a.attempts) = (up, down, 1);
+        (a.outcome, a.side) = outcome.access();
+        a.emit();
     }
 }

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use anyhow::Context;
-use causeway_overlay::relay::{self, ByteSink, ByteSource};
-use causeway_overlay::tls::{AllowedSet, TlsFactory};
+use causeway_overlay::flow::relay::{self, ByteSink, ByteSource};
+use causeway_overlay::transport::tls::{AllowedSet, TlsFactory};
 use causeway_overlay::transport::{self, Timers};
 use causeway_protocol::Identity;
 use tokio::net::{TcpListener, TcpStream};

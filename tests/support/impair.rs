@@ -148,6 +148,15 @@ struct Shared {
     seq: u64,
 }
 
+/// Socket buffers as large as the gateways' own (`transport::SOCKET_BUFFER`): with the kernel's
+/// default (208 KiB) a burst of a full congestion window overflows the relay's socket, and the
+/// path loses far more than the impairment says.
+fn big_buffers(sock: &UdpSocket) {
+    let s = socket2::SockRef::from(sock);
+    let _ = s.set_recv_buffer_size(causeway_overlay::transport::SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(causeway_overlay::transport::SOCKET_BUFFER);
+}
+
 impl Relay {
     /// Starts a relay to `target`; `up` impairs client→target, `down` target→client.
     pub async fn start(target: SocketAddr, up: Impairment, down: Impairment, seed: u64) -> std::io::Result<Self> {
@@ -162,7 +171,9 @@ impl Relay {
         down: Impairment,
         seed: u64,
     ) -> std::io::Result<Self> {
-        let front = Arc::new(UdpSocket::bind(front).await?);
+        let front = UdpSocket::bind(front).await?;
+        big_buffers(&front);
+        let front = Arc::new(front);
         let addr = front.local_addr()?;
         let (up_stats, down_stats) = (Arc::new(Stats::default()), Arc::new(Stats::default()));
         let start = Instant::now();
@@ -252,6 +263,7 @@ async fn run(front: Arc<UdpSocket>, target: SocketAddr, shared: Arc<Mutex<Shared
                 // A new client (or a rebinding one): its own upstream socket, and a task that
                 // relays the target's answers back to it.
                 let Ok(sock) = UdpSocket::bind("127.0.0.1:0").await else { continue };
+                big_buffers(&sock);
                 let sock = Arc::new(sock);
                 clients.insert(client, sock.clone());
                 let (sock2, front2, shared2, wake2) = (sock.clone(), front.clone(), shared.clone(), wake.clone());

@@ -43,7 +43,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ErrorCounter {
                 log.push(line);
             }
         }
-        if e.metadata().target() == "causeway::access" {
+        if matches!(e.metadata().target(), "causeway::access" | "causeway::audit") {
             let mut line = AccessLine::default();
             e.record(&mut line);
             let mut log = ACCESS.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,10 +100,18 @@ pub fn init() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,causeway::access=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,causeway::access=off,causeway::audit=off"));
     let _ = tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_test_writer().with_filter(filter))
         .with(ErrorCounter)
+        // Exports nothing unless a gateway of this binary configures `tracing.otlp` (`observability.rs`).
+        .with(
+            causeway::telemetry::otlp::SpanLayer::new().with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("causeway::access", tracing::Level::INFO)
+                    .with_target("causeway::trace", tracing::Level::DEBUG),
+            ),
+        )
         .try_init();
     raise_fd_limit();
 }
@@ -247,7 +255,7 @@ impl TestMesh {
     pub async fn wait_routes(&self, i: usize, service: &str, n: usize) -> bool {
         let gw = self.gw(i);
         eventually(Duration::from_secs(10), || {
-            let s = gw.mesh.services_json();
+            let s = causeway::admin::services_json(&gw.mesh);
             s["services"]
                 .as_array()
                 .into_iter()

@@ -51,6 +51,19 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub async fn start(targets: &[SocketAddr]) -> anyhow::Result<Self> {
+        // The port is picked free and then handed to Prometheus: another process may take it in
+        // between, and then Prometheus exits at once. Such a start is retried on a new port.
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once(targets).await {
+                Ok(p) => return Ok(p),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("prometheus did not start")))
+    }
+
+    async fn start_once(targets: &[SocketAddr]) -> anyhow::Result<Self> {
         let dir = tempdir::Dir::new("prometheus")?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -72,10 +85,13 @@ impl Prometheus {
             .stderr(std::process::Stdio::null())
             .spawn()
             .context("run prometheus")?;
-        let p = Self { child, addr, _dir: dir };
+        let mut p = Self { child, addr, _dir: dir };
         // Listening comes before the TSDB is open (queries get 503 until then): wait for /-/ready.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
+            if let Some(status) = p.child.try_wait()? {
+                anyhow::bail!("prometheus exited ({status}) before it was ready on {addr}");
+            }
             if let Ok((200, _)) = causeway::admin::get(addr, "/-/ready").await {
                 return Ok(p);
             }

@@ -6,9 +6,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use causeway::demo::Pki;
 use causeway_overlay::metrics::Metrics;
-use causeway_overlay::tls::TlsFactory;
+use causeway_overlay::transport::h3q;
+use causeway_overlay::transport::tls::TlsFactory;
 use causeway_overlay::transport::{self, Timers};
-use causeway_overlay::{h3q, Credentials, TrustBundle};
+use causeway_overlay::{Credentials, TrustBundle};
 use causeway_protocol::flow::CONTROL_AUTHORITY;
 use causeway_protocol::Identity;
 

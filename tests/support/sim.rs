@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use causeway_overlay::core::catalog::LocalCatalog;
 use causeway_overlay::core::liveness::{self, Counters, Liveness};
-use causeway_overlay::routes::{RouteTable, Target};
+use causeway_overlay::core::route_table::{RouteTable, Target};
 use causeway_protocol::control::{self, Decoder, Hello, Message, Ping, Protocol, ServiceAd};
 use causeway_protocol::{GatewayId, Identity, ServiceName, ZoneName};
 
@@ -159,13 +159,8 @@ pub struct Report {
     /// Bytes of catalog updates and withdrawals sent, and the service changes that caused them.
     pub catalog_update_bytes: u64,
     pub catalog_changes: u64,
-    /// Route violations found by the reference model (each: node, service, what was wrong).
-    pub violations: Vec<String>,
-    /// Per check, the time from the event to the last gateway routing correctly.
-    pub convergence: Vec<(String, Duration)>,
     /// Route changes per (gateway, service), the largest.
     pub max_route_changes: u64,
-    pub route_entries: u64,
     /// Connections given up (by liveness or a decode failure), counted once per pair.
     pub disconnects: u64,
 }

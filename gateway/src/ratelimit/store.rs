@@ -21,7 +21,7 @@ use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Errors;
+use crate::parse::Errors;
 
 /// Whether the store answers (1) or its limits run on the fallback (0).
 pub const STORE_UP: &str = "causeway_rate_limit_store_up";
@@ -146,7 +146,7 @@ pub(crate) fn validate(raw: &RawStore, e: &mut Errors) -> Option<StoreSpec> {
     } else if let Err(err) = redis::Client::open(url.as_str()) {
         e.push("rate_limit_store.redis", format!("not a Redis address: {err}"));
     }
-    let timeout = match raw.timeout.as_deref().map(crate::config::duration) {
+    let timeout = match raw.timeout.as_deref().map(crate::parse::duration) {
         None => Duration::from_millis(50),
         Some(Ok(d)) if !d.is_zero() && d <= Duration::from_secs(5) => d,
         Some(Ok(_)) => {

@@ -24,7 +24,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{addr, duration, host_port, ConfigError, ConfigErrors, Errors, LogFormat, RawLog, RawTls};
+use crate::config::{ConfigErrors, LogFormat, RawLog, RawTls};
+use crate::parse::{addr, duration, host_port, ConfigError, Errors};
 use iptables::Chain;
 
 /// Captured connections handled at once by default (`capture.max_connections`); more wait in the
@@ -46,6 +47,8 @@ pub struct RawRedirect {
     pub admin: Option<String>,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub tracing: crate::config::RawTracing,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -109,6 +112,8 @@ pub struct RedirectConfig {
     pub admin: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Span export of captured connections (`tracing.*`, as for a gateway).
+    pub tracing: crate::telemetry::otlp::TraceConfig,
 }
 
 pub fn load(path: &Path) -> Result<RedirectConfig, ConfigErrors> {
@@ -116,7 +121,7 @@ pub fn load(path: &Path) -> Result<RedirectConfig, ConfigErrors> {
 }
 
 pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
-    let raw: RawRedirect = crate::config::from_yaml(text)?;
+    let raw: RawRedirect = crate::parse::from_yaml(text)?;
     let mut e = Errors(Vec::new());
     let trust_domain = e.parse("trust_domain", TrustDomain::new(&raw.trust_domain));
     let gateway = e.parse("gateway.address", host_port(&raw.gateway.address));
@@ -156,19 +161,13 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
         Some(DnsConfig { listen: listen?, suffix, upstream: upstream?, ttl })
     });
     let admin = raw.admin.as_deref().and_then(|a| e.parse("admin", addr(a)));
-    let log_format = match raw.log.format.as_deref() {
-        None | Some("text") => LogFormat::Text,
-        Some("json") => LogFormat::Json,
-        Some(other) => {
-            e.push("log.format", format!("{other:?} is not one of text, json"));
-            LogFormat::Text
-        }
-    };
+    let log_format = crate::config::log_format(&raw.log, &mut e);
     for (k, p) in [("tls.cert", &raw.tls.cert), ("tls.key", &raw.tls.key), ("tls.bundle", &raw.tls.bundle)] {
         if p.as_os_str().is_empty() {
             e.push(k, "must name a file");
         }
     }
+    let tracing = crate::config::tracing_config(&raw.tracing, &mut e);
     if !e.0.is_empty() {
         return Err(e.0);
     }
@@ -194,6 +193,7 @@ pub fn parse(text: &str) -> Result<RedirectConfig, Vec<ConfigError>> {
             admin,
             log_format,
             log_level: raw.log.level.clone().unwrap_or_else(|| "info".into()),
+            tracing,
         }),
         _ => Err(vec![ConfigError { path: String::new(), reason: "incomplete configuration".into() }]),
     }
@@ -223,6 +223,9 @@ impl Redirect {
         let recorder = crate::telemetry::recorder();
         let handle = recorder.handle();
         let metrics = Metrics::new(Arc::new(recorder));
+        crate::metrics::describe(&metrics);
+        crate::telemetry::otlp::start(&cfg.tracing, &metrics, &[("causeway.node", cfg.node.clone())])
+            .context("tracing.otlp")?;
         let redirector = Redirector::new(RedirectorConfig {
             gateway: cfg.gateway.clone(),
             gateway_id: cfg.gateway_id.clone(),
@@ -343,12 +346,12 @@ async fn capture_loop(
         let dst = socket2::SockRef::from(&tcp).original_dst().ok().and_then(|a| a.as_socket());
         let Some(dst) = dst else {
             metrics.counter(CAPTURED, &[("outcome", "no_original_dst")]).increment(1);
-            causeway_overlay::relay::abort(tcp);
+            causeway_overlay::flow::relay::abort(tcp);
             continue;
         };
         let Some(slot) = per_source.admit(src.ip()) else {
             metrics.counter(CAPTURED, &[("outcome", "source_full")]).increment(1);
-            causeway_overlay::relay::abort(tcp);
+            causeway_overlay::flow::relay::abort(tcp);
             continue;
         };
         let r = redirector.clone();
