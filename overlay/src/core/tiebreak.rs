@@ -1,15 +1,20 @@
 //! One connection per gateway pair: which of two connections to the same peer is kept
 //! (`SPEC.md` §2). Pure: the facts in, the decision out; the session closes what it says.
 //!
-//! - An existing connection whose hello exchange is done is kept and the new one closed: a late
-//!   duplicate (a dial that retransmitted its Initial until the peer came up) must not replace a
-//!   connection that carries flows; a stale one is noticed by liveness, after which a re-dial wins.
-//! - Unless a certificate changed on either side since the existing one was made: then the new one
-//!   replaces it make-before-break, once it can carry flows, and the old one closes when its last
-//!   flow ends (rotation cuts no flow).
-//! - An existing connection not up yet: a new one dialed from the same side replaces it (a redial);
-//!   two dialed from opposite sides at once (a simultaneous dial) resolve to the one dialed by the
-//!   gateway whose SPIFFE ID sorts lower, so both sides keep the same one without talking.
+//! - A certificate changed on either side since the existing connection was made, and it is up:
+//!   the new one replaces it make-before-break, once it can carry flows, and the old one closes
+//!   when its last flow ends (rotation cuts no flow).
+//! - Both dialed by the same side: an existing connection whose hello exchange is done is kept and
+//!   the new one closed — a late duplicate (a dial that retransmitted its Initial until the peer
+//!   came up) must not replace a connection that carries flows; a stale one is noticed by
+//!   liveness, after which a re-dial wins. One not up yet is replaced by the redial.
+//! - Dialed from opposite sides (a simultaneous dial): both sides keep the one dialed by the
+//!   gateway whose SPIFFE ID sorts lower, whatever either knows of their state, so they agree
+//!   without talking. The other is closed at once only when it is the newcomer — this side never
+//!   served it, so the peer cannot have routed on it. When it is the existing one it is replaced
+//!   make-before-break: the peer may have finished its hello exchange on it before we finished
+//!   ours and be routing on it. (Deciding by our own view of "up" let each side keep a different
+//!   one and close the other's: both connections lost at once, and a flow with them.)
 
 /// What is known of the connection already registered for the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +48,12 @@ pub fn decide(existing: Option<Existing>, dialed: bool, we_sort_lower: bool) -> 
     if old.rotated && old.up {
         return Decision::MakeBeforeBreak;
     }
-    let keep_new = !old.up && (old.dialed == dialed || dialed == we_sort_lower);
-    if keep_new {
-        Decision::ReplaceNow
+    if old.dialed == dialed {
+        return if old.up { Decision::KeepExisting } else { Decision::ReplaceNow };
+    }
+    // A simultaneous dial: the lower side's connection wins.
+    if dialed == we_sort_lower {
+        Decision::MakeBeforeBreak
     } else {
         Decision::KeepExisting
     }
@@ -60,10 +68,9 @@ mod tests {
     }
 
     #[test]
-    fn an_established_connection_is_kept_against_a_late_duplicate() {
+    fn an_established_connection_is_kept_against_a_late_duplicate_from_the_same_side() {
         for dialed in [true, false] {
             for lower in [true, false] {
-                assert_eq!(decide(ex(true, !dialed, false), dialed, lower), Decision::KeepExisting);
                 assert_eq!(decide(ex(true, dialed, false), dialed, lower), Decision::KeepExisting);
             }
         }
@@ -83,37 +90,31 @@ mod tests {
         assert_eq!(decide(ex(false, false, false), false, true), Decision::ReplaceNow);
     }
 
-    /// Both sides see both connections of a simultaneous dial, in either order, and must keep the
-    /// same one: the one dialed by the side whose ID sorts lower.
+    /// Both sides see both connections of a simultaneous dial, in either order and whatever each
+    /// knows of their state, and keep the same one: the one dialed by the side whose ID sorts lower.
+    /// The loser is closed at once only where it arrives second (never served there).
     #[test]
     fn both_sides_of_a_simultaneous_dial_keep_the_same_connection() {
         // Side L (sorts lower) dialed connection X; side H dialed Y.
         // At L: X is ours (dialed), Y the peer's. At H: X is the peer's, Y ours.
-        let kept = |first_dialed_by_us: bool, we_lower: bool| -> &'static str {
-            // `first` registered, then the other arrives.
-            let new_dialed = !first_dialed_by_us;
-            let d = decide(ex(false, first_dialed_by_us, false), new_dialed, we_lower);
-            let (first, second) = if we_lower {
-                if first_dialed_by_us {
-                    ("X", "Y")
-                } else {
-                    ("Y", "X")
-                }
-            } else if first_dialed_by_us {
-                ("Y", "X")
-            } else {
-                ("X", "Y")
-            };
+        let at = |we_lower: bool, first_dialed_by_us: bool, up: bool| -> (&'static str, Decision) {
+            let d = decide(ex(up, first_dialed_by_us, false), !first_dialed_by_us, we_lower);
+            let first_is_x = first_dialed_by_us == we_lower;
+            let (first, second) = if first_is_x { ("X", "Y") } else { ("Y", "X") };
             match d {
-                Decision::KeepExisting => first,
-                Decision::ReplaceNow => second,
-                other => panic!("{other:?}"),
+                Decision::KeepExisting => (first, d),
+                Decision::MakeBeforeBreak | Decision::ReplaceNow => (second, d),
+                Decision::Register => panic!("{d:?}"),
             }
         };
-        for l_first_ours in [true, false] {
-            for h_first_ours in [true, false] {
-                assert_eq!(kept(l_first_ours, true), "X");
-                assert_eq!(kept(h_first_ours, false), "X");
+        for we_lower in [true, false] {
+            for first_ours in [true, false] {
+                for up in [true, false] {
+                    let (kept, d) = at(we_lower, first_ours, up);
+                    assert_eq!(kept, "X", "lower {we_lower}, first ours {first_ours}, up {up}");
+                    // An existing connection the peer may be routing on is never closed at once.
+                    assert_ne!(d, Decision::ReplaceNow);
+                }
             }
         }
         assert_eq!(decide(None, true, true), Decision::Register);

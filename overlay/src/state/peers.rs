@@ -197,16 +197,12 @@ impl PeerTable {
         Some((c.requests.clone()?, ConnFlow::new(&c.flows)))
     }
 
-    /// Registers `conn` unless it loses the tie-break against a live connection to the same peer.
-    ///
-    /// Rule (`SPEC.md` §2, [`tiebreak::decide`]): an existing connection whose hello exchange is
-    /// done is kept and the new one closed (a stale one is noticed by liveness within
-    /// `peer_timeout`, after which the re-dial wins), unless a certificate changed on either side
-    /// since the existing one was made: then the new one replaces it, make-before-break, as soon as
-    /// it can carry flows ([`Self::promote`]). Otherwise a new connection dialed from the same side
-    /// as the existing one replaces it, and connections dialed from opposite sides at once (a
-    /// simultaneous dial) resolve to the one dialed by the gateway whose SPIFFE ID sorts lower.
-    /// Losers are closed with DUPLICATE_CONNECTION.
+    /// Registers `conn` unless it loses the tie-break against a live connection to the same peer
+    /// ([`tiebreak::decide`], `SPEC.md` §2): a late duplicate from the same side is closed, a
+    /// redial replaces one not up yet, a rotated certificate and the winner of a simultaneous dial
+    /// (the connection dialed by the lower SPIFFE ID) replace the existing one make-before-break,
+    /// once they can carry flows ([`Self::promote`]). Losers are closed with
+    /// DUPLICATE_CONNECTION.
     pub fn register(
         &self,
         peer: &Identity,
@@ -236,6 +232,7 @@ impl PeerTable {
         match tiebreak::decide(existing, dialed, we_sort_lower) {
             tiebreak::Decision::Register => {}
             tiebreak::Decision::MakeBeforeBreak => {
+                tracing::debug!(dialed, "peer.connection.replacing");
                 return Some(Registered { flows, local_leaf: ours, replacing: true });
             }
             tiebreak::Decision::KeepExisting => {
