@@ -59,10 +59,12 @@ async fn exports_imports_and_peers_change_under_traffic_without_touching_other_f
 
     // 3. A change that needs a restart is refused as a whole, naming the key; nothing changes.
     let mut cfg = config(&m, 0);
-    cfg.zone = causeway_protocol::ZoneName::new("elsewhere").unwrap();
-    cfg.peers.clear();
+    cfg.fixed.zone = causeway_protocol::ZoneName::new("elsewhere").unwrap();
+    cfg.fixed.timing.ping_interval *= 2;
+    cfg.snapshot.peers.clear();
     let errs = m.gw(0).reload(&cfg).await.unwrap_err();
-    assert_eq!(errs[0].path, "zone");
+    let keys: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(keys, ["zone", "timing"]);
     assert_eq!(m.gw(0).mesh.peers().len(), 2, "a refused reload changed the peers");
 
     // 4. a removes peer c: the connection closes at once (c sees a down), routes to c go.

@@ -244,7 +244,7 @@ fn explain_file(config: &std::path::Path, q: &Explain) -> Result<serde_json::Val
     let cfg = causeway::config::load(config).map_err(|e| e.to_string())?;
     let service = causeway_protocol::ServiceName::new(&q.service).map_err(|e| format!("--service: {e}"))?;
     let identity = causeway_protocol::Identity::parse(&q.identity).map_err(|e| format!("--identity: {e}"))?;
-    let port = q.port.or_else(|| cfg.exports.iter().find(|x| x.name == service).map(|x| x.port));
+    let port = q.port.or_else(|| cfg.snapshot.exports.iter().find(|x| x.name == service).map(|x| x.port));
     let headers = http::HeaderMap::new();
     let s = Subject {
         service: Some(&service),
@@ -254,7 +254,7 @@ fn explain_file(config: &std::path::Path, q: &Explain) -> Result<serde_json::Val
         port,
         http: q.method.as_deref().map(|method| HttpSubject { method, path: &q.path, headers: &headers }),
     };
-    Ok(cfg.authorization.explain(&s))
+    Ok(cfg.snapshot.authorization.explain(&s))
 }
 
 /// The decision of a running gateway's policy, from its admin API (`/policy/explain`).
@@ -311,11 +311,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             println!(
                 "{}: ok (zone {}, gateway {}, identity {id}, {} peers, {} exports, {} imports)",
                 path.display(),
-                cfg.zone,
-                cfg.gateway,
-                cfg.peers.len(),
-                cfg.exports.len(),
-                cfg.imports.len()
+                cfg.fixed.zone,
+                cfg.fixed.gateway,
+                cfg.snapshot.peers.len(),
+                cfg.snapshot.exports.len(),
+                cfg.snapshot.imports.len()
             );
             ExitCode::SUCCESS
         }
@@ -328,7 +328,7 @@ fn gateway(path: &std::path::Path, workers: Option<usize>) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    telemetry::init(cfg.log_format, &cfg.log_level);
+    telemetry::init(cfg.fixed.log_format, &cfg.fixed.log_level);
     tracing::info!(config = ?cfg, "config.effective");
     let rt = match runtime(workers) {
         Ok(rt) => rt,
@@ -345,10 +345,10 @@ fn gateway(path: &std::path::Path, workers: Option<usize>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        gw.watch_config(path.to_path_buf(), cfg.tls.watch_interval);
+        gw.watch_config(path.to_path_buf(), cfg.fixed.tls.watch_interval);
         wait_for_signal().await;
-        tracing::info!(deadline = ?cfg.timing.drain_timeout, "gateway.draining");
-        let cut = gw.drain(cfg.timing.drain_timeout).await;
+        tracing::info!(deadline = ?cfg.fixed.timing.drain_timeout, "gateway.draining");
+        let cut = gw.drain(cfg.fixed.timing.drain_timeout).await;
         tracing::info!(flows_cut = cut, "gateway.stopped");
         ExitCode::SUCCESS
     })

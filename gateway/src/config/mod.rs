@@ -49,49 +49,128 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Import {
     pub service: ServiceName,
     pub listen: SocketAddr,
     pub protocol: Protocol,
 }
 
-/// A validated configuration.
+/// A validated configuration: what is fixed for the life of a process, and a snapshot of what may
+/// change while it runs.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub fixed: StaticConfig,
+    pub snapshot: Snapshot,
+}
+
+/// What is fixed for a process: identity, listen addresses, TLS paths, timing, limits, logging. A
+/// reload is refused if any of it changed; compared whole ([`StaticConfig::changed_keys`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticConfig {
     pub zone: ZoneName,
     pub gateway: GatewayId,
     pub trust_domain: TrustDomain,
     pub tls: TlsPaths,
     pub overlay: SocketAddr,
     pub admin: Option<SocketAddr>,
-    pub peers: Vec<PeerSpec>,
-    pub exports: Vec<Export>,
-    pub imports: Vec<Import>,
-    pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
     pub redirectors: Vec<String>,
     /// SPIFFE ID prefixes of workloads that may send HTTP/3 requests straight to this gateway.
     pub http3_clients: Vec<String>,
     pub workloads: Vec<(ipnet::IpNet, Identity)>,
     pub allowed_sources: Vec<ipnet::IpNet>,
     pub timing: Timing,
+    /// Every limit but the memory budget, which is part of the [`Snapshot`] (`memory_budget` is
+    /// always `None` here).
     pub limits: Limits,
-    pub http_routes: Vec<crate::http::routes::HttpRoute>,
-    /// How each exported `http` service's endpoints are spoken to.
-    pub http_options: HashMap<ServiceName, HttpOptions>,
     /// `timing.outlier_ejection`: the first ejection of a failing HTTP endpoint.
     pub outlier_ejection: Duration,
-    pub authorization: crate::policy::Policies,
-    pub client_allowlists: HashMap<ServiceName, Vec<ipnet::IpNet>>,
-    pub rate_limits: Vec<crate::ratelimit::LimitSpec>,
-    pub rate_limit_store: Option<crate::ratelimit::store::StoreSpec>,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Trace export (`tracing.*`).
     pub tracing: crate::telemetry::otlp::TraceConfig,
 }
 
-#[derive(Debug, Clone)]
+impl StaticConfig {
+    /// The keys (as the file names them) whose values differ between `self` and `other`; empty
+    /// when they are equal. Every field is destructured, so a new one cannot be left out.
+    pub fn changed_keys(&self, other: &Self) -> Vec<&'static str> {
+        if self == other {
+            return Vec::new();
+        }
+        let StaticConfig {
+            zone,
+            gateway,
+            trust_domain,
+            tls,
+            overlay,
+            admin,
+            redirectors,
+            http3_clients,
+            workloads,
+            allowed_sources,
+            timing,
+            limits,
+            outlier_ejection,
+            log_format,
+            log_level,
+            tracing,
+        } = self;
+        let TlsPaths { cert, key, bundle, federation, watch_interval } = tls;
+        let o = &other.tls;
+        [
+            ("zone", *zone != other.zone),
+            ("gateway", *gateway != other.gateway),
+            ("trust_domain", *trust_domain != other.trust_domain),
+            ("tls", (cert, key, bundle) != (&o.cert, &o.key, &o.bundle)),
+            ("federation", *federation != o.federation),
+            ("listen.overlay", *overlay != other.overlay),
+            ("listen.admin", *admin != other.admin),
+            ("redirectors", *redirectors != other.redirectors),
+            ("http3_clients", *http3_clients != other.http3_clients),
+            ("workloads", *workloads != other.workloads),
+            ("allowed_sources", *allowed_sources != other.allowed_sources),
+            (
+                "timing",
+                *timing != other.timing
+                    || *outlier_ejection != other.outlier_ejection
+                    || *watch_interval != o.watch_interval,
+            ),
+            ("limits", *limits != other.limits),
+            ("log", (log_format, log_level) != (&other.log_format, &other.log_level)),
+            ("tracing", *tracing != other.tracing),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+
+    /// The limits a gateway starts with: these, with the snapshot's memory budget.
+    pub fn limits_with(&self, snapshot: &Snapshot) -> Limits {
+        Limits { memory_budget: snapshot.memory_budget, ..self.limits }
+    }
+}
+
+/// What may change while a gateway runs — peers, exports, imports, HTTP routes, authorization,
+/// rate limits, allowlists — validated together and swapped in whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub peers: Vec<PeerSpec>,
+    pub exports: Vec<Export>,
+    pub imports: Vec<Import>,
+    pub preferences: HashMap<ServiceName, Vec<ZoneName>>,
+    pub http_routes: Vec<crate::http::routes::HttpRoute>,
+    /// How each exported `http` service's endpoints are spoken to.
+    pub http_options: HashMap<ServiceName, HttpOptions>,
+    pub authorization: crate::policy::Policies,
+    pub client_allowlists: HashMap<ServiceName, Vec<ipnet::IpNet>>,
+    pub rate_limits: Vec<crate::ratelimit::LimitSpec>,
+    pub rate_limit_store: Option<crate::ratelimit::store::StoreSpec>,
+    /// `limits.memory_budget`.
+    pub memory_budget: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -112,17 +191,20 @@ pub const DEFAULT_OUTLIER_EJECTION: Duration = Duration::from_secs(30);
 impl Config {
     /// What the HTTP side runs with.
     pub fn http_settings(&self) -> HttpSettings {
-        HttpSettings {
-            routes: self.http_routes.clone(),
-            options: self.http_options.clone(),
-            outlier_ejection: self.outlier_ejection,
-        }
+        self.snapshot.http_settings(self.fixed.outlier_ejection)
+    }
+}
+
+impl Snapshot {
+    /// What the HTTP side runs with.
+    pub fn http_settings(&self, outlier_ejection: Duration) -> HttpSettings {
+        HttpSettings { routes: self.http_routes.clone(), options: self.http_options.clone(), outlier_ejection }
     }
 }
 
 /// Reads and validates a file. Relative TLS paths are resolved against the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    load_with(path, parse, |c| &mut c.tls)
+    load_with(path, parse, |c| &mut c.fixed.tls)
 }
 
 /// Reads a YAML file, parses it with `parse`, and resolves the TLS paths it names against the
@@ -585,38 +667,43 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     // Every field parsed (no errors were pushed), so the options below are all Some.
     match (zone, gateway, trust_domain, overlay) {
         (Some(zone), Some(gateway), Some(trust_domain), Some(overlay)) => Ok(Config {
-            zone,
-            gateway,
-            trust_domain,
-            tls: TlsPaths {
-                cert: raw.tls.cert.clone(),
-                key: raw.tls.key.clone(),
-                bundle: raw.tls.bundle.clone(),
-                federation,
-                watch_interval: tls_watch,
+            fixed: StaticConfig {
+                zone,
+                gateway,
+                trust_domain,
+                tls: TlsPaths {
+                    cert: raw.tls.cert.clone(),
+                    key: raw.tls.key.clone(),
+                    bundle: raw.tls.bundle.clone(),
+                    federation,
+                    watch_interval: tls_watch,
+                },
+                overlay,
+                admin,
+                redirectors,
+                http3_clients,
+                workloads,
+                allowed_sources,
+                timing,
+                limits: Limits { memory_budget: None, ..limits },
+                outlier_ejection,
+                log_format,
+                log_level,
+                tracing,
             },
-            overlay,
-            admin,
-            peers,
-            exports,
-            imports,
-            preferences,
-            redirectors,
-            http3_clients,
-            workloads,
-            allowed_sources,
-            timing,
-            limits,
-            http_routes,
-            http_options,
-            outlier_ejection,
-            authorization,
-            client_allowlists,
-            rate_limits,
-            rate_limit_store,
-            log_format,
-            log_level,
-            tracing,
+            snapshot: Snapshot {
+                peers,
+                exports,
+                imports,
+                preferences,
+                http_routes,
+                http_options,
+                authorization,
+                client_allowlists,
+                rate_limits,
+                rate_limit_store,
+                memory_budget: limits.memory_budget,
+            },
         }),
         _ => Err(vec![ConfigError { path: String::new(), reason: "incomplete configuration".into() }]),
     }

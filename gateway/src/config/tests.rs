@@ -16,13 +16,31 @@ timing: { ping_interval: 100ms, peer_timeout: 500ms }
 "#;
 
 #[test]
+fn the_fixed_part_names_each_changed_key_and_the_snapshot_takes_the_memory_budget() {
+    let a = parse(GOOD).unwrap();
+    assert!(a.fixed.changed_keys(&a.fixed.clone()).is_empty());
+    let with = |yaml: &str| parse(&format!("{GOOD}{yaml}")).unwrap();
+    let b = with("limits: { memory_budget: 1GiB }\nlog: { level: debug }\n");
+    assert_eq!(b.snapshot.memory_budget, Some(1 << 30));
+    assert_eq!(b.fixed.limits.memory_budget, None, "the budget lives in the snapshot only");
+    assert_eq!(b.fixed.limits_with(&b.snapshot).memory_budget, Some(1 << 30));
+    assert_eq!(a.fixed.changed_keys(&b.fixed), ["log"]);
+    let c = parse(&GOOD.replace("gw-1\ntrust", "gw-2\ntrust").replace("peer_timeout: 500ms", "peer_timeout: 600ms"))
+        .unwrap();
+    assert_eq!(a.fixed.changed_keys(&c.fixed), ["gateway", "timing"]);
+    let d = parse(&GOOD.replace("127.0.0.1:15001", "127.0.0.1:15002")).unwrap();
+    assert!(a.fixed.changed_keys(&d.fixed).is_empty(), "imports are part of the snapshot");
+    assert_ne!(a.snapshot, d.snapshot);
+}
+
+#[test]
 fn parses_a_good_config() {
     let c = parse(GOOD).unwrap();
-    assert_eq!(c.zone.as_str(), "eu-west");
-    assert_eq!(c.peers.len(), 1);
-    assert_eq!(c.exports[0].labels, vec![("version".to_string(), "v1".to_string())]);
-    assert_eq!(c.timing.peer_timeout, Duration::from_millis(500));
-    assert_eq!(c.preferences.len(), 1);
+    assert_eq!(c.fixed.zone.as_str(), "eu-west");
+    assert_eq!(c.snapshot.peers.len(), 1);
+    assert_eq!(c.snapshot.exports[0].labels, vec![("version".to_string(), "v1".to_string())]);
+    assert_eq!(c.fixed.timing.peer_timeout, Duration::from_millis(500));
+    assert_eq!(c.snapshot.preferences.len(), 1);
 }
 
 #[test]
@@ -51,11 +69,11 @@ fn limits_parse_with_units_and_refuse_what_is_out_of_range() {
     let with = |l: &str| GOOD.replace("timing: {", &format!("limits: {{ {l} }}\ntiming: {{"));
     let c = parse(&with("peer_receive_window: 32MiB, stream_window: 4MiB, memory_budget: 2GiB, flows_per_peer: 500"))
         .unwrap();
-    assert_eq!(c.limits.quic.peer_receive_window, 32 << 20);
-    assert_eq!(c.limits.quic.stream_window, 4 << 20);
-    assert_eq!(c.limits.quic.flows_per_peer, 500);
-    assert_eq!(c.limits.memory_budget, Some(2 << 30));
-    let defaults = parse(GOOD).unwrap().limits;
+    assert_eq!(c.fixed.limits.quic.peer_receive_window, 32 << 20);
+    assert_eq!(c.fixed.limits.quic.stream_window, 4 << 20);
+    assert_eq!(c.fixed.limits.quic.flows_per_peer, 500);
+    assert_eq!(c.snapshot.memory_budget, Some(2 << 30));
+    let defaults = parse(GOOD).unwrap().fixed.limits;
     assert_eq!(defaults.quic.peer_receive_window, 64 << 20, "never unlimited by default");
     assert_eq!(defaults.memory_budget, None);
     let errs = parse(&with("peer_receive_window: 0, stream_window: 2GiB, memory_budget: lots, peer_flow_rate: 0"))
@@ -79,12 +97,15 @@ fn http_breakers_and_endpoint_protocols_are_checked() {
         GOOD.replace("{ name: orders.shop, port: 8080,", &format!("{{ name: orders.shop, port: 8080, {fields}"))
     };
     let c = parse(&with("protocol: grpc, max_requests: 10,")).unwrap();
-    assert!(c.http_options[&c.exports[0].name].h2);
-    assert_eq!(c.exports[0].protocol, Protocol::Http);
+    assert!(c.snapshot.http_options[&c.snapshot.exports[0].name].h2);
+    assert_eq!(c.snapshot.exports[0].protocol, Protocol::Http);
     let c = parse(&with("protocol: http, max_connections: 4,")).unwrap();
-    assert!(!c.http_options[&c.exports[0].name].h2);
+    assert!(!c.snapshot.http_options[&c.snapshot.exports[0].name].h2);
     assert_eq!(
-        (c.http_options[&c.exports[0].name].max_connections, c.http_options[&c.exports[0].name].max_pending),
+        (
+            c.snapshot.http_options[&c.snapshot.exports[0].name].max_connections,
+            c.snapshot.http_options[&c.snapshot.exports[0].name].max_pending
+        ),
         (Some(4), Some(1024))
     );
     let cases = [
@@ -111,8 +132,8 @@ fn federated_trust_domains_admit_their_peers_and_nothing_else() {
     let fed =
         with_peer.replace("peers:", "federation:\n  - { trust_domain: partner.example, bundle: partner.crt }\npeers:");
     let c = parse(&fed).unwrap();
-    assert_eq!(c.tls.federation.len(), 1);
-    assert_eq!(c.tls.federation[0].0.as_str(), "partner.example");
+    assert_eq!(c.fixed.tls.federation.len(), 1);
+    assert_eq!(c.fixed.tls.federation[0].0.as_str(), "partner.example");
     let own = fed.replace("trust_domain: partner.example", "trust_domain: prod.example");
     let errs = parse(&own).unwrap_err();
     assert_eq!(errs[0].path, "federation[0].trust_domain");
@@ -121,7 +142,7 @@ fn federated_trust_domains_admit_their_peers_and_nothing_else() {
 #[test]
 fn refuses_inconsistent_timers() {
     let longer = parse(&GOOD.replace("peer_timeout: 500ms", "peer_timeout: 4s")).unwrap();
-    assert_eq!(longer.timing.peer_close_timeout, Duration::from_secs(8));
+    assert_eq!(longer.fixed.timing.peer_close_timeout, Duration::from_secs(8));
     let errs = parse(&GOOD.replace("peer_timeout: 500ms", "peer_timeout: 4s, peer_close_timeout: 2s")).unwrap_err();
     assert_eq!(errs[0].path, "timing.peer_close_timeout");
     let bad = GOOD.replace("peer_timeout: 500ms", "peer_timeout: 50ms");

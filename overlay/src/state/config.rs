@@ -64,7 +64,7 @@ impl From<SocketAddr> for Endpoint {
 }
 
 /// Timers of the overlay. Defaults are chosen for failure detection within a second on a WAN.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
     /// Control-stream ping period.
     pub ping_interval: Duration,

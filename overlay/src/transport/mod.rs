@@ -40,7 +40,7 @@ pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Transport timers. Liveness is also checked by control-stream pings (see `peer::control`), which notice
 /// a silent peer well before the idle timeout; the idle timeout is the backstop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timers {
     pub keep_alive: Duration,
     pub idle_timeout: Duration,

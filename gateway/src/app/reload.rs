@@ -1,0 +1,212 @@
+//! Configuration changes while running: a new [`Snapshot`] is checked against what is running,
+//! its listeners bound, and then swapped in whole; a change to the [`StaticConfig`] is refused.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use causeway_overlay::metrics::CONFIG_RELOADS;
+use causeway_overlay::Mesh;
+use causeway_protocol::control::Protocol;
+use causeway_protocol::ServiceName;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError, Snapshot, StaticConfig};
+use crate::listeners::ImportListener;
+
+/// One import listener as running.
+pub(super) struct ImportRun {
+    pub(super) service: ServiceName,
+    pub(super) listen: SocketAddr,
+    pub(super) bound: SocketAddr,
+    pub(super) stop: CancellationToken,
+}
+
+/// Applies configuration reloads to a running gateway (see [`Reloader::reload`]).
+#[derive(Clone)]
+pub struct Reloader {
+    pub(super) mesh: Mesh,
+    pub(super) http: Arc<crate::http::Http>,
+    /// Fixed for the process.
+    pub(super) fixed: Arc<StaticConfig>,
+    /// The snapshot in force; replaced whole by each change.
+    pub(super) current: Arc<watch::Sender<Arc<Snapshot>>>,
+    /// One change at a time (the file watcher, and later other sources, may race).
+    pub(super) applying: Arc<tokio::sync::Mutex<()>>,
+    pub(super) imports: Arc<Mutex<Vec<ImportRun>>>,
+    pub(super) stop_listeners: CancellationToken,
+    pub(super) tasks: TaskTracker,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    pub peers_added: usize,
+    pub peers_removed: usize,
+    pub exports_changed: bool,
+    pub imports_added: usize,
+    pub imports_removed: usize,
+    pub http_routes_changed: bool,
+    pub authorization_changed: bool,
+    /// Open flows reset because the new policy no longer allows them.
+    pub flows_revoked: usize,
+}
+
+impl Reloader {
+    /// Applies `new` to the running gateway: its fixed part must equal the running one (each key
+    /// that differs is refused, naming it: restart to apply), and its snapshot is swapped in whole —
+    /// peers, exports and imports are added, removed or changed without touching unrelated flows
+    /// (a removed peer's connections close at once, a removed import's listener stops accepting
+    /// while its open flows run on). A refused change leaves everything as it was, as does a new
+    /// listener that cannot bind.
+    pub async fn reload(&self, new: &Config) -> Result<Reloaded, Vec<ConfigError>> {
+        let fixed: Vec<ConfigError> = self
+            .fixed
+            .changed_keys(&new.fixed)
+            .into_iter()
+            .map(|key| ConfigError { path: key.into(), reason: "cannot change while running: restart to apply".into() })
+            .collect();
+        let res = if fixed.is_empty() { self.apply(Arc::new(new.snapshot.clone())).await } else { Err(fixed) };
+        let result = if res.is_ok() { "ok" } else { "refused" };
+        self.mesh.metrics().counter(CONFIG_RELOADS, &[("result", result)]).increment(1);
+        res
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.borrow().clone()
+    }
+
+    async fn apply(&self, new: Arc<Snapshot>) -> Result<Reloaded, Vec<ConfigError>> {
+        let _one = self.applying.lock().await;
+        let old = self.snapshot();
+        // A listener keeps the protocol it was bound with.
+        let rebound = new.imports.iter().enumerate().find(|(_, n)| {
+            old.imports.iter().any(|o| (&o.service, o.listen) == (&n.service, n.listen) && o.protocol != n.protocol)
+        });
+        if let Some((i, _)) = rebound {
+            return Err(vec![ConfigError {
+                path: format!("imports[{i}].protocol"),
+                reason: "cannot change while running: restart to apply".into(),
+            }]);
+        }
+        // Imports: bind the new listeners first, so a failure leaves everything as it was.
+        let running: Vec<(ServiceName, SocketAddr)> = self
+            .imports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|r| (r.service.clone(), r.listen))
+            .collect();
+        let mut bound = Vec::new();
+        for (i, imp) in new.imports.iter().enumerate() {
+            if running.contains(&(imp.service.clone(), imp.listen)) {
+                continue;
+            }
+            let http = (imp.protocol == Protocol::Http).then(|| self.http.clone());
+            match ImportListener::bind(imp.listen, imp.service.clone(), http).await {
+                Ok(l) => bound.push((imp.clone(), l)),
+                Err(e) => {
+                    return Err(vec![ConfigError {
+                        path: format!("imports[{i}].listen"),
+                        reason: format!("cannot bind {}: {e}", imp.listen),
+                    }])
+                }
+            }
+        }
+        let mut out = Reloaded { imports_added: bound.len(), ..Default::default() };
+        {
+            let mut imports = self.imports.lock().unwrap_or_else(|e| e.into_inner());
+            imports.retain(|r| {
+                let keep = new.imports.iter().any(|i| i.service == r.service && i.listen == r.listen);
+                if !keep {
+                    r.stop.cancel();
+                    out.imports_removed += 1;
+                }
+                keep
+            });
+            for (imp, l) in bound {
+                let stop = self.stop_listeners.child_token();
+                imports.push(ImportRun {
+                    service: imp.service,
+                    listen: imp.listen,
+                    bound: l.local_addr(),
+                    stop: stop.clone(),
+                });
+                self.tasks.spawn(l.run(self.mesh.clone(), stop));
+            }
+        }
+        self.mesh.set_memory_budget(new.memory_budget);
+        self.mesh.set_preferences(new.preferences.clone());
+        let r = self.mesh.reconfigure(new.peers.clone(), new.exports.clone());
+        out.peers_added = r.peers_added;
+        out.peers_removed = r.peers_removed;
+        out.exports_changed = r.exports_changed;
+        out.http_routes_changed = old.http_routes != new.http_routes;
+        self.http.reconfigure(new.http_settings(self.fixed.outlier_ejection), &self.mesh.endpoint_addrs());
+        out.authorization_changed = old.authorization != new.authorization;
+        self.http.policy().replace(new.authorization.clone());
+        self.mesh.set_client_allowlists(new.client_allowlists.clone());
+        if old.rate_limits != new.rate_limits || old.rate_limit_store != new.rate_limit_store {
+            self.http.policy().replace_limits(&new.rate_limits, new.rate_limit_store.as_ref());
+        }
+        if out.authorization_changed {
+            out.flows_revoked = self.mesh.reauthorize();
+        }
+        self.current.send_replace(new);
+        Ok(out)
+    }
+
+    /// Re-reads `path` every `interval` (by content) and on SIGHUP, and reloads what changed. A file
+    /// that does not parse or validate is refused with the same errors as `causeway check`, logged
+    /// and counted (`config_reloads_total{result="refused"}`), and the running configuration stays.
+    pub fn watch(&self, path: PathBuf, interval: Duration, stop: CancellationToken) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut seen = std::fs::read(&path).ok();
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let forced = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => true,
+                    _ = stop.cancelled() => return,
+                };
+                let now = std::fs::read(&path).ok();
+                if now == seen && !forced {
+                    continue;
+                }
+                seen = now;
+                let res = match crate::config::load(&path) {
+                    Ok(cfg) => this.reload(&cfg).await,
+                    Err(e) => {
+                        this.mesh.metrics().counter(CONFIG_RELOADS, &[("result", "refused")]).increment(1);
+                        Err(e.errors)
+                    }
+                };
+                match res {
+                    Ok(r) => tracing::info!(
+                        peers_added = r.peers_added,
+                        peers_removed = r.peers_removed,
+                        exports_changed = r.exports_changed,
+                        imports_added = r.imports_added,
+                        imports_removed = r.imports_removed,
+                        http_routes_changed = r.http_routes_changed,
+                        authorization_changed = r.authorization_changed,
+                        flows_revoked = r.flows_revoked,
+                        "config.reloaded"
+                    ),
+                    Err(errors) => {
+                        for e in errors {
+                            tracing::error!(path = %e.path, reason = %e.reason, "config.reload.refused");
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
