@@ -809,3 +809,97 @@ async fn attempts_abandoned_at_the_per_try_timeout_do_not_throttle_the_peer() {
     assert!(m.wait_routes(0, "reviews.shop", 2).await);
     m.shutdown().await;
 }
+
+/// One change of routes and policy together, as two snapshots: each route stamps its snapshot's
+/// name on the request (`x-route`), and each policy admits only requests its own snapshot's route
+/// stamped. A request that saw one snapshot's route with the other's policy is refused (403).
+fn stamped(name: &str) -> String {
+    format!(
+        "http_routes:
+  - name: stamp
+    service: reviews.shop
+    rules:
+      - backends: [{{ subset: {{ version: v1 }} }}]
+        request_headers: {{ set: {{ x-route: {name} }} }}
+authorization:
+  default_deny: true
+  policies:
+    - name: stamped-{name}
+      service: reviews.shop
+      action: allow
+      rules:
+        - to: {{ headers: {{ x-route: {name} }} }}
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_and_policy_change_together_and_no_request_sees_half_of_a_change() {
+    init();
+    let v1 = backend("v1");
+    let mut m = TestMesh::plan(
+        vec![ZoneSpec {
+            zone: "a",
+            exports: vec![("reviews.shop", vec![v1.addr])],
+            imports: vec![("reviews.shop", vec![])],
+        }],
+        "",
+    )
+    .unwrap();
+    // Zone a serves its own import: the route, the policy and the endpoint are all one gateway's.
+    let mut file = |name: &str| {
+        m.specs[0].extra = stamped(name);
+        m.specs[0]
+            .yaml()
+            .replace("{ name: reviews.shop,", "{ name: reviews.shop, protocol: http, labels: { version: v1 },")
+            .replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,")
+    };
+    let (one, two) = (file("one"), file("two"));
+    m.gateways[0] = Some(start_yaml(&m, 0, &one).await);
+    assert!(m.wait_routes(0, "reviews.shop", 1).await, "a never routed to itself");
+    let snapshot = |name: &str, yaml: &str| {
+        let path = m.pki.dir.join(format!("a-{name}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        causeway::config::load(&path).unwrap()
+    };
+    let (one, two) = (snapshot("one", &one), snapshot("two", &two));
+    let url = format!("http://{}/r", m.gw(0).import_addr("reviews.shop").unwrap());
+    // Clients on two connections, while the snapshots alternate as fast as they apply.
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut cmd = Command::new("curl");
+                cmd.args(["-sS", "--max-time", "60", "-w", "%{http_code} %header{x-echo-route}\\n"]);
+                for _ in 0..600 {
+                    cmd.args(["-o", "/dev/null", &url]);
+                }
+                let out = cmd.output().expect("curl");
+                String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut swaps = 0u32;
+    while !clients.iter().all(|c| c.is_finished()) {
+        let next = if swaps.is_multiple_of(2) { &two } else { &one };
+        let r = m.gw(0).reload(next).await.unwrap();
+        assert!(r.http_routes_changed && r.authorization_changed, "{r:?}");
+        swaps += 1;
+        tokio::task::yield_now().await;
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for c in clients {
+        for line in c.await.unwrap() {
+            *seen.entry(line).or_insert(0u32) += 1;
+        }
+    }
+    // Every request was decided by one complete snapshot, and both snapshots decided some.
+    let total: u32 = seen.values().sum();
+    assert_eq!(total, 1200, "{seen:?}");
+    assert!(seen.keys().all(|l| l == "200 one" || l == "200 two"), "after {swaps} swaps: {seen:?}");
+    assert!(seen.len() == 2 && swaps >= 20, "after {swaps} swaps: {seen:?}");
+    eprintln!("{swaps} swaps: {seen:?}");
+    let t = m.gw(0).metrics_text();
+    assert_eq!(metric(&t, "causeway_config_reloads_total", &[("result", "ok")]), Some(f64::from(swaps)), "{t}");
+    m.shutdown().await;
+}

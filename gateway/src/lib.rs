@@ -17,6 +17,7 @@ pub mod parse;
 pub mod policy;
 pub mod ratelimit;
 pub mod redirect;
+pub mod rules;
 pub mod telemetry;
 
 pub use app::Gateway;

@@ -49,22 +49,17 @@ pub struct FlowCaller<'a> {
 /// `causeway-policy: <policy>`). A mesh cannot be built without one ([`crate::MeshConfig`]), so
 /// "no authorizer" can never mean "admit everything".
 pub trait Authorizer: Send + Sync + 'static {
-    fn authorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String>;
+    /// Decides a new flow: `Err(policy)` refuses it; `Ok(admission)` is the answer of its rate
+    /// limits, taken from the same rules as the decision.
+    fn authorize_flow(&self, caller: &FlowCaller<'_>) -> Result<Admission, String>;
 
-    /// The same question for a flow already open (after a policy change).
-    fn reauthorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String> {
-        self.authorize_flow(caller)
-    }
-
-    /// Rate limits of an authorized new flow: `Ok(guard)` holds the flow's place among the open
-    /// flows until dropped; `Err(limit)` refuses it (429 `rate_limited`). A future: a limit the
-    /// zone's gateways share asks their store.
-    fn admit_flow(&self, _caller: &FlowCaller<'_>) -> Admission {
-        Box::pin(std::future::ready(Ok(Box::new(()) as Box<dyn Send + Sync>)))
-    }
+    /// The same question for a flow already open (after a policy change); nothing is admitted.
+    fn reauthorize_flow(&self, caller: &FlowCaller<'_>) -> Result<(), String>;
 }
 
-/// The rate limits' answer for a new flow (see [`Authorizer::admit_flow`]).
+/// The rate limits' answer for an authorized new flow (see [`Authorizer::authorize_flow`]):
+/// `Ok(guard)` holds the flow's place among the open flows until dropped; `Err(limit)` refuses it
+/// (429 `rate_limited`). A future: a limit the zone's gateways share asks their store.
 pub type Admission = Pin<Box<dyn Future<Output = Result<Box<dyn Send + Sync>, String>> + Send + 'static>>;
 
 /// Who sent a request across the overlay.

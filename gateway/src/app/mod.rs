@@ -79,14 +79,8 @@ impl Gateway {
         crate::metrics::describe(&metrics);
         // The policy exists before the mesh: a mesh cannot be built without its authorizer.
         let identity = creds.identity().context("tls.cert")?;
-        let policy = crate::policy::Enforcer::new(
-            snap.authorization.clone(),
-            &snap.rate_limits,
-            snap.rate_limit_store.as_ref(),
-            fixed.zone.as_str(),
-            identity.as_str(),
-            metrics.clone(),
-        );
+        let policy =
+            crate::policy::Enforcer::new(snap.rule_spec(), fixed.zone.as_str(), identity.as_str(), metrics.clone());
         let mesh = Mesh::bind(MeshConfig {
             zone: fixed.zone.clone(),
             gateway: fixed.gateway.clone(),
@@ -113,7 +107,7 @@ impl Gateway {
         let stop = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
 
-        let http = crate::http::Http::new(mesh.clone(), cfg.http_settings(), policy);
+        let http = crate::http::Http::new(mesh.clone(), fixed.outlier_ejection, policy);
         let handler: Arc<dyn causeway_overlay::ports::HttpHandler> = http.clone();
         mesh.set_http_handler(&handler);
         let mut imports = Vec::new();
@@ -123,13 +117,9 @@ impl Gateway {
                 .await
                 .with_context(|| format!("imports[{i}].listen: cannot bind {}", imp.listen))?;
             let own = stop.child_token();
-            imports.push(ImportRun {
-                service: imp.service.clone(),
-                listen: imp.listen,
-                bound: l.local_addr(),
-                stop: own.clone(),
-            });
-            tasks.spawn(l.run(mesh.clone(), own));
+            let bound = l.local_addr();
+            let accepting = tasks.spawn(l.run(mesh.clone(), own.clone()));
+            imports.push(ImportRun { service: imp.service.clone(), listen: imp.listen, bound, stop: own, accepting });
         }
         let import_addrs: Vec<_> = imports.iter().map(|r| (r.service.to_string(), r.bound)).collect();
         let admin_addr = match fixed.admin {

@@ -23,6 +23,8 @@ pub(super) struct ImportRun {
     pub(super) listen: SocketAddr,
     pub(super) bound: SocketAddr,
     pub(super) stop: CancellationToken,
+    /// Its accept loop: ended (and the socket closed) once `stop` has been cancelled.
+    pub(super) accepting: tokio::task::JoinHandle<()>,
 }
 
 /// Applies configuration reloads to a running gateway (see [`Reloader::reload`]).
@@ -118,26 +120,25 @@ impl Reloader {
             }
         }
         let mut out = Reloaded { imports_added: bound.len(), ..Default::default() };
-        {
+        let removed: Vec<ImportRun> = {
             let mut imports = self.imports.lock().unwrap_or_else(|e| e.into_inner());
-            imports.retain(|r| {
-                let keep = new.imports.iter().any(|i| i.service == r.service && i.listen == r.listen);
-                if !keep {
-                    r.stop.cancel();
-                    out.imports_removed += 1;
-                }
-                keep
-            });
+            let (kept, removed) = std::mem::take(&mut *imports)
+                .into_iter()
+                .partition(|r| new.imports.iter().any(|i| i.service == r.service && i.listen == r.listen));
+            *imports = kept;
             for (imp, l) in bound {
                 let stop = self.stop_listeners.child_token();
-                imports.push(ImportRun {
-                    service: imp.service,
-                    listen: imp.listen,
-                    bound: l.local_addr(),
-                    stop: stop.clone(),
-                });
-                self.tasks.spawn(l.run(self.mesh.clone(), stop));
+                let bound = l.local_addr();
+                let accepting = self.tasks.spawn(l.run(self.mesh.clone(), stop.clone()));
+                imports.push(ImportRun { service: imp.service, listen: imp.listen, bound, stop, accepting });
             }
+            removed
+        };
+        // A removed listener stops accepting before the change is reported (its open flows run on).
+        out.imports_removed = removed.len();
+        for r in removed {
+            r.stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), r.accepting).await;
         }
         self.mesh.set_memory_budget(new.memory_budget);
         self.mesh.set_preferences(new.preferences.clone());
@@ -146,13 +147,11 @@ impl Reloader {
         out.peers_removed = r.peers_removed;
         out.exports_changed = r.exports_changed;
         out.http_routes_changed = old.http_routes != new.http_routes;
-        self.http.reconfigure(new.http_settings(self.fixed.outlier_ejection), &self.mesh.endpoint_addrs());
         out.authorization_changed = old.authorization != new.authorization;
-        self.http.policy().replace(new.authorization.clone());
+        // Routes, endpoint options, policy and rate limits: one swap.
+        self.http.policy().install(new.rule_spec());
+        self.http.retain_endpoints(&self.mesh.endpoint_addrs());
         self.mesh.set_client_allowlists(new.client_allowlists.clone());
-        if old.rate_limits != new.rate_limits || old.rate_limit_store != new.rate_limit_store {
-            self.http.policy().replace_limits(&new.rate_limits, new.rate_limit_store.as_ref());
-        }
         if out.authorization_changed {
             out.flows_revoked = self.mesh.reauthorize();
         }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::http::{HttpOptions, HttpSettings, LbPolicy};
+use crate::http::{HttpOptions, LbPolicy};
 use causeway_overlay::transport::Timers;
 use causeway_overlay::{Export, Limits, PeerSpec, Timing};
 use causeway_protocol::control::Protocol;
@@ -188,17 +188,16 @@ pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 /// `timing.outlier_ejection` when unset.
 pub const DEFAULT_OUTLIER_EJECTION: Duration = Duration::from_secs(30);
 
-impl Config {
-    /// What the HTTP side runs with.
-    pub fn http_settings(&self) -> HttpSettings {
-        self.snapshot.http_settings(self.fixed.outlier_ejection)
-    }
-}
-
 impl Snapshot {
-    /// What the HTTP side runs with.
-    pub fn http_settings(&self, outlier_ejection: Duration) -> HttpSettings {
-        HttpSettings { routes: self.http_routes.clone(), options: self.http_options.clone(), outlier_ejection }
+    /// What the gateway's rules are built from.
+    pub fn rule_spec(&self) -> crate::rules::RuleSpec<'_> {
+        crate::rules::RuleSpec {
+            routes: &self.http_routes,
+            options: &self.http_options,
+            policies: &self.authorization,
+            rate_limits: &self.rate_limits,
+            rate_limit_store: self.rate_limit_store.as_ref(),
+        }
     }
 }
 

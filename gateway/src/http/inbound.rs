@@ -9,6 +9,7 @@ impl Http {
     /// for its own zone's callers too.
     pub(super) fn authorize_local<B>(
         &self,
+        rules: &Rules,
         service: &ServiceName,
         req: &Request<B>,
         source: &Source,
@@ -23,17 +24,18 @@ impl Http {
             port,
             http: Some(HttpSubject { method: req.method().as_str(), path: req.uri().path(), headers: req.headers() }),
         };
-        self.admit(&subject)
+        self.admit(rules, &subject)
     }
 
     /// Authorization now, then the rate limits (a global one asks the shared store): the refusal
     /// to answer with, if any.
     pub(super) fn admit(
         &self,
+        rules: &Rules,
         s: &Subject<'_>,
     ) -> impl std::future::Future<Output = Option<Response<ChanBody>>> + Send + 'static {
-        let (pass, d) = self.policy.check(s);
-        let rate = pass.then(|| self.policy.check_rate(s));
+        let (pass, d) = self.policy.check(rules, s);
+        let rate = pass.then(|| Enforcer::check_rate(rules, s));
         async move {
             match rate {
                 None => Some(policy_denied(&d.policy)),
@@ -104,12 +106,17 @@ impl Http {
 
     /// Sends a request to a local endpoint of `service` over a pooled HTTP/1.1 connection (one
     /// HTTP/2 connection for `http2`/`grpc` exports).
-    pub(super) async fn to_endpoint<B>(&self, service: &ServiceName, req: Request<B>) -> Response<ChanBody>
+    pub(super) async fn to_endpoint<B>(
+        &self,
+        rules: &Rules,
+        service: &ServiceName,
+        req: Request<B>,
+    ) -> Response<ChanBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError> + Send,
     {
-        let opts = self.options(service);
+        let opts = rules.options(service);
         // The breaker: over max_requests in progress, refused at once (before any endpoint work).
         let active = {
             let mut m = self.active.lock().unwrap_or_else(|e| e.into_inner());
@@ -278,9 +285,11 @@ impl Http {
             port,
             http: Some(HttpSubject { method: req.method().as_str(), path: req.uri().path(), headers: req.headers() }),
         };
-        let (pass, decision) = self.policy.check(&subject);
+        // One set of rules decides the request: policy, limits and the endpoint options.
+        let rules = self.policy.rules();
+        let (pass, decision) = self.policy.check(&rules, &subject);
         // Authorized calls draw from the rate limits; a refusal is answered instead.
-        let rate = pass.then(|| self.policy.check_rate(&subject));
+        let rate = pass.then(|| Enforcer::check_rate(&rules, &subject));
         let refusal = match rate {
             Some(rate) => rate.await.err().map(|l| rate_limited(&l)),
             None => Some(policy_denied(&decision.policy)),
@@ -290,7 +299,7 @@ impl Http {
         let bytes_in = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let body = piped(H3Body::new(recv, Some(bytes_in.clone())), ());
         let resp = match refusal {
-            None => self.to_endpoint(&service, req.map(|()| body)).await,
+            None => self.to_endpoint(&rules, &service, req.map(|()| body)).await,
             Some(r) => r,
         };
         let status = resp.status();

@@ -38,8 +38,9 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::http::balance::{Answer, Choice};
-use crate::http::routes::{Fault, HeaderChanges, HttpRoute, Mirror, Retries};
-use crate::policy::{HttpSubject, Subject};
+use crate::http::routes::{Fault, HeaderChanges, Mirror, Retries};
+use crate::policy::{Enforcer, HttpSubject, Subject};
+use crate::rules::Rules;
 
 /// Requests served, by service, route, serving zone and status code.
 pub const HTTP_REQUESTS: &str = "causeway_http_requests_total";
@@ -145,22 +146,8 @@ use self::respond::*;
 /// The gateway's HTTP side: routes for the source, an endpoint client for the destination.
 type Client = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, ChanBody>;
 
-/// What a reload may change of the HTTP side, besides policy.
-#[derive(Debug, Clone, Default)]
-pub struct HttpSettings {
-    pub routes: Vec<HttpRoute>,
-    /// Per exported `http` service.
-    pub options: std::collections::HashMap<ServiceName, HttpOptions>,
-    /// First ejection of an endpoint that failed 5 times in a row (fixed at start).
-    pub outlier_ejection: Duration,
-}
-
 pub struct Http {
     mesh: Mesh,
-    /// Replaced whole by a reload; each request reads the set it started with.
-    routes: std::sync::RwLock<Arc<Vec<HttpRoute>>>,
-    /// How each exported `http` service's endpoints are spoken to (replaced whole by a reload).
-    options: std::sync::RwLock<Arc<std::collections::HashMap<ServiceName, HttpOptions>>>,
     /// Pooled HTTP/1.1 connections to endpoints ...
     client: Client,
     /// ... and HTTP/2 (h2c, prior knowledge) for `http2`/`grpc` exports.
@@ -171,7 +158,8 @@ pub struct Http {
     active: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, u32>>>,
     /// Endpoint connections in use and requests waiting for one (`max_connections`, `max_pending`).
     slots: Arc<std::sync::Mutex<std::collections::HashMap<ServiceName, SlotState>>>,
-    /// Who may call our exports (decided here, for peers' requests).
+    /// The rules in force (routes, endpoint options, who may call our exports, rate limits):
+    /// each request loads them once.
     policy: Arc<crate::policy::Enforcer>,
     /// Places for mirrored copies in flight.
     mirrors: Arc<tokio::sync::Semaphore>,
@@ -233,7 +221,7 @@ impl Drop for InFlight {
 impl Http {
     /// `outlier_ejection`: the first ejection of an endpoint that failed 5 times in a row (the
     /// n-th lasts n times it).
-    pub fn new(mesh: Mesh, settings: HttpSettings, policy: Arc<crate::policy::Enforcer>) -> Arc<Self> {
+    pub fn new(mesh: Mesh, outlier_ejection: Duration, policy: Arc<crate::policy::Enforcer>) -> Arc<Self> {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -249,11 +237,9 @@ impl Http {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .http2_keep_alive_timeout(Duration::from_secs(5))
             .build(connector);
-        let balancer = crate::http::balance::Balancer::new(settings.outlier_ejection);
+        let balancer = crate::http::balance::Balancer::new(outlier_ejection);
         Arc::new(Self {
             mesh,
-            routes: std::sync::RwLock::new(Arc::new(settings.routes)),
-            options: std::sync::RwLock::new(Arc::new(settings.options)),
             client,
             client_h2,
             budgets: Default::default(),
@@ -263,11 +249,6 @@ impl Http {
             policy,
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         })
-    }
-
-    /// The endpoint protocol and breakers of an exported `http` service.
-    fn options(&self, service: &ServiceName) -> HttpOptions {
-        self.options.read().unwrap_or_else(|e| e.into_inner()).get(service).cloned().unwrap_or_default()
     }
 
     /// The running authorization policy.
@@ -308,11 +289,8 @@ impl Http {
         }
     }
 
-    /// Replaces the routes (a reload): requests already routed keep theirs, the next ones use
-    /// these. Balancer state of endpoints no longer configured is dropped.
-    pub fn reconfigure(&self, settings: HttpSettings, endpoints: &[std::net::SocketAddr]) {
-        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings.routes);
-        *self.options.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings.options);
+    /// Drops the balancer state of endpoints no longer configured (after a reload).
+    pub fn retain_endpoints(&self, endpoints: &[std::net::SocketAddr]) {
         self.balancer.retain(endpoints);
     }
 }

@@ -6,9 +6,8 @@ use super::*;
 impl Http {
     /// The route for a request: its name, the labels its chosen backend requires, and the rule's
     /// timeouts and retries.
-    pub(super) fn pick<B>(&self, service: &ServiceName, req: &Request<B>) -> Picked {
-        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner()).clone();
-        for r in routes.iter().filter(|r| &r.service == service) {
+    pub(super) fn pick<B>(rules: &Rules, service: &ServiceName, req: &Request<B>) -> Picked {
+        for r in rules.routes.iter().filter(|r| &r.service == service) {
             for rule in &r.rules {
                 if !rule.matches.is_empty()
                     && !rule.matches.iter().any(|m| m.holds(req.method(), req.uri(), req.headers()))
@@ -73,11 +72,14 @@ impl Http {
         B::Error: Into<BoxError> + Send,
     {
         let start = Instant::now();
+        // One set of rules decides the whole request: its route, and the policy and limits of a
+        // local destination (a reload meanwhile applies to the next request).
+        let rules = self.policy.rules();
         // The request body's bytes, counted as the client sends them (once, however many tries).
         let up = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut req = req.map(|b| Counted::new(b, up.clone()));
         let Picked { route, subset, timeout, per_try, retries, request_headers, response_headers, fault, mirror } =
-            self.pick(service, &req);
+            Self::pick(&rules, service, &req);
         request_headers.apply(req.headers_mut());
         let roll = |share: f64| share > 0.0 && rand::rng().random_bool(share.min(1.0));
         let delay = fault.delay.filter(|(share, _)| roll(*share)).map(|(_, d)| d);
@@ -146,7 +148,7 @@ impl Http {
             });
             if retry.is_none() && mirror.is_none() {
                 let c = &candidates[0];
-                let resp = self.attempt(c, service, req, source, &trace, per_try).await;
+                let resp = self.attempt(&rules, c, service, req, source, &trace, per_try).await;
                 return (resp, c.zone.to_string(), 1);
             }
             use http_body_util::BodyExt;
@@ -156,12 +158,12 @@ impl Http {
                 Err(_) => return (error_response(StatusCode::BAD_REQUEST, FlowError::BadRequest), String::new(), 0),
             };
             if let Some(m) = mirror {
-                mirrored = self.mirror(m, service, &route, &parts, &body, source, &trace);
+                mirrored = self.mirror(&rules, m, service, &route, &parts, &body, source, &trace);
             }
             let Some(retry) = retry else {
                 let c = &candidates[0];
                 let req = Request::from_parts(parts, http_body_util::Full::new(body));
-                let resp = self.attempt(c, service, req, source, &trace, per_try).await;
+                let resp = self.attempt(&rules, c, service, req, source, &trace, per_try).await;
                 return (resp, c.zone.to_string(), 1);
             };
             let mut attempt = 0;
@@ -169,7 +171,7 @@ impl Http {
                 let c = &candidates[attempt % candidates.len()];
                 attempt += 1;
                 let req = Request::from_parts(parts.clone(), http_body_util::Full::new(body.clone()));
-                let resp = self.attempt(c, service, req, source, &trace, per_try).await;
+                let resp = self.attempt(&rules, c, service, req, source, &trace, per_try).await;
                 if attempt as u32 >= retry.attempts || !should_retry(&retry, &resp) {
                     return (resp, c.zone.to_string(), attempt);
                 }
@@ -251,6 +253,7 @@ impl Http {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn mirror(
         self: &Arc<Self>,
+        rules: &Arc<Rules>,
         m: Mirror,
         service: &ServiceName,
         route: &str,
@@ -273,11 +276,12 @@ impl Http {
         let mut req = Request::from_parts(parts.clone(), http_body_util::Full::new(body.clone()));
         req.headers_mut().insert(MIRROR_HEADER, http::HeaderValue::from_static("1"));
         // Its attempt is a child span of the request's, like the request's own attempts.
-        let (this, service, source, trace) = (self.clone(), service.clone(), source.clone(), *trace);
+        let (this, rules, service, source, trace) =
+            (self.clone(), rules.clone(), service.clone(), source.clone(), *trace);
         tokio::spawn(async move {
             use http_body_util::BodyExt;
             let copy = async {
-                let resp = this.attempt(&c, &service, req, &source, &trace, Some(RESPONSE_TIMEOUT)).await;
+                let resp = this.attempt(&rules, &c, &service, req, &source, &trace, Some(RESPONSE_TIMEOUT)).await;
                 let _ = resp.into_body().collect().await;
             };
             // One deadline for the whole copy, answer included.
@@ -287,9 +291,12 @@ impl Http {
         true
     }
 
-    /// One attempt at a candidate, bounded by `per_try` (504 past it).
+    /// One attempt at a candidate, bounded by `per_try` (504 past it); a local destination
+    /// decides by `rules`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn attempt<B>(
         &self,
+        rules: &Rules,
         c: &Candidate,
         service: &ServiceName,
         req: Request<B>,
@@ -306,8 +313,8 @@ impl Http {
         let own = trace.child(span);
         let go = async {
             match &c.target {
-                Target::Local => match self.authorize_local(service, &req, source).await {
-                    None => self.to_endpoint(service, req).await,
+                Target::Local => match self.authorize_local(rules, service, &req, source).await {
+                    None => self.to_endpoint(rules, service, req).await,
                     Some(refusal) => refusal,
                 },
                 Target::Peer(id) => self.to_peer(id, service, req, source, &own).await,

@@ -3,17 +3,20 @@
 //! `Authorizer` built on them.
 
 use super::*;
+use crate::rules::{RuleSpec, Rules};
 
 /// Authorization decisions, by service, deciding policy and action (`allow`, `deny`, or `audit`:
 /// an audit rule matched, or audit mode let a denial through).
 pub const POLICY_DECISIONS: &str = "causeway_policy_decisions_total";
 
-/// The running policy: replaced whole by a reload; every decision counted and every denial or
-/// audit logged (target `causeway::audit`, `kind=policy`; the flow or request has its own access event).
+/// The rules in force ([`Rules`]: routes, endpoint options, policies, rate limits), installed
+/// whole from a snapshot; every decision counted and every denial or audit logged (target
+/// `causeway::audit`, `kind=policy`; the flow or request has its own access event).
 pub struct Enforcer {
-    policies: std::sync::RwLock<std::sync::Arc<Policies>>,
-    limits: std::sync::RwLock<std::sync::Arc<crate::ratelimit::RateLimits>>,
-    /// The shared store of global rate limits, kept across reloads that do not change it.
+    rules: std::sync::RwLock<std::sync::Arc<Rules>>,
+    /// One install at a time (each builds on the rules and store in force).
+    installing: std::sync::Mutex<()>,
+    /// The shared store of global rate limits, kept across installs that do not change it.
     store: std::sync::Mutex<Option<std::sync::Arc<crate::ratelimit::store::Store>>>,
     /// This gateway's zone and identity (the store's namespace and this gateway's name in it).
     zone: String,
@@ -25,55 +28,73 @@ pub struct Enforcer {
 type RateKey = (ServiceName, String, String);
 
 impl Enforcer {
-    /// Needs a Tokio runtime when `store` is set (its heartbeat is a task).
+    /// Needs a Tokio runtime when `spec` names a store (its heartbeat is a task).
     pub fn new(
-        p: Policies,
-        limits: &[crate::ratelimit::LimitSpec],
-        store: Option<&crate::ratelimit::store::StoreSpec>,
+        spec: RuleSpec<'_>,
         zone: &str,
         member: &str,
         metrics: causeway_overlay::metrics::Metrics,
     ) -> std::sync::Arc<Self> {
+        let empty = Rules {
+            routes: Vec::new(),
+            options: Default::default(),
+            policies: Policies::default(),
+            limits: std::sync::Arc::new(crate::ratelimit::RateLimits::new(&[], None, metrics.clone())),
+            limit_specs: Vec::new(),
+        };
         let e = Self {
-            policies: std::sync::RwLock::new(std::sync::Arc::new(p)),
-            limits: std::sync::RwLock::new(std::sync::Arc::new(crate::ratelimit::RateLimits::new(
-                &[],
-                None,
-                metrics.clone(),
-            ))),
+            rules: std::sync::RwLock::new(std::sync::Arc::new(empty)),
+            installing: std::sync::Mutex::new(()),
             store: std::sync::Mutex::new(None),
             zone: zone.to_string(),
             member: member.to_string(),
             metrics,
         };
-        e.replace_limits(limits, store);
+        e.install(spec);
         std::sync::Arc::new(e)
     }
 
-    pub fn replace(&self, p: Policies) {
-        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(p);
+    /// The rules in force: a request or flow loads them once and decides everything by them.
+    pub fn rules(&self) -> std::sync::Arc<Rules> {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// New rate limits (a reload that changed them): fresh local buckets; a new store connection
-    /// only when its configuration changed.
-    pub fn replace_limits(
-        &self,
-        specs: &[crate::ratelimit::LimitSpec],
-        store: Option<&crate::ratelimit::store::StoreSpec>,
-    ) {
-        let store = {
-            let mut cur = self.store.lock().unwrap_or_else(|e| e.into_inner());
-            if cur.as_ref().map(|s| s.spec()) != store {
-                *cur = store.and_then(|spec| {
-                    crate::ratelimit::store::Store::start(spec, &self.zone, &self.member, self.metrics.clone())
-                        .inspect_err(|err| tracing::error!(error = %err, "rate_limit.store.config"))
-                        .ok()
-                });
-            }
-            cur.clone()
+    /// Builds the rules of `spec` and swaps them in with one write: the next request or flow sees
+    /// all of them, one already deciding keeps the set it loaded. Rate limits whose specs and
+    /// store are unchanged are kept with their state; changed ones start fresh, on a new store
+    /// connection only when the store's configuration changed.
+    pub fn install(&self, spec: RuleSpec<'_>) {
+        let _one = self.installing.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.rules();
+        let store_changed = {
+            let cur = self.store.lock().unwrap_or_else(|e| e.into_inner());
+            cur.as_ref().map(|s| s.spec()) != spec.rate_limit_store
         };
-        let l = crate::ratelimit::RateLimits::new(specs, store, self.metrics.clone());
-        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(l);
+        let limits = if !store_changed && old.limit_specs == spec.rate_limits {
+            old.limits.clone()
+        } else {
+            let store = {
+                let mut cur = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                if store_changed {
+                    // The old store stops when the last rules using it are dropped.
+                    *cur = spec.rate_limit_store.and_then(|s| {
+                        crate::ratelimit::store::Store::start(s, &self.zone, &self.member, self.metrics.clone())
+                            .inspect_err(|err| tracing::error!(error = %err, "rate_limit.store.config"))
+                            .ok()
+                    });
+                }
+                cur.clone()
+            };
+            std::sync::Arc::new(crate::ratelimit::RateLimits::new(spec.rate_limits, store, self.metrics.clone()))
+        };
+        let rules = Rules {
+            routes: spec.routes.to_vec(),
+            options: spec.options.clone(),
+            policies: spec.policies.clone(),
+            limits,
+            limit_specs: spec.rate_limits.to_vec(),
+        };
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(rules);
     }
 
     /// The gateway is shutting down: the rate-limit store's heartbeat stops.
@@ -91,10 +112,10 @@ impl Enforcer {
     /// The request rate limits for an authorized HTTP request (a round trip to the shared store
     /// for global limits).
     pub fn check_rate(
-        &self,
+        rules: &Rules,
         s: &Subject<'_>,
     ) -> impl std::future::Future<Output = Result<(), crate::ratelimit::Limited>> + Send + 'static {
-        let limits = self.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let limits = rules.limits.clone();
         let key = Self::rate_key(s);
         async move {
             let Some((service, identity, zone)) = key else { return Ok(()) };
@@ -104,12 +125,13 @@ impl Enforcer {
 
     /// The decision for `s`, as `causeway policy explain` prints it; nothing counted or logged.
     pub fn explain(&self, s: &Subject<'_>) -> serde_json::Value {
-        self.policies.read().unwrap_or_else(|e| e.into_inner()).explain(s)
+        self.rules().policies.explain(s)
     }
 
-    /// Decides, counts and logs; returns whether the request or flow may pass, and the decision.
-    pub fn check(&self, s: &Subject<'_>) -> (bool, Decision) {
-        let p = self.policies.read().unwrap_or_else(|e| e.into_inner()).clone();
+    /// Decides by `rules`, counts and logs; returns whether the request or flow may pass, and the
+    /// decision.
+    pub fn check(&self, rules: &Rules, s: &Subject<'_>) -> (bool, Decision) {
+        let p = &rules.policies;
         let d = p.decide(s);
         let pass = d.allowed || p.audit_mode;
         let action = match (d.allowed, pass) {
@@ -160,35 +182,36 @@ fn flow_subject<'a>(c: &'a causeway_overlay::ports::FlowCaller<'a>) -> Subject<'
 }
 
 impl causeway_overlay::ports::Authorizer for Enforcer {
-    fn authorize_flow(&self, c: &causeway_overlay::ports::FlowCaller<'_>) -> Result<(), String> {
-        match self.check(&flow_subject(c)) {
-            (true, _) => Ok(()),
-            (false, d) => Err(d.policy),
+    /// The policy now, then (a future) the rate limits, both of one set of rules.
+    fn authorize_flow(
+        &self,
+        c: &causeway_overlay::ports::FlowCaller<'_>,
+    ) -> Result<causeway_overlay::ports::Admission, String> {
+        let rules = self.rules();
+        if let (false, d) = self.check(&rules, &flow_subject(c)) {
+            return Err(d.policy);
         }
-    }
-
-    /// An open flow asked again after a reload: decided, not counted as a new call (the mesh
-    /// counts and logs a revocation).
-    fn reauthorize_flow(&self, c: &causeway_overlay::ports::FlowCaller<'_>) -> Result<(), String> {
-        let p = self.policies.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let d = p.decide(&flow_subject(c));
-        if d.allowed || p.audit_mode {
-            Ok(())
-        } else {
-            Err(d.policy)
-        }
-    }
-
-    fn admit_flow(&self, c: &causeway_overlay::ports::FlowCaller<'_>) -> causeway_overlay::ports::Admission {
-        let limits = self.limits.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let limits = rules.limits.clone();
         let service = c.service.clone();
         let identity = c.identity.map(|i| i.as_str().to_string()).unwrap_or_default();
         let zone = c.zone.map(|z| z.as_str().to_string()).unwrap_or_default();
-        Box::pin(async move {
+        Ok(Box::pin(async move {
             match limits.admit_flow(&service, &identity, &zone).await {
                 Ok(slots) => Ok(Box::new(slots) as Box<dyn Send + Sync>),
                 Err(l) => Err(l.name),
             }
-        })
+        }))
+    }
+
+    /// An open flow asked again after a policy change: decided, not counted as a new call (the
+    /// mesh counts and logs a revocation).
+    fn reauthorize_flow(&self, c: &causeway_overlay::ports::FlowCaller<'_>) -> Result<(), String> {
+        let rules = self.rules();
+        let d = rules.policies.decide(&flow_subject(c));
+        if d.allowed || rules.policies.audit_mode {
+            Ok(())
+        } else {
+            Err(d.policy)
+        }
     }
 }

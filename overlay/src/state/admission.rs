@@ -149,8 +149,8 @@ impl Mesh {
         caller: &FlowCaller<'_>,
     ) -> Result<Box<dyn Send + Sync>, (FlowError, String)> {
         let a = self.0.admission.authorizer();
-        a.authorize_flow(caller).map_err(|policy| (FlowError::PolicyDenied, policy))?;
-        a.admit_flow(caller).await.map_err(|limit| (FlowError::RateLimited, limit))
+        let admission = a.authorize_flow(caller).map_err(|policy| (FlowError::PolicyDenied, policy))?;
+        admission.await.map_err(|limit| (FlowError::RateLimited, limit))
     }
 }
 
