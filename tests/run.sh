@@ -50,7 +50,7 @@ echo "== unit and property tests"
 cargo test --workspace --lib --bins
 cargo test -p causeway-protocol --test vectors
 echo "== integration tests (loopback meshes, gateway processes)"
-cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test http --test http_protocols --test policy --test observability --test readme --test sim
+cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test control_plane --test http --test http_protocols --test policy --test observability --test readme --test sim
 echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"
 cargo test -p causeway-tests --test netns
 echo "== fault suite (loss, bursts, reordering, duplication, corruption through the impairment relay)"

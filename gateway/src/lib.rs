@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod http;
 pub mod listeners;

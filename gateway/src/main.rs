@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use causeway::config::{self, LogFormat};
 use causeway::{app, certs, telemetry};
 use causeway_protocol::{Identity, TrustDomain};
@@ -66,10 +67,38 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
-    /// Show a running gateway's peers and services (from its admin API).
+    /// Show a running gateway's peers and services (from its admin API); with `--mesh`, the
+    /// mesh-wide document it holds and where every gateway stands with it.
     Status {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: std::net::SocketAddr,
+        #[arg(long)]
+        mesh: bool,
+    },
+    /// Publish a mesh-wide document (routes, authorization, rate limits, allowlists) through any
+    /// gateway: signed with the operator's certificate and key, flooded to every gateway, then
+    /// followed until each has applied or refused it. Exit 0 when every gateway applied it, 1 when
+    /// one refused it, it was superseded or the wait ran out, 2 on a bad document or usage.
+    Apply {
+        /// The document (YAML).
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+        /// The publisher's certificate chain (PEM): a SPIFFE ID listed in `control.publishers`.
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// The version to publish (default: one more than the gateway holds).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Print which sections apply in which zone, and publish nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for every gateway's report (0s: do not wait).
+        #[arg(long, default_value = "10s")]
+        wait: String,
     },
 }
 
@@ -186,7 +215,34 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Status { admin } => match runtime(Some(1)).and_then(|rt| rt.block_on(status(admin))) {
+        Cmd::Apply { file, admin, cert, key, version, dry_run, wait } => {
+            let Ok(wait) = causeway::parse::duration(&wait) else {
+                eprintln!("--wait: {wait:?} is not a duration");
+                return ExitCode::from(2);
+            };
+            let a = ApplyArgs { file, admin, cert, key, version, dry_run, wait };
+            match runtime(Some(1)).and_then(|rt| rt.block_on(apply(a))) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("apply: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status { admin, mesh: true } => {
+            let view = runtime(Some(1)).and_then(|rt| rt.block_on(causeway::control::publish::mesh_view(admin)));
+            match view {
+                Ok(v) => {
+                    print!("{}", causeway::control::publish::render(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("status: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status { admin, .. } => match runtime(Some(1)).and_then(|rt| rt.block_on(status(admin))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("status: {e:#}");
@@ -440,4 +496,102 @@ async fn status(admin: std::net::SocketAddr) -> anyhow::Result<()> {
     let t: serde_json::Value = serde_json::from_str(&body)?;
     print!("{}", causeway::admin::topology::render_text(&t));
     Ok(())
+}
+
+struct ApplyArgs {
+    file: PathBuf,
+    admin: std::net::SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    version: Option<u64>,
+    dry_run: bool,
+    wait: Duration,
+}
+
+/// `causeway apply`: see [`Cmd::Apply`].
+async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
+    use causeway::control::publish;
+    let text = match std::fs::read_to_string(&a.file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", a.file.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let doc = match causeway::control::parse_document(&text) {
+        Ok(d) => d,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{}: {e}", a.file.display());
+            }
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let creds = certs::credentials_from_pem(&read(&a.cert)?, &read(&a.key)?)?;
+    let publisher = creds.identity()?;
+    let view = publish::mesh_view(a.admin).await?;
+    let version = a.version.unwrap_or_else(|| publish::next_version(&view));
+    if a.dry_run {
+        println!("document version {version}, publisher {publisher} (dry run: nothing published)");
+        let mut zones: Vec<String> = view["gateways"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["zone"].as_str().map(str::to_string))
+            .chain(doc.zones().map(|z| z.to_string()))
+            .collect();
+        zones.sort();
+        zones.dedup();
+        for z in zones {
+            let Ok(zone) = causeway_protocol::ZoneName::new(&z) else { continue };
+            let from: Vec<String> =
+                doc.sections_for(&zone).into_iter().map(|(k, _, at)| format!("{k} <- {at}")).collect();
+            println!(
+                "zone {z}: {}",
+                if from.is_empty() { "nothing (its files decide)".into() } else { from.join(", ") }
+            );
+        }
+        println!("each gateway validates the merge with its own file when the document arrives");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let signed = match publish::sign(&creds, version, &text) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: {e:#}", a.file.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let (code, answer) = publish::post(a.admin, &signed).await?;
+    if code != 200 {
+        eprintln!(
+            "refused by {}: {} ({})",
+            a.admin,
+            answer["reason"].as_str().unwrap_or("?"),
+            answer["detail"].as_str().unwrap_or("")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let digest = answer["digest"].as_str().unwrap_or_default().to_string();
+    println!("published version {version} ({}), digest {digest}", answer["result"].as_str().unwrap_or(""));
+    if a.wait.is_zero() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (outcome, view) = publish::follow(a.admin, version, &digest, a.wait).await?;
+    print!("{}", publish::render(&view));
+    Ok(match outcome {
+        publish::Outcome::Applied => ExitCode::SUCCESS,
+        publish::Outcome::Refused => {
+            eprintln!("refused by some gateways (reasons above): they keep what they had");
+            ExitCode::FAILURE
+        }
+        publish::Outcome::Superseded { by } => {
+            eprintln!("superseded: version {by} won over this one");
+            ExitCode::FAILURE
+        }
+        publish::Outcome::Pending => {
+            eprintln!("not every gateway reported within {:?}", a.wait);
+            ExitCode::FAILURE
+        }
+    })
 }

@@ -89,6 +89,18 @@ pub const DESCRIBED: &[(Kind, &str, Option<Unit>, &str)] = &[
         None,
         "Spans dropped, by reason (queue_full: the export queue was full; export_failed: the endpoint refused or did not answer).",
     ),
+    (
+        Kind::Gauge,
+        crate::control::documents::DOCUMENT_VERSION,
+        None,
+        "Version of the mesh-wide document in force at this gateway (absent: none applied).",
+    ),
+    (
+        Kind::Counter,
+        crate::control::documents::DOCUMENT_APPLIES,
+        None,
+        "Verified mesh-wide documents this gateway applied or refused (it does not fit its own configuration), by result.",
+    ),
 ];
 
 /// Describes every gateway metric on `m`'s recorder.

@@ -107,6 +107,6 @@ pub(crate) fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{s:?} is not an address or CIDR"))
 }
 
-pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+pub fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like \"250ms\" or \"5s\": {e}"))
 }

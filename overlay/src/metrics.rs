@@ -14,6 +14,11 @@ pub const PEER_UP: &str = "causeway_peer_up";
 pub const PEER_SILENCES: &str = "causeway_peer_silences_total";
 pub const TLS_RELOADS: &str = "causeway_tls_reloads_total";
 pub const CONFIG_RELOADS: &str = "causeway_config_reloads_total";
+/// Mesh-wide documents offered to this gateway, by result (`accepted`, `duplicate`, `refused`),
+/// reason of a refusal and origin (`peer`, `local`, `persisted`).
+pub const DOCUMENTS: &str = "causeway_mesh_documents_total";
+/// Status reports dropped because the table holds `MAX_STATUS_ROWS` gateways already.
+pub const DOCUMENT_STATUS_DROPPED: &str = "causeway_mesh_document_statuses_dropped_total";
 pub const TLS_LEAF_NOT_AFTER: &str = "causeway_tls_leaf_not_after_seconds";
 pub const PEER_REPLACED: &str = "causeway_peer_connections_replaced_total";
 pub const PEER_RTT: &str = "causeway_peer_rtt_seconds";
@@ -152,6 +157,12 @@ impl Metrics {
         c(PEER_CONNECTS, None, "Peer connections established or failed, by peer zone, direction and result.");
         g(PEER_UP, None, "1 while a peer's connection is up and its control stream live.");
         c(CONFIG_RELOADS, None, "Configuration reloads (file change or SIGHUP), by result (ok, refused).");
+        c(
+            DOCUMENTS,
+            None,
+            "Mesh-wide documents offered, by result (accepted, duplicate, refused), refusal reason and origin (peer, local, persisted).",
+        );
+        c(DOCUMENT_STATUS_DROPPED, None, "Document status reports dropped: the table was full.");
         c(TLS_RELOADS, None, "Certificate and trust-bundle reloads from the watched files, by result (ok, refused).");
         g(TLS_LEAF_NOT_AFTER, Some(Unit::Seconds), "Expiry of the leaf certificate in use (Unix time).");
         c(

@@ -62,6 +62,13 @@ pub trait Authorizer: Send + Sync + 'static {
 /// (429 `rate_limited`). A future: a limit the zone's gateways share asks their store.
 pub type Admission = Pin<Box<dyn Future<Output = Result<Box<dyn Send + Sync>, String>> + Send + 'static>>;
 
+/// Applies verified mesh-wide documents (the gateway): validates one against its own
+/// configuration, applies it or refuses it, and reports which with
+/// [`crate::Mesh::report_document`].
+pub trait DocumentHandler: Send + Sync + 'static {
+    fn apply(self: Arc<Self>, doc: Arc<crate::core::documents::Verified>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
 /// Who sent a request across the overlay.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {

@@ -26,6 +26,9 @@ const LEN_PREFIX: usize = 4;
 pub mod features {
     /// The sender can open flows toward the dialing side on server-initiated streams (`SPEC.md` §Roles).
     pub const REVERSE_REQUESTS: u64 = 1 << 0;
+    /// The sender takes part in mesh-wide documents: `Document` and `DocumentStatus` messages
+    /// (`SPEC.md` §4.8).
+    pub const DOCUMENTS: u64 = 1 << 1;
 }
 
 pub fn preface(version: u16) -> [u8; PREFACE_LEN] {
@@ -51,6 +54,10 @@ pub enum Message {
     Goodbye(Goodbye),
     /// The sender refuses something; the connection is closed with the same code right after.
     Error(ErrorMsg),
+    /// A mesh-wide document (feature [`features::DOCUMENTS`]).
+    Document(crate::document::SignedDocument),
+    /// A gateway's report of the document it runs (feature [`features::DOCUMENTS`]).
+    DocumentStatus(crate::document::DocumentStatus),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,11 +220,17 @@ fn check_limits(msg: &Message) -> Result<(), DecodeError> {
             c.services.iter().try_for_each(check_ad)
         }
         Message::ServiceUpdate(u) => check_ad(&u.service),
-        Message::Goodbye(Goodbye { reason, .. }) | Message::Error(ErrorMsg { reason, .. })
+        Message::Goodbye(Goodbye { reason, .. })
+        | Message::Error(ErrorMsg { reason, .. })
+        | Message::DocumentStatus(crate::document::DocumentStatus { reason, .. })
             if reason.len() > MAX_REASON_LEN =>
         {
             Err(DecodeError::Limit("reason too long"))
         }
+        Message::Document(d) => d.check().map_err(|e| match e {
+            crate::document::DocumentError::Oversized(what) => DecodeError::Limit(what),
+            crate::document::DocumentError::Malformed(_) => DecodeError::Limit("document"),
+        }),
         _ => Ok(()),
     }
 }

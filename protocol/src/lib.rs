@@ -11,6 +11,7 @@
 
 pub mod codes;
 pub mod control;
+pub mod document;
 pub mod flow;
 pub mod identity;
 pub mod limits;

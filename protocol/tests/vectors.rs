@@ -232,8 +232,8 @@ fn v1_refuses_what_it_does_not_know_except_feature_bits() {
         let e = control::decode_body(body).unwrap_err();
         assert_eq!(e.code(), ErrorCode::CONTROL_MALFORMED, "{body:02x?}: {e}");
     };
-    // Message variant 9 (none in v1), with a body.
-    malformed(&[0x09, 0x00]);
+    // Message variant 11 (none in v1 or its extensions), with a body.
+    malformed(&[0x0b, 0x00]);
     // ServiceUpdate whose ad has `protocol` 2 (none in v1).
     let mut upd = unhex("02 ad 02 02 64 62 00 b8 2a 00 00");
     upd[6] = 0x02;

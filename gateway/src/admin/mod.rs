@@ -1,7 +1,9 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz`, `/ready`, `/peers`,
-//! `/services`, `/topology.json` and `/policy/explain` (JSON), and `/topology` (a page). Plain HTTP/1.1 on a local address; it carries no
-//! secrets.
+//! `/services`, `/topology.json`, `/policy/explain` and `/mesh` (JSON), `/topology` (a page), and
+//! `POST /mesh/documents` (a signed mesh-wide document). Plain HTTP/1.1 on a local address; it
+//! carries no secrets, and what it accepts is signed by a publisher (reaching it is not enough).
 
+pub mod mesh;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -69,7 +71,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(&state, req)) }
+                    async move { Ok::<_, Infallible>(handle(&state, req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -91,9 +93,32 @@ fn respond(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<
     r
 }
 
+/// `POST /mesh/documents` reads its body (bounded); everything else is a `GET` answered at once.
+async fn handle(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    match (req.method(), req.uri().path(), &state.mesh) {
+        (&hyper::Method::POST, "/mesh/documents", Some(mesh)) => {
+            let body = match http_body_util::Limited::new(req.into_body(), mesh::MAX_POST).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let v = json!({"result": "refused", "reason": "oversized", "detail": e.to_string()});
+                    return respond(StatusCode::PAYLOAD_TOO_LARGE, "application/json", pretty(&v));
+                }
+            };
+            let (code, v) = mesh::post_document(mesh, &body);
+            respond(code, "application/json", pretty(&v))
+        }
+        (&hyper::Method::GET | &hyper::Method::HEAD, ..) => route(state, req),
+        _ => respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n"),
+    }
+}
+
 fn route(state: &AdminState, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     const JSON: &str = "application/json";
     match req.uri().path() {
+        "/mesh" if state.mesh.is_some() => {
+            respond(StatusCode::OK, JSON, pretty(&state.mesh.as_ref().map(mesh::mesh_json).unwrap_or_default()))
+        }
         "/metrics" => {
             state.metrics.run_upkeep();
             respond(StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render())
@@ -178,12 +203,25 @@ fn pretty(v: &serde_json::Value) -> String {
 
 /// A minimal HTTP/1.1 GET for `causeway status` and tests: returns status and body.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    request(addr, hyper::Method::GET, path, Bytes::new()).await
+}
+
+/// One admin request (`body` for a `POST`): status and body, within 10 s.
+pub async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Bytes,
+) -> anyhow::Result<(u16, String)> {
     use http_body_util::BodyExt;
     let tcp = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let req =
-        Request::get(path).header(hyper::header::HOST, addr.to_string()).body(http_body_util::Empty::<Bytes>::new())?;
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Full::new(body))?;
     let fut = async {
         let resp = send.send_request(req).await?;
         let status = resp.status().as_u16();

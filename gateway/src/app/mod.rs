@@ -24,7 +24,7 @@ mod reload;
 mod tls_watch;
 
 use self::reload::ImportRun;
-pub use self::reload::{Reloaded, Reloader};
+pub use self::reload::{Reloaded, Reloader, Sources};
 pub(crate) use self::tls_watch::watch_tls;
 
 /// Reads the TLS files a configuration names and checks that our own identity is in its trust domain.
@@ -65,6 +65,8 @@ pub struct Gateway {
     pub admin_addr: Option<SocketAddr>,
     pub metrics: PrometheusHandle,
     reloader: Reloader,
+    /// Applies mesh-wide documents (the mesh holds it weakly).
+    _applier: Arc<dyn causeway_overlay::ports::DocumentHandler>,
     stop_listeners: CancellationToken,
     tasks: TaskTracker,
 }
@@ -97,6 +99,7 @@ impl Gateway {
             allowed_sources: fixed.allowed_sources.clone(),
             timing: fixed.timing,
             limits: fixed.limits_with(snap),
+            publishers: fixed.publishers.clone(),
             metrics,
             authorizer: policy.clone(),
         })
@@ -140,6 +143,25 @@ impl Gateway {
             None => None,
         };
         let overlay_addr = mesh.local_addr();
+        let reloader = Reloader {
+            mesh: mesh.clone(),
+            http,
+            fixed: Arc::new(fixed.clone()),
+            current: Arc::new(tokio::sync::watch::Sender::new(Arc::new(snap.clone()))),
+            applying: Arc::new(tokio::sync::Mutex::new(Sources { file: Arc::new(cfg.clone()), document: None })),
+            imports: Arc::new(Mutex::new(imports)),
+            stop_listeners: stop.clone(),
+            tasks: tasks.clone(),
+        };
+        // Mesh-wide documents: the last one applied first, then whatever peers send.
+        let applier = Arc::new(crate::control::documents::Applier {
+            reloader: reloader.clone(),
+            mesh: mesh.clone(),
+            state_dir: fixed.state_dir.clone(),
+        });
+        applier.restore().await;
+        let applier: Arc<dyn causeway_overlay::ports::DocumentHandler> = applier;
+        mesh.set_document_handler(&applier);
         tasks.spawn(mesh.clone().run());
         tokio::spawn(tls_watch::watch_gateway_tls(
             fixed.tls.clone(),
@@ -153,23 +175,27 @@ impl Gateway {
             zone = %fixed.zone, gateway = %fixed.gateway, identity = %mesh.identity(), overlay = %overlay_addr,
             admin = ?admin_addr, imports = ?import_addrs, "gateway.started"
         );
-        let reloader = Reloader {
-            mesh: mesh.clone(),
-            http,
-            fixed: Arc::new(fixed.clone()),
-            current: Arc::new(tokio::sync::watch::Sender::new(Arc::new(snap.clone()))),
-            applying: Default::default(),
-            imports: Arc::new(Mutex::new(imports)),
-            stop_listeners: stop.clone(),
-            tasks: tasks.clone(),
-        };
-        Ok(Self { mesh, overlay_addr, admin_addr, metrics: handle, reloader, stop_listeners: stop, tasks })
+        Ok(Self {
+            mesh,
+            overlay_addr,
+            admin_addr,
+            metrics: handle,
+            reloader,
+            _applier: applier,
+            stop_listeners: stop,
+            tasks,
+        })
     }
 
     /// The local listener of an imported service.
     pub fn import_addr(&self, service: &str) -> Option<SocketAddr> {
         let imports = self.reloader.imports.lock().unwrap_or_else(|e| e.into_inner());
         imports.iter().find(|r| r.service.as_str() == service).map(|r| r.bound)
+    }
+
+    /// The configuration snapshot in force (the file's, merged with any mesh-wide document).
+    pub fn snapshot(&self) -> Arc<crate::config::Snapshot> {
+        self.reloader.snapshot()
     }
 
     /// Applies a new configuration while running (see [`Reloader::reload`]).

@@ -36,11 +36,19 @@ pub struct Reloader {
     pub(super) fixed: Arc<StaticConfig>,
     /// The snapshot in force; replaced whole by each change.
     pub(super) current: Arc<watch::Sender<Arc<Snapshot>>>,
-    /// One change at a time (the file watcher, and later other sources, may race).
-    pub(super) applying: Arc<tokio::sync::Mutex<()>>,
+    /// One change at a time (the file watcher and mesh-wide documents may race); it guards the
+    /// sources a snapshot is composed from: the file's last accepted configuration and the
+    /// document in force.
+    pub(super) applying: Arc<tokio::sync::Mutex<Sources>>,
     pub(super) imports: Arc<Mutex<Vec<ImportRun>>>,
     pub(super) stop_listeners: CancellationToken,
     pub(super) tasks: TaskTracker,
+}
+
+/// What the snapshot in force was composed from.
+pub struct Sources {
+    pub(super) file: Arc<Config>,
+    pub(super) document: Option<crate::control::InForce>,
 }
 
 /// What a reload changed.
@@ -64,17 +72,63 @@ impl Reloader {
     /// (a removed peer's connections close at once, a removed import's listener stops accepting
     /// while its open flows run on). A refused change leaves everything as it was, as does a new
     /// listener that cannot bind.
+    ///
+    /// With a mesh-wide document in force, the new file is merged with it as it was with the old
+    /// one ([`crate::control::compose`]); a file the document no longer fits is refused.
     pub async fn reload(&self, new: &Config) -> Result<Reloaded, Vec<ConfigError>> {
+        let mut sources = self.applying.lock().await;
+        let res = self.reload_locked(&mut sources, new).await;
+        let result = if res.is_ok() { "ok" } else { "refused" };
+        self.mesh.metrics().counter(CONFIG_RELOADS, &[("result", result)]).increment(1);
+        res
+    }
+
+    async fn reload_locked(&self, sources: &mut Sources, new: &Config) -> Result<Reloaded, Vec<ConfigError>> {
+        self.fixed_unchanged(new)?;
+        let composed = match &sources.document {
+            Some(d) => crate::control::compose(new, &d.document)?,
+            None => new.clone(),
+        };
+        let r = self.apply_locked(sources, Arc::new(composed.snapshot)).await?;
+        sources.file = Arc::new(new.clone());
+        Ok(r)
+    }
+
+    fn fixed_unchanged(&self, new: &Config) -> Result<(), Vec<ConfigError>> {
         let fixed: Vec<ConfigError> = self
             .fixed
             .changed_keys(&new.fixed)
             .into_iter()
             .map(|key| ConfigError { path: key.into(), reason: "cannot change while running: restart to apply".into() })
             .collect();
-        let res = if fixed.is_empty() { self.apply(Arc::new(new.snapshot.clone())).await } else { Err(fixed) };
-        let result = if res.is_ok() { "ok" } else { "refused" };
-        self.mesh.metrics().counter(CONFIG_RELOADS, &[("result", result)]).increment(1);
-        res
+        if fixed.is_empty() {
+            Ok(())
+        } else {
+            Err(fixed)
+        }
+    }
+
+    /// Applies a verified mesh-wide document, merged with the file ([`crate::control::compose`]).
+    /// `Ok(None)`: skipped, because the mesh holds a newer document by now (its own apply follows).
+    pub async fn apply_document(
+        &self,
+        v: &Arc<causeway_overlay::core::documents::Verified>,
+    ) -> Result<Option<Reloaded>, Vec<ConfigError>> {
+        let mut sources = self.applying.lock().await;
+        if self.mesh.held_document().is_some_and(|h| h.key() != v.key()) {
+            return Ok(None);
+        }
+        let document = crate::control::parse_document(&v.content)?;
+        let composed = crate::control::compose(&sources.file, &document)?;
+        self.fixed_unchanged(&composed)?;
+        let r = self.apply_locked(&mut sources, Arc::new(composed.snapshot)).await?;
+        sources.document = Some(crate::control::InForce { verified: v.clone(), document });
+        Ok(Some(r))
+    }
+
+    /// The mesh-wide document in force, if any.
+    pub async fn document(&self) -> Option<crate::control::InForce> {
+        self.applying.lock().await.document.clone()
     }
 
     /// The snapshot in force.
@@ -82,8 +136,7 @@ impl Reloader {
         self.current.borrow().clone()
     }
 
-    async fn apply(&self, new: Arc<Snapshot>) -> Result<Reloaded, Vec<ConfigError>> {
-        let _one = self.applying.lock().await;
+    async fn apply_locked(&self, _sources: &mut Sources, new: Arc<Snapshot>) -> Result<Reloaded, Vec<ConfigError>> {
         let old = self.snapshot();
         // A listener keeps the protocol it was bound with.
         let rebound = new.imports.iter().enumerate().find(|(_, n)| {

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::http::{HttpOptions, LbPolicy};
@@ -62,6 +63,9 @@ pub struct Import {
 pub struct Config {
     pub fixed: StaticConfig,
     pub snapshot: Snapshot,
+    /// The file as YAML, which a mesh-wide document's sections are merged into
+    /// ([`crate::control::compose`]).
+    pub source: Arc<serde_yaml_ng::Value>,
 }
 
 /// What is fixed for a process: identity, listen addresses, TLS paths, timing, limits, logging. A
@@ -89,6 +93,10 @@ pub struct StaticConfig {
     pub log_level: String,
     /// Trace export (`tracing.*`).
     pub tracing: crate::telemetry::otlp::TraceConfig,
+    /// `control.publishers`: who may publish mesh-wide documents.
+    pub publishers: Vec<Identity>,
+    /// `control.state_dir`: where the last document applied is kept (none: not kept).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl StaticConfig {
@@ -115,6 +123,8 @@ impl StaticConfig {
             log_format,
             log_level,
             tracing,
+            publishers,
+            state_dir,
         } = self;
         let TlsPaths { cert, key, bundle, federation, watch_interval } = tls;
         let o = &other.tls;
@@ -139,6 +149,7 @@ impl StaticConfig {
             ("limits", *limits != other.limits),
             ("log", (log_format, log_level) != (&other.log_format, &other.log_level)),
             ("tracing", *tracing != other.tracing),
+            ("control", (publishers, state_dir) != (&other.publishers, &other.state_dir)),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -203,7 +214,11 @@ impl Snapshot {
 
 /// Reads and validates a file. Relative TLS paths are resolved against the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    load_with(path, parse, |c| &mut c.fixed.tls)
+    let mut cfg = load_with(path, parse, |c| &mut c.fixed.tls)?;
+    if let Some(dir) = cfg.fixed.state_dir.as_mut().filter(|d| d.is_relative()) {
+        *dir = path.parent().unwrap_or(Path::new(".")).join(&*dir);
+    }
+    Ok(cfg)
 }
 
 /// Reads a YAML file, parses it with `parse`, and resolves the TLS paths it names against the
@@ -231,7 +246,9 @@ pub(crate) fn load_with<T>(
 
 /// Parses and validates YAML text.
 pub fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
-    validate(&from_yaml::<RawConfig>(text)?)
+    let mut cfg = validate(&from_yaml::<RawConfig>(text)?)?;
+    cfg.source = Arc::new(from_yaml::<serde_yaml_ng::Value>(text)?);
+    Ok(cfg)
 }
 
 /// `limits.*`: each within a range that keeps memory bounded (README "Limits").
@@ -662,6 +679,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
     }
 
     let tracing = tracing_config(&raw.tracing, &mut e);
+    let publishers: Vec<Identity> = raw
+        .control
+        .publishers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| e.parse(format!("control.publishers[{i}]"), Identity::parse(p)))
+        .collect();
     e.into_result()?;
     // Every field parsed (no errors were pushed), so the options below are all Some.
     match (zone, gateway, trust_domain, overlay) {
@@ -689,6 +713,8 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 log_format,
                 log_level,
                 tracing,
+                publishers,
+                state_dir: raw.control.state_dir.clone(),
             },
             snapshot: Snapshot {
                 peers,
@@ -703,6 +729,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 rate_limit_store,
                 memory_budget: limits.memory_budget,
             },
+            source: Arc::new(serde_yaml_ng::Value::Null),
         }),
         _ => Err(vec![ConfigError { path: String::new(), reason: "incomplete configuration".into() }]),
     }

@@ -55,6 +55,17 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub tracing: RawTracing,
+    /// Mesh-wide documents: who may publish them, where the last one applied is kept.
+    #[serde(default)]
+    pub control: RawControl,
+}
+
+#[derive(Debug, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    #[serde(default)]
+    pub publishers: Vec<String>,
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -23,6 +23,7 @@
 //! judged. A hostile peer that lies with that code gains nothing the rate limit does not already
 //! bound: each of its streams still costs it a token of `peer_flow_rate`.
 
+use super::bucket::{Bucket, RateGate};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -48,8 +49,7 @@ pub struct StreamRules {
 
 #[derive(Debug)]
 struct State {
-    tokens: f64,
-    refilled: Instant,
+    flows: Bucket,
     ended: u32,
     early_resets: u32,
     /// New streams are refused until then.
@@ -86,8 +86,7 @@ impl StreamRules {
     pub fn new(rate: u32, now: Instant) -> Self {
         let rate = f64::from(rate.max(1));
         let state = State {
-            tokens: rate,
-            refilled: now,
+            flows: Bucket::full(RateGate { burst: rate, per_second: rate }, now),
             ended: 0,
             early_resets: 0,
             throttled_until: None,
@@ -113,15 +112,7 @@ impl StreamRules {
         if s.throttled_until.is_some_and(|t| now < t) {
             return false;
         }
-        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
-        s.tokens = (s.tokens + elapsed * self.rate).min(self.rate);
-        s.refilled = now;
-        if s.tokens >= 1.0 {
-            s.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        s.flows.take(RateGate { burst: self.rate, per_second: self.rate }, now)
     }
 
     /// A stream opened at `opened` ended at `now`. At the end of a batch that was mostly rapid

@@ -5,8 +5,10 @@
 //! I/O and act on the results.
 
 pub mod abuse;
+pub mod bucket;
 pub mod caller;
 pub mod catalog;
+pub mod documents;
 pub mod liveness;
 pub mod path_model;
 pub mod path_stats;

@@ -92,8 +92,11 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     let mut sent: Arc<LocalCatalog> = catalog.borrow_and_update().clone();
     let mut out = BytesMut::new();
     out.put_slice(&control::preface(control::VERSION));
-    let hello =
-        Hello { zone: mesh.zone().clone(), gateway: mesh.gateway().clone(), features: features::REVERSE_REQUESTS };
+    let hello = Hello {
+        zone: mesh.zone().clone(),
+        gateway: mesh.gateway().clone(),
+        features: features::REVERSE_REQUESTS | features::DOCUMENTS,
+    };
     if let Err(e) = encode_into(&mut out, &Message::Hello(hello)).and_then(|_| encode_all(&mut out, &sent.snapshot())) {
         return e;
     }
@@ -120,6 +123,8 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
     // The label of this peer's path metrics: its configured zone until its hello, then the zone it
     // announced (the same when pinned), as for `peer_up`.
     let mut peer_zone = spec.as_ref().and_then(|s| s.zone.as_ref()).map(|z| z.to_string()).unwrap_or_default();
+    // Mesh-wide documents (`SPEC.md` §4.8), once the peer's hello says it takes part.
+    let mut docs = DocumentSync::new(mesh);
     loop {
         tokio::select! {
             data = rx.recv() => {
@@ -170,6 +175,12 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                             peer_zone = h.zone.to_string();
                             mesh.metrics().gauge(PEER_UP, &[("peer", peer.as_str()), ("peer_zone", h.zone.as_str())]).set(1.0);
                             tracing::info!(zone = %h.zone, gateway = %h.gateway, "peer.up");
+                            if h.features & features::DOCUMENTS != 0 {
+                                docs.on = true;
+                                if let Err(e) = docs.send_news(mesh, &mut out) {
+                                    return e;
+                                }
+                            }
                         }
                         _ if !hello_seen => return SessionEnd::new(ErrorCode::PROTOCOL_VIOLATION, "message before hello"),
                         m @ (Message::Catalog(_) | Message::ServiceUpdate(_) | Message::ServiceWithdraw(_)) => {
@@ -194,6 +205,12 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                         Message::Error(e) => {
                             return SessionEnd::quiet(e.code, format!("peer refused: {}", e.reason));
                         }
+                        Message::Document(d) => {
+                            if let Err(e) = docs.received(mesh, peer, d, &mut out) {
+                                return e;
+                            }
+                        }
+                        Message::DocumentStatus(s) => docs.received_status(mesh, s),
                     }
                 }
                 live.on_decoded(arrived, dec.pending(), decoded);
@@ -238,6 +255,12 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
                     return e;
                 }
             }
+            _ = docs.changed(), if docs.on => {
+                let r = docs.send_news(mesh, &mut out);
+                if let Err(e) = r.and(send(tx, &mut out).await) {
+                    return e;
+                }
+            }
             _ = mesh.draining(), if !said_goodbye => {
                 said_goodbye = true;
                 let g = Goodbye { drain_ms: t.drain_timeout.as_millis().min(u32::MAX as u128) as u32, reason: "draining".into() };
@@ -248,6 +271,82 @@ async fn control_inner<S: ByteSink, R: ByteSource>(
             }
             _ = mesh.stopped() => return SessionEnd::quiet(ErrorCode::SHUTDOWN, "gateway stopped"),
         }
+    }
+}
+
+/// What one control stream has flooded of mesh-wide documents: the held document and every
+/// gateway's latest report go to the peer once each, and never back to where they came from.
+struct DocumentSync {
+    on: bool,
+    held: tokio::sync::watch::Receiver<crate::core::documents::Held>,
+    statuses: tokio::sync::watch::Receiver<u64>,
+    /// The document the peer has (sent to it, or received from it).
+    doc_known: Option<(u64, [u8; 32])>,
+    /// The latest report of each gateway the peer has.
+    status_known: std::collections::HashMap<Identity, u64>,
+}
+
+impl DocumentSync {
+    fn new(mesh: &Mesh) -> Self {
+        let mut held = mesh.watch_documents();
+        let mut statuses = mesh.watch_statuses();
+        held.mark_changed();
+        statuses.mark_changed();
+        Self { on: false, held, statuses, doc_known: None, status_known: Default::default() }
+    }
+
+    /// Either watch changed (a newer document held, or a report kept).
+    async fn changed(&mut self) {
+        tokio::select! {
+            r = self.held.changed() => { if r.is_err() { std::future::pending::<()>().await } }
+            r = self.statuses.changed() => { if r.is_err() { std::future::pending::<()>().await } }
+        }
+    }
+
+    /// Encodes what the peer has not got yet.
+    fn send_news(&mut self, mesh: &Mesh, out: &mut BytesMut) -> Result<(), SessionEnd> {
+        let held = self.held.borrow_and_update().clone();
+        if let Some(v) = held.filter(|v| Some(v.key()) != self.doc_known) {
+            encode_into(out, &Message::Document(v.signed.clone()))?;
+            self.doc_known = Some(v.key());
+        }
+        self.statuses.borrow_and_update();
+        for s in mesh.document_statuses() {
+            if self.status_known.get(&s.identity).is_some_and(|seq| *seq >= s.seq) {
+                continue;
+            }
+            self.status_known.insert(s.identity.clone(), s.seq);
+            encode_into(out, &Message::DocumentStatus(s))?;
+        }
+        Ok(())
+    }
+
+    /// A document from the peer: offered; if ours wins over it, ours goes back.
+    fn received(
+        &mut self,
+        mesh: &Mesh,
+        peer: &Identity,
+        d: causeway_protocol::document::SignedDocument,
+        out: &mut BytesMut,
+    ) -> Result<(), SessionEnd> {
+        use crate::state::documents::{Accepted, Origin};
+        match mesh.offer_document(d, Origin::Peer(peer.clone())) {
+            Ok(Accepted::Newer(v) | Accepted::Duplicate(v)) => self.doc_known = Some(v.key()),
+            Err(e) if matches!(e.reason, "older" | "superseded") => {
+                self.doc_known = None;
+                if self.on {
+                    return self.send_news(mesh, out);
+                }
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    fn received_status(&mut self, mesh: &Mesh, s: causeway_protocol::document::DocumentStatus) {
+        let known = self.status_known.entry(s.identity.clone()).or_insert(0);
+        *known = (*known).max(s.seq);
+        mesh.offer_status(s);
     }
 }
 

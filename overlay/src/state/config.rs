@@ -133,6 +133,8 @@ pub struct MeshConfig {
     pub timing: Timing,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// Who may publish mesh-wide documents (exact SPIFFE IDs); none: documents are refused.
+    pub publishers: Vec<Identity>,
     /// Decides whether a peer's flow to one of our exports is allowed (the gateway's policy):
     /// required, so that a mesh without a policy cannot admit everything by omission.
     pub authorizer: Arc<dyn Authorizer>,

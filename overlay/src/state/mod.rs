@@ -10,6 +10,7 @@
 mod admission;
 pub mod budget;
 mod config;
+pub mod documents;
 mod exports;
 mod flows;
 mod peers;
@@ -51,6 +52,7 @@ struct Inner {
     exports: exports::Exports,
     admission: admission::Admission,
     flows: flows::FlowBook,
+    documents: documents::Documents,
     /// Serves `http` requests (set by the gateway). Weak: the handler holds this mesh, and a cycle
     /// would keep a stopped gateway's socket bound.
     http: OnceLock<Weak<dyn HttpHandler>>,
@@ -88,6 +90,7 @@ impl Mesh {
             exports,
             admission,
             flows: flows::FlowBook::default(),
+            documents: documents::Documents::new(cfg.publishers),
             http: OnceLock::new(),
         };
         Ok(Self(Arc::new(inner)))

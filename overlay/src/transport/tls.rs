@@ -558,3 +558,83 @@ pub fn spiffe_id_any(der: &CertificateDer<'_>) -> Result<Identity, Refusal> {
         })
         .ok_or(Refusal::NoSpiffeId)
 }
+
+/// Signature schemes a document may be signed with, in order of preference.
+const DOCUMENT_SCHEMES: &[SignatureScheme] = &[
+    SignatureScheme::ECDSA_NISTP256_SHA256,
+    SignatureScheme::ECDSA_NISTP384_SHA384,
+    SignatureScheme::ED25519,
+    SignatureScheme::RSA_PSS_SHA256,
+];
+
+/// Why a mesh-wide document's signature was refused (the `reason` label of its refusal).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureRefusal {
+    /// The publisher's chain does not verify (with the certificate refusal's label).
+    #[error("publisher certificate refused: {}", .0.as_str())]
+    Certificate(Refusal),
+    #[error("signature scheme {0:#06x} is not accepted")]
+    Scheme(u16),
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+impl SignatureRefusal {
+    pub fn label(&self) -> &'static str {
+        match self {
+            SignatureRefusal::Certificate(_) => "certificate",
+            SignatureRefusal::Scheme(_) | SignatureRefusal::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// Signs `message` with `key` (the publisher's private key): the scheme and the signature.
+pub fn sign(key: &PrivateKeyDer<'_>, message: &[u8]) -> Result<(SignatureScheme, Vec<u8>), TlsError> {
+    let key = provider().key_provider.load_private_key(key.clone_key())?;
+    signer_sign(key.as_ref(), message)
+}
+
+fn signer_sign(key: &dyn rustls::sign::SigningKey, message: &[u8]) -> Result<(SignatureScheme, Vec<u8>), TlsError> {
+    let signer = key
+        .choose_scheme(DOCUMENT_SCHEMES)
+        .ok_or_else(|| TlsError::OwnCertificate("the key's type cannot sign documents".into()))?;
+    let sig = signer.sign(message)?;
+    Ok((signer.scheme(), sig))
+}
+
+impl TlsFactory {
+    /// Signs `message` with this gateway's own key: (chain, scheme, signature).
+    pub fn sign(&self, message: &[u8]) -> Result<(Vec<CertificateDer<'static>>, SignatureScheme, Vec<u8>), TlsError> {
+        let key = self.current.key();
+        let (scheme, sig) = signer_sign(key.key.as_ref(), message)?;
+        Ok((key.cert.clone(), scheme, sig))
+    }
+
+    /// Verifies a signature over `message` by the leaf of `chain`, whose chain must verify
+    /// against the trust bundle at `at` (X.509-SVID rules, client usage): the signer's SPIFFE ID.
+    /// Refusals are not counted as handshake failures.
+    pub fn verify_signed(
+        &self,
+        chain: &[CertificateDer<'_>],
+        at: UnixTime,
+        message: &[u8],
+        scheme: u16,
+        signature: &[u8],
+    ) -> Result<Identity, SignatureRefusal> {
+        let checker = self.checker();
+        let (leaf, intermediates) = chain.split_first().ok_or(SignatureRefusal::Certificate(Refusal::NoCertificate))?;
+        let id = checker.check(leaf, intermediates, at, true, |_| true).map_err(SignatureRefusal::Certificate)?;
+        let scheme = SignatureScheme::from(scheme);
+        if !DOCUMENT_SCHEMES.contains(&scheme) {
+            return Err(SignatureRefusal::Scheme(u16::from(scheme)));
+        }
+        let algs = checker.algs.mapping.iter().find(|(s, _)| *s == scheme).map(|(_, a)| *a).unwrap_or(&[]);
+        let ee = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|_| SignatureRefusal::Certificate(Refusal::BadCertificate))?;
+        if algs.iter().any(|alg| ee.verify_signature(*alg, message, signature).is_ok()) {
+            Ok(id)
+        } else {
+            Err(SignatureRefusal::BadSignature)
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Mesh-wide documents: published once at any gateway, signed by an operator, flooded over the
+//! overlay, applied (or refused) by every gateway against its own file, reported back, and kept
+//! on disk as last-known-good.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway::control::publish;
+use causeway_overlay::Credentials;
+use causeway_protocol::document::{SignedDocument, MAX_BODY_LEN};
+use causeway_protocol::Identity;
+use causeway_tests::*;
+
+const OPERATOR: &str = "spiffe://test.causeway/ns/ops/sa/publisher";
+
+/// Credentials for `id`, issued by the mesh's CA (written as `<name>.crt` / `<name>.key`).
+fn creds(m: &TestMesh, name: &str, id: &str) -> (Credentials, std::path::PathBuf, std::path::PathBuf) {
+    let id = Identity::parse(id).unwrap();
+    let (cert, key, _) = m.pki.issue(name, &id, Validity::for_duration(Duration::from_secs(3600))).unwrap();
+    let c =
+        causeway::certs::credentials_from_pem(&std::fs::read(&cert).unwrap(), &std::fs::read(&key).unwrap()).unwrap();
+    (c, cert, key)
+}
+
+/// Every gateway of `m` lists the operator as a publisher and keeps documents in its own state
+/// directory.
+fn with_control(m: &mut TestMesh) {
+    for i in 0..m.specs.len() {
+        let dir = m.pki.dir.join(format!("state-{}", m.specs[i].zone));
+        m.specs[i]
+            .extra
+            .push_str(&format!("control: {{ publishers: [\"{OPERATOR}\"], state_dir: \"{}\" }}\n", dir.display()));
+    }
+}
+
+/// a imports echo.test; b and c export it (banners "b", "c"). Planned with control, not started.
+async fn mesh() -> TestMesh {
+    let mut m = echo_three_zones().await;
+    with_control(&mut m);
+    m
+}
+
+/// Signs and posts `content` as `version` at gateway `i`.
+async fn publish_at(m: &TestMesh, i: usize, c: &Credentials, version: u64, content: &str) -> (u16, serde_json::Value) {
+    let doc = publish::sign(c, version, content).unwrap();
+    publish::post(m.gw(i).admin_addr.unwrap(), &doc).await.unwrap()
+}
+
+/// Starts gateway `i` again on its old address, once the stopped one's last task has let the
+/// UDP socket go.
+async fn restart(m: &mut TestMesh, i: usize) {
+    let t0 = std::time::Instant::now();
+    while let Err(e) = m.start(i).await {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{e:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn held(m: &TestMesh, i: usize) -> Option<(u64, String)> {
+    m.gw(i).mesh.held_document().map(|h| (h.version, h.digest_hex()))
+}
+
+/// Whether gateway `i` runs `policy` (a policy name from a document).
+fn runs_policy(m: &TestMesh, i: usize, policy: &str) -> bool {
+    m.gw(i).snapshot().authorization.policies.iter().any(|p| p.name == policy)
+}
+
+fn documents(t: &str, result: &str, reason: &str) -> f64 {
+    metric(t, "causeway_mesh_documents_total", &[("result", result), ("reason", reason)]).unwrap_or(0.0)
+}
+
+fn audit_doc(name: &str) -> String {
+    format!(
+        "authorization:
+  policies:
+    - name: {name}
+      action: audit
+      rules: [{{ from: {{ namespaces: [nobody] }} }}]
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_down_during_an_apply_catches_up_and_one_restarted_alone_serves_its_persisted_version() {
+    let mut m = mesh().await;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let (op, ..) = creds(&m, "operator", OPERATOR);
+    // c is down while version 1 is published at a.
+    m.gateways[2].take().unwrap().shutdown().await;
+    let (code, answer) = publish_at(&m, 0, &op, 1, &audit_doc("mesh-audit")).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(
+        eventually(Duration::from_secs(5), || runs_policy(&m, 0, "mesh-audit") && runs_policy(&m, 1, "mesh-audit"))
+            .await
+    );
+    // c comes back: a peer sends it the document as its session starts.
+    restart(&mut m, 2).await;
+    assert!(eventually(Duration::from_secs(10), || runs_policy(&m, 2, "mesh-audit")).await, "c never caught up");
+    let want = held(&m, 0);
+    assert_eq!(held(&m, 2), want);
+    let view = publish::mesh_view(m.gw(0).admin_addr.unwrap()).await.unwrap();
+    let applied = || async {
+        let v = publish::mesh_view(m.gw(1).admin_addr.unwrap()).await.unwrap();
+        v["gateways"].as_array().unwrap().iter().filter(|r| r["state"] == "applied" && r["version"] == 1).count()
+    };
+    let mut n = 0;
+    for _ in 0..100 {
+        n = applied().await;
+        if n == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n, 3, "{view}");
+    // Now every other gateway is gone and c restarts: it serves version 1 from its state
+    // directory before it reports ready, with no publisher and no peer reachable.
+    m.gateways[0].take().unwrap().shutdown().await;
+    m.gateways[1].take().unwrap().shutdown().await;
+    m.gateways[2].take().unwrap().shutdown().await;
+    restart(&mut m, 2).await;
+    assert!(runs_policy(&m, 2, "mesh-audit"), "{:?}", m.gw(2).snapshot().authorization);
+    assert_eq!(held(&m, 2), want);
+    let t = m.gw(2).metrics_text();
+    let persisted =
+        metric(&t, "causeway_mesh_documents_total", &[("result", "accepted"), ("origin", "persisted")]).unwrap_or(0.0);
+    assert_eq!(persisted, 1.0, "{t}");
+    assert_eq!(metric(&t, "causeway_mesh_document_version", &[]), Some(1.0), "{t}");
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_tampered_older_and_oversized_documents_are_refused_counted_and_change_nothing() {
+    use causeway_protocol::control::{self, features, Hello, Message};
+    let mut m = mesh().await;
+    // c is played by hand: a rogue peer with c's own certificate.
+    m.start(0).await.unwrap();
+    m.start(1).await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await);
+    let (op, ..) = creds(&m, "operator", OPERATOR);
+    let (code, answer) = publish_at(&m, 0, &op, 5, &audit_doc("v5")).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(eventually(Duration::from_secs(5), || runs_policy(&m, 1, "v5")).await);
+    let before = (held(&m, 0), held(&m, 1));
+
+    // A certificate from the mesh's CA, but not a listed publisher.
+    let (intruder, ..) = creds(&m, "intruder", "spiffe://test.causeway/ns/ops/sa/intruder");
+    let (code, answer) = publish_at(&m, 0, &intruder, 6, &audit_doc("intruder")).await;
+    assert_eq!((code, answer["reason"].as_str()), (403, Some("unauthorized_publisher")), "{answer}");
+    // A listed publisher's certificate from a CA the mesh does not trust.
+    let foreign = causeway::demo::Pki::new(TRUST_DOMAIN).unwrap();
+    let (fcert, fkey, _) = foreign
+        .issue("forged", &Identity::parse(OPERATOR).unwrap(), Validity::for_duration(Duration::from_secs(600)))
+        .unwrap();
+    let forged =
+        causeway::certs::credentials_from_pem(&std::fs::read(fcert).unwrap(), &std::fs::read(fkey).unwrap()).unwrap();
+    let (code, answer) = publish_at(&m, 0, &forged, 6, &audit_doc("forged")).await;
+    assert_eq!((code, answer["reason"].as_str()), (403, Some("certificate")), "{answer}");
+    // An older version, properly signed.
+    let (code, answer) = publish_at(&m, 0, &op, 4, &audit_doc("v4")).await;
+    assert_eq!((code, answer["reason"].as_str()), (409, Some("older")), "{answer}");
+    // A body over the limit (a signature is not even looked at).
+    let big =
+        SignedDocument { body: vec![0; MAX_BODY_LEN + 1], chain: vec![vec![0]], scheme: 0x0403, signature: vec![0] };
+    let (code, answer) = publish::post(m.gw(0).admin_addr.unwrap(), &big).await.unwrap();
+    assert_eq!((code, answer["reason"].as_str()), (400, Some("oversized")), "{answer}");
+    // The signing side refuses a document over the limit before signing it.
+    assert!(publish::sign(&op, 7, &"#".repeat(200 * 1024)).is_err());
+
+    // A peer relays a document of the operator's with one bit flipped in transit.
+    let mut doc = publish::sign(&op, 6, &audit_doc("v6")).unwrap();
+    let last = doc.body.len() - 1;
+    doc.body[last] ^= 0x01;
+    let c_id = m.ids[2].clone();
+    let (creds_c, bundle) =
+        rogue::credentials(&m.pki, &c_id, Validity::for_duration(Duration::from_secs(600)), &m.pki).unwrap();
+    let (_ep, conn) = rogue::dial(creds_c, bundle, &m.ids[0], m.addrs[0]).await.unwrap();
+    let mut ctl = rogue::open_control(&conn).await.unwrap();
+    let mut frames = control::preface(control::VERSION).to_vec();
+    let hello = Hello { zone: "c".parse().unwrap(), gateway: "gw-1".parse().unwrap(), features: features::DOCUMENTS };
+    frames.extend_from_slice(&control::encode(&Message::Hello(hello)).unwrap());
+    frames.extend_from_slice(&control::encode(&Message::Document(doc)).unwrap());
+    ctl.stream.send_data(bytes::Bytes::from(frames)).await.unwrap();
+    let t = || m.gw(0).metrics_text();
+    assert!(eventually(Duration::from_secs(5), || documents(&t(), "refused", "bad_signature") == 1.0).await, "{}", t());
+
+    // Each refusal counted once, by reason; nothing changed anywhere.
+    let t = t();
+    for reason in ["unauthorized_publisher", "certificate", "older", "oversized", "bad_signature"] {
+        assert_eq!(documents(&t, "refused", reason), 1.0, "{reason}: {t}");
+    }
+    assert_eq!((held(&m, 0), held(&m, 1)), before);
+    assert!(runs_policy(&m, 0, "v5") && runs_policy(&m, 1, "v5"));
+    assert!(!runs_policy(&m, 1, "v6") && !runs_policy(&m, 1, "intruder"));
+    // The session that carried the tampered document is not closed for it.
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_applies_at_different_gateways_end_with_every_gateway_on_the_same_version() {
+    let mut m = mesh().await;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let (op, ..) = creds(&m, "operator", OPERATOR);
+    // Two operators publish version 1 at the same moment, at a and at c.
+    let (doc_a, doc_c) = (audit_doc("from-a"), audit_doc("from-c"));
+    let (ra, rc) = tokio::join!(publish_at(&m, 0, &op, 1, &doc_a), publish_at(&m, 2, &op, 1, &doc_c));
+    assert!([ra.0, rc.0].contains(&200), "{ra:?} {rc:?}");
+    // The one with the higher digest wins everywhere, whatever the arrival order.
+    let digests = [ra.1["digest"].as_str(), rc.1["digest"].as_str()];
+    let converged = || {
+        let h: Vec<_> = (0..3).map(|i| held(&m, i)).collect();
+        h.iter().all(|x| x.is_some() && *x == h[0])
+    };
+    assert!(
+        eventually(Duration::from_secs(5), converged).await,
+        "{:?}",
+        (0..3).map(|i| held(&m, i)).collect::<Vec<_>>()
+    );
+    let (version, digest) = held(&m, 0).unwrap();
+    assert_eq!(version, 1);
+    let winner = if runs_policy(&m, 0, "from-a") { "from-a" } else { "from-c" };
+    assert!(eventually(Duration::from_secs(5), || (0..3).all(|i| runs_policy(&m, i, winner))).await);
+    if let (Some(a), Some(c)) = (digests[0], digests[1]) {
+        assert_eq!(digest, a.max(c), "the higher digest wins");
+    }
+    m.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_pushed_as_a_document_revokes_open_tcp_flows_it_no_longer_allows() {
+    let mut m = mesh().await;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let listen = m.gw(0).import_addr("echo.test").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flows: Vec<_> = (0..4).map(|i| tokio::spawn(long_flow(listen, i, stop.clone()))).collect();
+    let open =
+        || (1..3).map(|i| metric(&m.gw(i).metrics_text(), "causeway_flows_active", &[]).unwrap_or(0.0)).sum::<f64>();
+    assert!(eventually(Duration::from_secs(5), || open() >= 4.0).await, "flows never opened");
+    // Deny everything in every zone that exports: open flows are asked again and reset.
+    let (op, ..) = creds(&m, "operator", OPERATOR);
+    let (code, answer) = publish_at(&m, 1, &op, 1, "authorization: { default_deny: true }\n").await;
+    assert_eq!(code, 200, "{answer}");
+    for f in flows {
+        let r = tokio::time::timeout(Duration::from_secs(10), f).await.expect("a revoked flow stayed open").unwrap();
+        assert!(r.is_err(), "a flow the pushed policy denies ran to its end: {r:?}");
+    }
+    let revoked: f64 = (1..3)
+        .map(|i| {
+            metric(&m.gw(i).metrics_text(), "causeway_flows_revoked_total", &[("service", "echo.test")]).unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(revoked, 4.0);
+    assert!(echo_flow(listen, b"new").await.is_err(), "a new flow passed the pushed deny");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    m.shutdown().await;
+}
