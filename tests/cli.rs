@@ -119,11 +119,17 @@ timing: { peer_timeout: 2 fortnights }
 fn every_example_config_parses() {
     let dir = repo().join("deploy/examples");
     let mut n = 0;
+    let (mut documents, mut zones) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(&dir).unwrap() {
         let p = entry.unwrap().path();
         if p.extension().is_some_and(|e| e == "yaml") {
             let text = std::fs::read_to_string(&p).unwrap();
-            let redirector = p.file_name().unwrap().to_string_lossy().starts_with("redirect-");
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("mesh-") {
+                documents.push((p.clone(), text));
+                continue;
+            }
+            let redirector = name.starts_with("redirect-");
             let res = if redirector {
                 causeway::redirect::parse(&text).map(|_| ())
             } else {
@@ -132,10 +138,23 @@ fn every_example_config_parses() {
             if let Err(errs) = res {
                 panic!("{}: {errs:?}", p.display());
             }
+            if !redirector {
+                zones.push((p.clone(), causeway::config::parse(&text).unwrap()));
+            }
             n += 1;
         }
     }
     assert!(n >= 4, "expected the 3-zone example and a redirector in {}", dir.display());
+    // A mesh-wide document parses, and merged with every zone's file it validates there.
+    assert!(!documents.is_empty(), "expected a mesh-wide document example in {}", dir.display());
+    for (p, text) in &documents {
+        let doc = causeway::control::parse_document(text).unwrap_or_else(|e| panic!("{}: {e:?}", p.display()));
+        for (zp, cfg) in &zones {
+            if let Err(errs) = causeway::control::compose(cfg, &doc) {
+                panic!("{} in {}: {errs:?}", p.display(), zp.display());
+            }
+        }
+    }
 }
 
 #[test]

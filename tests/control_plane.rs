@@ -260,3 +260,191 @@ async fn a_policy_pushed_as_a_document_revokes_open_tcp_flows_it_no_longer_allow
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     m.shutdown().await;
 }
+
+/// An HTTP/1.1 backend answering every GET with its version (argv[1]).
+const VERSION_PY: &str = r#"
+import http.server, sys
+version = sys.argv[1].encode() + b"\n"
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(version)))
+        self.end_headers()
+        self.wfile.write(version)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+fn free_tcp() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Runs `yaml` as a gateway process (logs discarded).
+fn gateway_process(m: &TestMesh, name: &str, yaml: &str) -> GatewayProcess {
+    let path = m.pki.dir.join(format!("{name}-process.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let child = std::process::Command::new(causeway_bin())
+        .args(["gateway", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn causeway gateway");
+    GatewayProcess(child)
+}
+
+/// `causeway args…` in a blocking thread: (exit code, stdout, stderr).
+async fn cli(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(causeway_bin()).args(&args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+async fn admin_metric(admin: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, text) = causeway::admin::get(admin, "/metrics").await.unwrap_or((0, String::new()));
+    metric(&text, name, labels).unwrap_or(0.0)
+}
+
+fn canary(v2_weight: u32) -> String {
+    format!(
+        "# Every zone audits calls from namespace nobody; zone a splits reviews.shop between v1 and v2.
+authorization:
+  policies:
+    - name: mesh-audit
+      action: audit
+      rules: [{{ from: {{ namespaces: [nobody] }} }}]
+zones:
+  a:
+    http_routes:
+      - name: canary
+        service: reviews.shop
+        rules:
+          - backends: [{{ subset: {{ version: v1 }}, weight: {} }}, {{ subset: {{ version: v2 }}, weight: {v2_weight} }}]
+",
+        100 - v2_weight
+    )
+}
+
+/// Three gateway processes; `causeway apply` at zone a's admin; every gateway reports the route
+/// change applied within a second of its publication, `causeway status --mesh` at another zone
+/// shows it, and a canary weight shift published this way under wrk load loses no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causeway_apply_at_one_zone_is_in_force_at_every_gateway_and_a_canary_shift_under_wrk_loses_nothing() {
+    init();
+    let (v1, v2) = (web::py_server(VERSION_PY, &["v1"]), web::py_server(VERSION_PY, &["v2"]));
+    let mut m = TestMesh::plan(
+        vec![
+            ZoneSpec { zone: "a", exports: vec![], imports: vec![("reviews.shop", vec![])] },
+            ZoneSpec { zone: "east", exports: vec![("reviews.shop", vec![v1.addr])], imports: vec![] },
+            ZoneSpec { zone: "west", exports: vec![("reviews.shop", vec![v2.addr])], imports: vec![] },
+        ],
+        "",
+    )
+    .unwrap();
+    with_control(&mut m);
+    let listen = free_tcp();
+    m.specs[0].imports[0].1 = listen;
+    let admins: Vec<_> = (0..3).map(|_| free_tcp()).collect();
+    let mut procs = Vec::new();
+    for (i, version) in [(0, ""), (1, "v1"), (2, "v2")] {
+        m.specs[i].admin = Some(admins[i]);
+        let yaml =
+            m.specs[i].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,").replace(
+                "{ name: reviews.shop,",
+                &format!("{{ name: reviews.shop, protocol: http, labels: {{ version: {version} }},"),
+            );
+        procs.push(gateway_process(&m, &m.specs[i].zone.clone(), &yaml));
+    }
+    let routed = || async {
+        let (_, body) = causeway::admin::get(admins[0], "/services").await.unwrap_or((0, String::new()));
+        let s: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        s["services"].as_array().into_iter().flatten().any(|x| x["route_order"].as_array().map(Vec::len) == Some(2))
+    };
+    let t0 = std::time::Instant::now();
+    while !routed().await {
+        assert!(t0.elapsed() < Duration::from_secs(15), "zone a never routed reviews.shop to both zones");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, cert, key) = creds(&m, "operator", OPERATOR);
+    let apply = |doc: String, name: &str| {
+        let path = m.pki.dir.join(name);
+        std::fs::write(&path, doc).unwrap();
+        let args = [
+            "apply",
+            "-f",
+            path.to_str().unwrap(),
+            "--admin",
+            &admins[0].to_string(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        cli(args.iter().map(|s| s.to_string()).collect())
+    };
+
+    // Version 1: everything to v1.
+    let (code, out, err) = apply(canary(0), "canary-0.yaml").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("published version 1"), "{out}");
+    let view = publish::mesh_view(admins[1]).await.unwrap();
+    let published = view["document"]["published_ms"].as_u64().unwrap();
+    let rows = view["gateways"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{view}");
+    for r in rows {
+        assert_eq!((r["state"].as_str(), r["version"].as_u64()), (Some("applied"), Some(1)), "{view}");
+        let took = r["at_ms"].as_u64().unwrap().saturating_sub(published);
+        eprintln!("{} applied version 1 {took} ms after its publication", r["zone"]);
+        assert!(took < 1000, "{} applied {took} ms after publication", r["zone"]);
+    }
+
+    // Under wrk, version 2 shifts half the requests to v2.
+    let url = format!("http://{listen}/reviews");
+    let wrk = std::thread::spawn(move || {
+        std::process::Command::new("wrk")
+            .args(["-t", "1", "-c", "4", "-d", "4s", "--timeout", "2s", &url])
+            .output()
+            .unwrap()
+    });
+    let served =
+        |i: usize| admin_metric(admins[i], "causeway_http_requests_total", &[("route", "inbound"), ("code", "200")]);
+    let t0 = std::time::Instant::now();
+    while served(1).await < 50.0 {
+        assert!(t0.elapsed() < Duration::from_secs(3), "v1 never got load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served(2).await, 0.0, "v2 served before the shift");
+    let (code, out, err) = apply(canary(50), "canary-50.yaml").await;
+    assert_eq!(code, 0, "{out}{err}");
+    let report = tokio::task::spawn_blocking(move || wrk.join().unwrap()).await.unwrap();
+    let text = String::from_utf8_lossy(&report.stdout).to_string();
+    assert!(report.status.success(), "wrk: {text}{}", String::from_utf8_lossy(&report.stderr));
+    assert!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "{text}");
+    let (east, west) = (served(1).await, served(2).await);
+    eprintln!("canary shift under wrk: v1 {east}, v2 {west} requests\n{text}");
+    assert!(west >= 50.0, "v2 served {west} after the shift");
+
+    // Another zone's view: every gateway on version 2.
+    let (code, out, err) = cli(vec!["status".into(), "--mesh".into(), "--admin".into(), admins[2].to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("document: version 2 "), "{out}");
+    let applied: Vec<_> = out.lines().filter(|l| l.contains(" applied ") && l.contains("      2 ")).collect();
+    assert_eq!(applied.len(), 3, "{out}");
+    for admin in &admins {
+        assert_eq!(admin_metric(*admin, "causeway_mesh_document_version", &[]).await, 2.0);
+    }
+    drop(procs);
+}

@@ -13,7 +13,8 @@ pub const MAX_POST: usize = 2 * causeway_protocol::document::MAX_BODY_LEN;
 
 /// `GET /mesh`: the document held and where every gateway stands with it — `applied`,
 /// `refused` (with its reason) or `behind` (its latest report is about another document, or a
-/// peer has reported nothing yet).
+/// peer has reported nothing yet). `reachable` is false for a peer that has reported nothing and
+/// is not up: `causeway apply` does not wait for it (it catches up when it reconnects).
 pub fn mesh_json(mesh: &Mesh) -> serde_json::Value {
     let held = mesh.held_document();
     let key = held.as_ref().map(|h| h.key());
@@ -30,12 +31,14 @@ pub fn mesh_json(mesh: &Mesh) -> serde_json::Value {
                 "digest": hex(&s.digest),
                 "reason": s.reason,
                 "at_ms": s.at_ms,
+                "reachable": true,
             })
         })
         .collect();
     // Peers that have reported nothing are behind.
     for p in mesh.peer_view() {
         if !rows.iter().any(|r| r["identity"] == p.spec.id.to_string()) {
+            let up = p.state == causeway_overlay::core::route_table::PeerState::Up;
             rows.push(json!({
                 "identity": p.spec.id.to_string(),
                 "zone": p.zone.as_ref().or(p.spec.zone.as_ref()).map(|z| z.to_string()),
@@ -43,8 +46,9 @@ pub fn mesh_json(mesh: &Mesh) -> serde_json::Value {
                 "state": Standing::Behind.as_str(),
                 "version": null,
                 "digest": null,
-                "reason": "no report",
+                "reason": if up { "no report" } else { "no report: peer not connected" },
                 "at_ms": null,
+                "reachable": up,
             }));
         }
     }
@@ -54,7 +58,7 @@ pub fn mesh_json(mesh: &Mesh) -> serde_json::Value {
             "zone": mesh.zone().to_string(),
             "gateway": mesh.gateway().to_string(),
             "state": Standing::Behind.as_str(),
-            "version": null, "digest": null, "reason": "no document applied", "at_ms": null,
+            "version": null, "digest": null, "reason": "no document applied", "at_ms": null, "reachable": true,
         }));
     }
     json!({

@@ -59,13 +59,20 @@ pub struct Import {
 
 /// A validated configuration: what is fixed for the life of a process, and a snapshot of what may
 /// change while it runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub fixed: StaticConfig,
     pub snapshot: Snapshot,
     /// The file as YAML, which a mesh-wide document's sections are merged into
     /// ([`crate::control::compose`]).
     pub source: Arc<serde_yaml_ng::Value>,
+}
+
+/// The effective configuration (what `config.effective` logs), without the file's text again.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config").field("fixed", &self.fixed).field("snapshot", &self.snapshot).finish_non_exhaustive()
+    }
 }
 
 /// What is fixed for a process: identity, listen addresses, TLS paths, timing, limits, logging. A

@@ -63,8 +63,9 @@ pub enum Outcome {
     Pending,
 }
 
-/// Polls `GET /mesh` until every gateway listed there reports on document (`version`, `digest`),
-/// another document is held instead, or `wait` passes. Returns the outcome and the last view.
+/// Polls `GET /mesh` until every reachable gateway listed there reports on document (`version`,
+/// `digest`), another document is held instead, or `wait` passes. Returns the outcome and the
+/// last view (unreachable peers are in it, `behind`).
 pub async fn follow(
     admin: SocketAddr,
     version: u64,
@@ -80,8 +81,12 @@ pub async fn follow(
         }
         let rows = view["gateways"].as_array().cloned().unwrap_or_default();
         let ours = |r: &serde_json::Value| r["digest"].as_str() == Some(digest);
+        let reachable = |r: &serde_json::Value| r["reachable"].as_bool() != Some(false);
         let done = held["digest"].as_str() == Some(digest)
-            && rows.iter().all(|r| ours(r) && matches!(r["state"].as_str(), Some("applied" | "refused")));
+            && rows
+                .iter()
+                .filter(|r| reachable(r))
+                .all(|r| ours(r) && matches!(r["state"].as_str(), Some("applied" | "refused")));
         if done {
             let refused = rows.iter().any(|r| r["state"] == "refused");
             return Ok((if refused { Outcome::Refused } else { Outcome::Applied }, view));
