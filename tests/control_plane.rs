@@ -396,6 +396,27 @@ async fn causeway_apply_at_one_zone_is_in_force_at_every_gateway_and_a_canary_sh
         cli(args.iter().map(|s| s.to_string()).collect())
     };
 
+    // A dry run says which keys apply in which zone, and publishes nothing.
+    let path = m.pki.dir.join("canary-dry.yaml");
+    std::fs::write(&path, canary(0)).unwrap();
+    let args = [
+        "apply",
+        "--dry-run",
+        "-f",
+        path.to_str().unwrap(),
+        "--admin",
+        &admins[0].to_string(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ];
+    let (code, out, err) = cli(args.iter().map(|s| s.to_string()).collect()).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("zone a: http_routes <- zones.a.http_routes, authorization <- authorization"), "{out}");
+    assert!(out.contains("zone west: authorization <- authorization\n"), "{out}");
+    assert!(publish::mesh_view(admins[0]).await.unwrap()["document"].is_null());
+
     // Version 1: everything to v1.
     let (code, out, err) = apply(canary(0), "canary-0.yaml").await;
     assert_eq!(code, 0, "{out}{err}");
@@ -447,4 +468,62 @@ async fn causeway_apply_at_one_zone_is_in_force_at_every_gateway_and_a_canary_sh
         assert_eq!(admin_metric(*admin, "causeway_mesh_document_version", &[]).await, 2.0);
     }
     drop(procs);
+}
+
+/// GitOps: gateway a watches a document file and publishes it, signed with its own identity (a
+/// listed publisher), whenever its content differs from the document held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_document_file_is_published_by_its_gateway_and_each_edit_becomes_a_new_version() {
+    let mut m = echo_three_zones().await;
+    let file = m.pki.dir.join("gitops-mesh.yaml");
+    for i in 0..3 {
+        let own = if i == 0 { format!(", document_file: \"{}\"", file.display()) } else { String::new() };
+        m.specs[i].extra.push_str(&format!(
+            "timing: {{ watch_interval: 100ms }}\ncontrol: {{ publishers: [\"{OPERATOR}\", \"{}\"]{own} }}\n",
+            m.ids[0]
+        ));
+    }
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    std::fs::write(&file, audit_doc("gitops-1")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || (0..3).all(|i| runs_policy(&m, i, "gitops-1"))).await);
+    assert_eq!(m.gw(2).mesh.held_document().map(|h| (h.version, h.publisher.clone())), Some((1, m.ids[0].clone())));
+    // An edit is the next version; a file that is not a document is refused and changes nothing.
+    std::fs::write(&file, audit_doc("gitops-2")).unwrap();
+    assert!(eventually(Duration::from_secs(5), || (0..3).all(|i| runs_policy(&m, i, "gitops-2"))).await);
+    std::fs::write(&file, "peers: []\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(held(&m, 1).map(|h| h.0), Some(2));
+    assert!(runs_policy(&m, 1, "gitops-2"));
+    m.shutdown().await;
+}
+
+/// A document that does not fit one zone (a policy for a service that zone does not export) is
+/// refused there and reported with the key path, while the zones it fits apply it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_that_does_not_fit_a_zone_is_refused_there_and_reported_while_the_others_apply_it() {
+    let mut m = mesh().await;
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 2).await);
+    let (op, ..) = creds(&m, "operator", OPERATOR);
+    let doc = "authorization:
+  policies:
+    - { name: echo-callers, service: echo.test, action: allow, rules: [{ from: { namespaces: [shop] } }] }
+";
+    let (code, answer) = publish_at(&m, 0, &op, 1, doc).await;
+    assert_eq!(code, 200, "{answer}");
+    let digest = answer["digest"].as_str().unwrap().to_string();
+    let (outcome, view) =
+        publish::follow(m.gw(0).admin_addr.unwrap(), 1, &digest, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(outcome, publish::Outcome::Refused, "{view}");
+    let row = |zone: &str| view["gateways"].as_array().unwrap().iter().find(|r| r["zone"] == zone).unwrap().clone();
+    let a = row("a");
+    assert_eq!(a["state"], "refused", "{view}");
+    let reason = a["reason"].as_str().unwrap();
+    assert!(reason.contains("authorization.policies[0].service") && reason.contains("not exported"), "{reason}");
+    assert_eq!((row("b")["state"].as_str(), row("c")["state"].as_str()), (Some("applied"), Some("applied")), "{view}");
+    assert!(runs_policy(&m, 1, "echo-callers") && !runs_policy(&m, 0, "echo-callers"));
+    let t = m.gw(0).metrics_text();
+    assert_eq!(metric(&t, "causeway_mesh_document_applies_total", &[("result", "refused")]), Some(1.0), "{t}");
+    m.shutdown().await;
 }

@@ -162,6 +162,14 @@ impl Gateway {
         applier.restore().await;
         let applier: Arc<dyn causeway_overlay::ports::DocumentHandler> = applier;
         mesh.set_document_handler(&applier);
+        if let Some(file) = &fixed.document_file {
+            crate::control::documents::watch_file(
+                mesh.clone(),
+                file.clone(),
+                fixed.tls.watch_interval,
+                mesh_stopped(&mesh),
+            );
+        }
         tasks.spawn(mesh.clone().run());
         tokio::spawn(tls_watch::watch_gateway_tls(
             fixed.tls.clone(),

@@ -104,6 +104,9 @@ pub struct StaticConfig {
     pub publishers: Vec<Identity>,
     /// `control.state_dir`: where the last document applied is kept (none: not kept).
     pub state_dir: Option<PathBuf>,
+    /// `control.document_file`: a document this gateway publishes whenever the file's content
+    /// differs from the document held (GitOps), signed with its own identity.
+    pub document_file: Option<PathBuf>,
 }
 
 impl StaticConfig {
@@ -132,6 +135,7 @@ impl StaticConfig {
             tracing,
             publishers,
             state_dir,
+            document_file,
         } = self;
         let TlsPaths { cert, key, bundle, federation, watch_interval } = tls;
         let o = &other.tls;
@@ -156,7 +160,10 @@ impl StaticConfig {
             ("limits", *limits != other.limits),
             ("log", (log_format, log_level) != (&other.log_format, &other.log_level)),
             ("tracing", *tracing != other.tracing),
-            ("control", (publishers, state_dir) != (&other.publishers, &other.state_dir)),
+            (
+                "control",
+                (publishers, state_dir, document_file) != (&other.publishers, &other.state_dir, &other.document_file),
+            ),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -222,8 +229,11 @@ impl Snapshot {
 /// Reads and validates a file. Relative TLS paths are resolved against the file's directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let mut cfg = load_with(path, parse, |c| &mut c.fixed.tls)?;
-    if let Some(dir) = cfg.fixed.state_dir.as_mut().filter(|d| d.is_relative()) {
-        *dir = path.parent().unwrap_or(Path::new(".")).join(&*dir);
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut cfg.fixed.state_dir, &mut cfg.fixed.document_file].into_iter().flatten() {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
     }
     Ok(cfg)
 }
@@ -722,6 +732,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, Vec<ConfigError>> {
                 tracing,
                 publishers,
                 state_dir: raw.control.state_dir.clone(),
+                document_file: raw.control.document_file.clone(),
             },
             snapshot: Snapshot {
                 peers,

@@ -66,6 +66,7 @@ pub struct RawControl {
     #[serde(default)]
     pub publishers: Vec<String>,
     pub state_dir: Option<PathBuf>,
+    pub document_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

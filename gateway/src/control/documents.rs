@@ -104,6 +104,48 @@ impl Applier {
     }
 }
 
+/// `control.document_file` (GitOps): every `interval`, and at once, whenever the file's content
+/// differs from the document held, this gateway publishes it as the next version, signed with its
+/// own identity (which must be in `control.publishers` for any gateway to accept it). A file that
+/// does not parse as a document is logged and skipped. Two gateways watching the same file
+/// publish the same content: whichever version wins, the content in force is the file's.
+pub fn watch_file(mesh: Mesh, path: PathBuf, interval: std::time::Duration, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refused: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let Ok(content) = std::fs::read_to_string(&path) else { continue };
+            let held = mesh.held_document();
+            if held.as_ref().is_some_and(|h| h.content == content) || refused.as_ref() == Some(&content) {
+                continue;
+            }
+            if let Err(errors) = super::parse_document(&content) {
+                let reason = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+                tracing::error!(file = %path.display(), %reason, "document.file.refused");
+                refused = Some(content);
+                continue;
+            }
+            let version = held.map(|h| h.version).unwrap_or(0) + 1;
+            let signed = super::publish::sign_with(version, &content, |msg| mesh.tls().sign(msg));
+            let res = signed
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|doc| mesh.offer_document(doc, Origin::Local).map_err(|e| e.to_string()));
+            match res {
+                Ok(_) => tracing::info!(file = %path.display(), version, "document.file.published"),
+                Err(reason) => {
+                    tracing::error!(file = %path.display(), %reason, "document.file.refused");
+                    refused = Some(content);
+                }
+            }
+        }
+    });
+}
+
 /// Writes the document atomically (a temporary file renamed over the old one).
 fn persist(dir: &Path, doc: &SignedDocument) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;

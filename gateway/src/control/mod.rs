@@ -136,6 +136,7 @@ pub fn compose(file: &Config, doc: &MeshDocument) -> Result<Config, Vec<ConfigEr
     // What the file's loading resolved (paths relative to the file) stays as it was.
     cfg.fixed.tls = file.fixed.tls.clone();
     cfg.fixed.state_dir = file.fixed.state_dir.clone();
+    cfg.fixed.document_file = file.fixed.document_file.clone();
     cfg.source = file.source.clone();
     Ok(cfg)
 }

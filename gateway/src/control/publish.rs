@@ -12,6 +12,21 @@ use causeway_protocol::document::{DocumentBody, SignedDocument, MAX_CONTENT_LEN}
 
 /// Signs `content` as document `version` with the publisher's credentials.
 pub fn sign(creds: &Credentials, version: u64, content: &str) -> anyhow::Result<SignedDocument> {
+    sign_with(version, content, |msg| {
+        let (scheme, sig) = causeway_overlay::transport::tls::sign(&creds.key, msg)?;
+        Ok((creds.chain.clone(), scheme, sig))
+    })
+}
+
+type Signature = (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::SignatureScheme, Vec<u8>);
+
+/// Signs `content` as document `version` with `signer` (the message in, the chain, scheme and
+/// signature out).
+pub fn sign_with(
+    version: u64,
+    content: &str,
+    signer: impl FnOnce(&[u8]) -> Result<Signature, causeway_overlay::transport::tls::TlsError>,
+) -> anyhow::Result<SignedDocument> {
     anyhow::ensure!(
         content.len() <= MAX_CONTENT_LEN,
         "the document is {} bytes, over the {MAX_CONTENT_LEN}-byte limit",
@@ -19,14 +34,8 @@ pub fn sign(creds: &Credentials, version: u64, content: &str) -> anyhow::Result<
     );
     let published_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let body = DocumentBody { version, published_ms, content: content.to_string() }.encode()?;
-    let (scheme, signature) =
-        causeway_overlay::transport::tls::sign(&creds.key, &SignedDocument::signed_message(&body))?;
-    Ok(SignedDocument {
-        body,
-        chain: creds.chain.iter().map(|c| c.to_vec()).collect(),
-        scheme: u16::from(scheme),
-        signature,
-    })
+    let (chain, scheme, signature) = signer(&SignedDocument::signed_message(&body))?;
+    Ok(SignedDocument { body, chain: chain.iter().map(|c| c.to_vec()).collect(), scheme: u16::from(scheme), signature })
 }
 
 /// `GET /mesh` of a gateway.
