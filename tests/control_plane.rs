@@ -207,11 +207,17 @@ async fn two_concurrent_applies_at_different_gateways_end_with_every_gateway_on_
     assert!(m.wait_routes(0, "echo.test", 2).await);
     let (op, ..) = creds(&m, "operator", OPERATOR);
     // Two operators publish version 1 at the same moment, at a and at c.
-    let (doc_a, doc_c) = (audit_doc("from-a"), audit_doc("from-c"));
-    let (ra, rc) = tokio::join!(publish_at(&m, 0, &op, 1, &doc_a), publish_at(&m, 2, &op, 1, &doc_c));
+    let doc_a = publish::sign(&op, 1, &audit_doc("from-a")).unwrap();
+    let doc_c = publish::sign(&op, 1, &audit_doc("from-c")).unwrap();
+    let digests = [
+        causeway_overlay::core::documents::hex(&sha256(&doc_a.body)),
+        causeway_overlay::core::documents::hex(&sha256(&doc_c.body)),
+    ];
+    let (admin_a, admin_c) = (m.gw(0).admin_addr.unwrap(), m.gw(2).admin_addr.unwrap());
+    let (ra, rc) = tokio::join!(publish::post(admin_a, &doc_a), publish::post(admin_c, &doc_c));
+    let (ra, rc) = (ra.unwrap(), rc.unwrap());
     assert!([ra.0, rc.0].contains(&200), "{ra:?} {rc:?}");
     // The one with the higher digest wins everywhere, whatever the arrival order.
-    let digests = [ra.1["digest"].as_str(), rc.1["digest"].as_str()];
     let converged = || {
         let h: Vec<_> = (0..3).map(|i| held(&m, i)).collect();
         h.iter().all(|x| x.is_some() && *x == h[0])
@@ -223,11 +229,13 @@ async fn two_concurrent_applies_at_different_gateways_end_with_every_gateway_on_
     );
     let (version, digest) = held(&m, 0).unwrap();
     assert_eq!(version, 1);
-    let winner = if runs_policy(&m, 0, "from-a") { "from-a" } else { "from-c" };
+    let winner = if digests[0] > digests[1] { "from-a" } else { "from-c" };
+    assert_eq!(digest, *digests.iter().max().unwrap(), "the higher digest wins");
     assert!(eventually(Duration::from_secs(5), || (0..3).all(|i| runs_policy(&m, i, winner))).await);
-    if let (Some(a), Some(c)) = (digests[0], digests[1]) {
-        assert_eq!(digest, a.max(c), "the higher digest wins");
-    }
+    // Whoever published the other one is told it was superseded.
+    let loser = digests.iter().min().unwrap();
+    let (outcome, view) = publish::follow(admin_c, 1, loser, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(outcome, publish::Outcome::Superseded { by: 1 }, "{view}");
     m.shutdown().await;
 }
 
@@ -280,23 +288,44 @@ print(s.server_address[1], flush=True)
 s.serve_forever()
 "#;
 
-fn free_tcp() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+/// A gateway process running `yaml`, its log in a file, and the addresses it bound (its admin
+/// API, its first import listener), read from its `gateway.started` line.
+struct Started {
+    _proc: GatewayProcess,
+    log: std::path::PathBuf,
+    admin: std::net::SocketAddr,
+    import: Option<std::net::SocketAddr>,
 }
 
-/// Runs `yaml` as a gateway process (logs discarded).
-fn gateway_process(m: &TestMesh, name: &str, yaml: &str) -> GatewayProcess {
+/// Runs `yaml` as a gateway process and waits for it to start (at most 10 s).
+async fn gateway_process(m: &TestMesh, name: &str, yaml: &str) -> Started {
     let path = m.pki.dir.join(format!("{name}-process.yaml"));
+    let log = m.pki.dir.join(format!("{name}-process.log"));
     std::fs::write(&path, yaml).unwrap();
     let child = std::process::Command::new(causeway_bin())
         .args(["gateway", "--config"])
         .arg(path)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("spawn causeway gateway");
-    GatewayProcess(child)
+    let proc = GatewayProcess(child);
+    let addr_after = |line: &str, key: &str| -> Option<std::net::SocketAddr> {
+        let rest = &line[line.find(key)? + key.len()..];
+        let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':')).unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    };
+    for _ in 0..200 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("gateway.started")) {
+            let admin = addr_after(line, "admin=Some(").expect("an admin address");
+            let import = addr_after(line, "\", ");
+            return Started { _proc: proc, log, admin, import };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{name} did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
 
 /// `causeway args…` in a blocking thread: (exit code, stdout, stderr).
@@ -355,19 +384,20 @@ async fn causeway_apply_at_one_zone_is_in_force_at_every_gateway_and_a_canary_sh
     )
     .unwrap();
     with_control(&mut m);
-    let listen = free_tcp();
-    m.specs[0].imports[0].1 = listen;
-    let admins: Vec<_> = (0..3).map(|_| free_tcp()).collect();
     let mut procs = Vec::new();
     for (i, version) in [(0, ""), (1, "v1"), (2, "v2")] {
-        m.specs[i].admin = Some(admins[i]);
         let yaml =
             m.specs[i].yaml().replace("{ service: reviews.shop,", "{ service: reviews.shop, protocol: http,").replace(
                 "{ name: reviews.shop,",
                 &format!("{{ name: reviews.shop, protocol: http, labels: {{ version: {version} }},"),
             );
-        procs.push(gateway_process(&m, &m.specs[i].zone.clone(), &yaml));
+        procs.push(gateway_process(&m, &m.specs[i].zone.clone(), &yaml).await);
     }
+    let admins: Vec<_> = procs.iter().map(|p| p.admin).collect();
+    let listen = procs[0].import.expect("zone a's listener");
+    let logs = || {
+        procs.iter().map(|p| std::fs::read_to_string(&p.log).unwrap_or_default()).collect::<Vec<_>>().join("\n----\n")
+    };
     let routed = || async {
         let (_, body) = causeway::admin::get(admins[0], "/services").await.unwrap_or((0, String::new()));
         let s: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -375,7 +405,7 @@ async fn causeway_apply_at_one_zone_is_in_force_at_every_gateway_and_a_canary_sh
     };
     let t0 = std::time::Instant::now();
     while !routed().await {
-        assert!(t0.elapsed() < Duration::from_secs(15), "zone a never routed reviews.shop to both zones");
+        assert!(t0.elapsed() < Duration::from_secs(15), "zone a never routed reviews.shop to both zones:\n{}", logs());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, cert, key) = creds(&m, "operator", OPERATOR);
@@ -525,5 +555,38 @@ async fn a_document_that_does_not_fit_a_zone_is_refused_there_and_reported_while
     assert!(runs_policy(&m, 1, "echo-callers") && !runs_policy(&m, 0, "echo-callers"));
     let t = m.gw(0).metrics_text();
     assert_eq!(metric(&t, "causeway_mesh_document_applies_total", &[("result", "refused")]), Some(1.0), "{t}");
+    // One audit line per gateway and outcome: who published what (its digest), and the result.
+    let audit = |result: &'static str| {
+        let digest = digest.clone();
+        move |l: &AccessLine| l.get("kind") == "document" && l.get("result") == result && l.get("digest") == digest
+    };
+    let applied = access_lines(2, audit("applied")).await;
+    assert_eq!(applied.len(), 2, "{applied:?}");
+    assert!(applied.iter().all(|l| l.get("publisher") == OPERATOR && l.get("version") == "1"), "{applied:?}");
+    let refused = access_lines(1, audit("refused")).await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].get("reason").contains("not exported"), "{refused:?}");
+    m.shutdown().await;
+}
+
+/// Documents cross any chain of peer connections: here a and c are not peers, and b relays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_reaches_a_zone_that_is_no_peer_of_the_publishing_one_through_the_zone_between() {
+    let mut m = mesh().await;
+    let (a, c) = (m.ids[0].clone(), m.ids[2].clone());
+    m.specs[0].peers.retain(|p| p.0 != c);
+    m.specs[2].peers.retain(|p| p.0 != a);
+    m.start_all().await.unwrap();
+    assert!(m.wait_routes(0, "echo.test", 1).await);
+    let (op, ..) = creds(&m, "operator", OPERATOR);
+    let (code, answer) = publish_at(&m, 0, &op, 1, &audit_doc("relayed")).await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(eventually(Duration::from_secs(5), || runs_policy(&m, 2, "relayed")).await, "c never got it through b");
+    // c's report comes back the same way: a sees every gateway applied.
+    let digest = answer["digest"].as_str().unwrap().to_string();
+    let (outcome, view) =
+        publish::follow(m.gw(0).admin_addr.unwrap(), 1, &digest, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(outcome, publish::Outcome::Applied, "{view}");
+    assert_eq!(view["gateways"].as_array().unwrap().len(), 3, "{view}");
     m.shutdown().await;
 }

@@ -118,6 +118,9 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer((host, port), H).serve_forever()
 "#;
 
+/// Who may publish mesh-wide documents to both gateways.
+const OPERATOR: &str = "spiffe://test.causeway/ns/ops/sa/publisher";
+
 /// Zone a's routes for reviews (zone a serves v1 itself, zone b v2): jason to v2, others to v1.
 const REVIEWS_ROUTES: &str = "http_routes:
   - name: reviews-by-user
@@ -202,15 +205,18 @@ fn gateway_yaml(w: &World, zone: &str) -> std::path::PathBuf {
         } else {
             vec![]
         },
-        extra: if zone == "a" {
-            format!(
+        extra: format!(
+            "control: {{ publishers: [\"{OPERATOR}\"] }}\n{}",
+            if zone == "a" {
+                format!(
                 "redirectors:\n  - {{ id_prefix: \"spiffe://{TD}/zone/a/node/\" }}\nworkloads:\n  - {{ cidr: 10.11.0.0/24, id: \"{FRONTEND}\" }}\n{REVIEWS_ROUTES}\
                  client_allowlists:\n  - {{ service: secret.shop, cidrs: [10.11.0.99/32] }}\n"
             )
-        } else {
-            // Handshakes only from the configured peer (always allowed) and this range.
-            "allowed_sources: [10.21.0.0/24]\n".to_string()
-        },
+            } else {
+                // Handshakes only from the configured peer (always allowed) and this range.
+                "allowed_sources: [10.21.0.0/24]\n".to_string()
+            }
+        ),
     };
     let version = if zone == "a" { "v1" } else { "v2" };
     let yaml = spec
@@ -431,6 +437,36 @@ fn unmodified_pods_reach_services_in_another_cluster_by_name() {
         "gateway a's access log lacks the captured requests:\n{}",
         gw_a.log_text()
     );
+
+    // 1d. An operator in cluster b publishes new routes for zone a through gateway b
+    // (`causeway apply`, a mesh-wide document): in force at gateway a, the pod's next requests
+    // all go to v2.
+    let op = causeway_protocol::Identity::parse(OPERATOR).unwrap();
+    let (op_cert, op_key, _) = w.pki.issue("operator", &op, Validity::for_duration(Duration::from_secs(3600))).unwrap();
+    let doc = w.dir.join("mesh-document.yaml");
+    let all_v2 = "zones:\n  a:\n    http_routes:\n      - name: all-v2\n        service: reviews.shop\n        rules: [{ backends: [{ subset: { version: v2 } }] }]\n";
+    std::fs::write(&doc, all_v2).unwrap();
+    let applied = w
+        .gwb
+        .output(&[
+            &bin(),
+            "apply",
+            "-f",
+            doc.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:9901",
+            "--cert",
+            op_cert.to_str().unwrap(),
+            "--key",
+            op_key.to_str().unwrap(),
+        ])
+        .unwrap();
+    let text = String::from_utf8_lossy(&applied.stdout).to_string();
+    assert!(applied.status.success(), "causeway apply: {text}{}", String::from_utf8_lossy(&applied.stderr));
+    assert_eq!(text.lines().filter(|l| l.contains(" applied ")).count(), 2, "{text}");
+    assert_eq!(reviews(&[]), vec!["v2"; 100], "requests after the document");
+    let status = w.gwa.exec(&[&bin(), "status", "--mesh", "--admin", "127.0.0.1:9901"]).unwrap();
+    assert!(status.starts_with("document: version 1 ") && status.contains(OPERATOR), "{status}");
 
     // 1c. A pod outside secret.shop's allowlist is refused at capture (reset at once), and
     // nothing crosses the overlay: gateway b never sees a flow for it.

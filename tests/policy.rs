@@ -367,6 +367,19 @@ async fn drive(urls: &[http::Uri], n: usize, every: Duration) -> Run {
     run
 }
 
+/// What a limit admitted against what it allows (`expected`): never more than `over` above it;
+/// up to twice that below, because arrivals bunch up on a loaded machine and a bucket with a small
+/// burst then rightly refuses some of a bunch.
+fn about_the_limit(ok: u32, expected: f64, over: f64) {
+    let ratio = f64::from(ok) / expected;
+    assert!(
+        (1.0 - 2.0 * over..=1.0 + over).contains(&ratio),
+        "{ok} admitted, expected {expected:.0} (-{:.0} % … +{:.0} %)",
+        200.0 * over,
+        100.0 * over
+    );
+}
+
 /// The tests that drive 500 requests/s and count what a rate limit admits run one at a time: two
 /// at once on two cores make arrivals bursty, and a limit with a burst of 10 then (rightly) admits
 /// less than its rate.
@@ -388,7 +401,7 @@ async fn a_rate_limit_per_identity_admits_about_the_limit_and_answers_429_with_r
     );
     assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
     assert_eq!(ok + limited, 5000);
-    assert!((f64::from(ok) - expected).abs() <= expected * 0.1, "{ok} admitted, expected {expected:.0} ± 10 %");
+    about_the_limit(ok, expected, 0.1);
     assert_eq!(run.without_retry_after, 0, "429s without Retry-After");
     let t = m.gw(1).metrics_text();
     let counted = metric(&t, "causeway_rate_limited_total", &[("limit", "per-caller"), ("kind", "requests")]);
@@ -492,7 +505,7 @@ async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_
         run.secs, run.ok[0]
     );
     assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
-    assert!((f64::from(run.ok[0]) - expected).abs() <= expected * 0.1, "{} admitted from zone a", run.ok[0]);
+    about_the_limit(run.ok[0], expected, 0.1);
     assert_eq!(split.0 + split.1, all);
     let limited_before = total(&m, &both, "causeway_rate_limited_total", &[("limit", "shared"), ("kind", "requests")]);
     let urls: Vec<http::Uri> = both
@@ -510,7 +523,7 @@ async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_
     );
     assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
     assert_eq!(run.without_retry_after, 0);
-    assert!((f64::from(ok) - expected).abs() <= expected * 0.1, "{ok} admitted, expected {expected:.0} ± 10 %");
+    about_the_limit(ok, expected, 0.1);
     assert!(run.ok.iter().all(|n| f64::from(*n) >= expected * 0.3), "both gateways admitted: {:?}", run.ok);
     let counted = total(&m, &both, "causeway_rate_limited_total", &[("limit", "shared"), ("kind", "requests")]);
     assert_eq!(counted - limited_before, f64::from(run.limited));
@@ -537,7 +550,7 @@ async fn a_global_limit_holds_across_two_gateways_of_a_zone_and_falls_back_to_a_
     let expected = 100.0 * run.secs + 10.0;
     eprintln!("store down, {:.1} s: admitted {:?} (expected ≈ {expected:.0} together)", run.secs, run.ok);
     assert!(run.other.is_empty(), "{:?}", &run.other[..run.other.len().min(5)]);
-    assert!((f64::from(ok) - expected).abs() <= expected * 0.15, "{ok} admitted, expected {expected:.0} ± 15 %");
+    about_the_limit(ok, expected, 0.15);
     assert!(
         total(&m, &both, "causeway_rate_limit_fallbacks_total", &[("limit", "shared"), ("mode", "local")]) >= 2000.0
     );
