@@ -44,13 +44,18 @@ python3 -c "import grpc, websockets, aioquic" 2>/dev/null || python3 -m pip inst
 # with the OpenTelemetry project's generated types.
 python3 -c "import oteltest.sink" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check oteltest
 
+# A real kube-apiserver and etcd for the Kubernetes tests: built from the Go module proxy once per
+# machine (about 5 minutes on 2 cores) into a cache outside the clone (CAUSEWAY_K8S_DIR overrides).
+CAUSEWAY_K8S_DIR="$(bash tests/k8s/build.sh | tail -1)"
+export CAUSEWAY_K8S_DIR
+
 # The process-level tests (kill -9, CLI) run the real binary.
 cargo build --bins
 echo "== unit and property tests"
 cargo test --workspace --lib --bins
 cargo test -p causeway-protocol --test vectors
 echo "== integration tests (loopback meshes, gateway processes)"
-cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test control_plane --test http --test http_protocols --test policy --test observability --test readme --test sim
+cargo test -p causeway-tests --test cli --test control --test failover --test flows --test identity --test redirect --test hardening --test faults --test rotation --test reload --test control_plane --test kubernetes --test http --test http_protocols --test policy --test observability --test readme --test sim
 echo "== network-namespace tests (iptables capture, mesh DNS, curl, redis-benchmark)"
 cargo test -p causeway-tests --test netns
 echo "== fault suite (loss, bursts, reordering, duplication, corruption through the impairment relay)"

@@ -17,6 +17,7 @@ pub use causeway::certs::Validity;
 pub use causeway::demo::{echo_flow, echo_server};
 
 pub mod impair;
+pub mod k8s;
 pub mod netns;
 pub mod prometheus;
 pub mod rogue;

@@ -8,6 +8,7 @@
 //! export, say) is refused there, with the key path, and nothing of it applies.
 
 pub mod documents;
+pub mod k8s;
 pub mod publish;
 
 use std::collections::BTreeMap;
