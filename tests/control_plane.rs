@@ -521,8 +521,9 @@ async fn a_watched_document_file_is_published_by_its_gateway_and_each_edit_becom
     // An edit is the next version; a file that is not a document is refused and changes nothing.
     std::fs::write(&file, audit_doc("gitops-2")).unwrap();
     assert!(eventually(Duration::from_secs(5), || (0..3).all(|i| runs_policy(&m, i, "gitops-2"))).await);
+    let errors = error_logs();
     std::fs::write(&file, "peers: []\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(eventually(Duration::from_secs(5), || error_logs() > errors).await, "the bad file was never refused");
     assert_eq!(held(&m, 1).map(|h| h.0), Some(2));
     assert!(runs_policy(&m, 1, "gitops-2"));
     m.shutdown().await;

@@ -18,6 +18,14 @@ pub const MAX_POST: usize = 2 * causeway_protocol::document::MAX_BODY_LEN;
 pub fn mesh_json(mesh: &Mesh) -> serde_json::Value {
     let held = mesh.held_document();
     let key = held.as_ref().map(|h| h.key());
+    let peers = mesh.peer_view();
+    // A direct peer that is not up cannot report now, whatever it reported before.
+    let reachable = |id: &causeway_protocol::Identity| {
+        peers
+            .iter()
+            .find(|p| &p.spec.id == id)
+            .is_none_or(|p| p.state == causeway_overlay::core::route_table::PeerState::Up)
+    };
     let mut rows: Vec<serde_json::Value> = mesh
         .document_statuses()
         .into_iter()
@@ -31,18 +39,18 @@ pub fn mesh_json(mesh: &Mesh) -> serde_json::Value {
                 "digest": hex(&s.digest),
                 "reason": s.reason,
                 "at_ms": s.at_ms,
-                "reachable": true,
+                "reachable": reachable(&s.identity),
             })
         })
         .collect();
     // Peers that have reported nothing are behind.
-    for p in mesh.peer_view() {
+    for p in &peers {
         if !rows.iter().any(|r| r["identity"] == p.spec.id.to_string()) {
             let up = p.state == causeway_overlay::core::route_table::PeerState::Up;
             rows.push(json!({
                 "identity": p.spec.id.to_string(),
                 "zone": p.zone.as_ref().or(p.spec.zone.as_ref()).map(|z| z.to_string()),
-                "gateway": p.gateway.map(|g| g.to_string()),
+                "gateway": p.gateway.as_ref().map(|g| g.to_string()),
                 "state": Standing::Behind.as_str(),
                 "version": null,
                 "digest": null,

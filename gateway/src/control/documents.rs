@@ -114,11 +114,22 @@ pub fn watch_file(mesh: Mesh, path: PathBuf, interval: std::time::Duration, stop
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refused: Option<String> = None;
+        let mut too_big = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
+            // Bounded before reading: a document is at most MAX_CONTENT_LEN bytes.
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if size > causeway_protocol::document::MAX_CONTENT_LEN as u64 {
+                if !too_big {
+                    tracing::error!(file = %path.display(), size, "document.file.refused: over the size limit");
+                    too_big = true;
+                }
+                continue;
+            }
+            too_big = false;
             let Ok(content) = std::fs::read_to_string(&path) else { continue };
             let held = mesh.held_document();
             if held.as_ref().is_some_and(|h| h.content == content) || refused.as_ref() == Some(&content) {
